@@ -1,0 +1,170 @@
+"""Typed configs loaded from ``configs/*.yaml``.
+
+One loader for every config: :func:`load_config` reads YAML into a frozen dataclass, rejects
+unknown keys (naming the key and the file), checks types and values, and
+:func:`dataclasses.replace` applies CLI overrides on top.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import types
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from biofm.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class ChannelSpec:
+    """One signal channel: where to find it in a recording and how to clean it.
+
+    ``tracks``: recording track names tried in order. ``band_hz``: Chebyshev II band-pass
+    ``[low, high]`` in Hz. ``quality``: the beat detector that checks windows (``ppg``, ``ecg``
+    or ``none``).
+    """
+
+    band_hz: tuple[float, float]
+    tracks: tuple[str, ...] = ()
+    filter_order: int = 4
+    stopband_db: float = 40.0
+    quality: str = "none"
+
+    def __post_init__(self):
+        low, high = self.band_hz
+        if not 0 < low < high:
+            raise ValueError(f"band_hz must satisfy 0 < low < high, got {list(self.band_hz)}")
+        if self.quality not in ("ppg", "ecg", "none"):
+            raise ValueError(f"quality must be one of ppg, ecg, none, got {self.quality!r}")
+        if not 1 <= self.filter_order <= 10:
+            raise ValueError(f"filter_order must be in 1..10, got {self.filter_order}")
+        if self.stopband_db <= 0:
+            raise ValueError(f"stopband_db must be positive, got {self.stopband_db}")
+
+
+@dataclass(frozen=True)
+class ChannelsConfig:
+    channels: dict[str, ChannelSpec]
+
+    def select(self, names: typing.Sequence[str]) -> dict[str, ChannelSpec]:
+        """The specs of ``names``, in that order; an unknown name is a :class:`ConfigError`."""
+        unknown = [n for n in names if n not in self.channels]
+        if unknown:
+            raise ConfigError(
+                f"unknown channel(s) {unknown}; channels.yaml defines {sorted(self.channels)}"
+            )
+        return {n: self.channels[n] for n in names}
+
+
+@dataclass(frozen=True)
+class WindowsConfig:
+    """Windowing and window-quality thresholds. Times in seconds, rates in Hz."""
+
+    sample_rate_hz: float = 125.0
+    window_s: float = 10.0
+    stride_s: float = 10.0
+    min_beats: int = 3
+    hr_bpm: tuple[float, float] = (30.0, 200.0)
+    max_nan_fraction: float = 0.05
+    max_flat_fraction: float = 0.2
+    max_clip_fraction: float = 0.05
+
+    def __post_init__(self):
+        if self.sample_rate_hz <= 0 or self.window_s <= 0 or self.stride_s <= 0:
+            raise ValueError("sample_rate_hz, window_s and stride_s must be positive")
+        n = self.window_s * self.sample_rate_hz
+        if abs(n - round(n)) > 1e-9:
+            raise ValueError(f"window_s * sample_rate_hz must be a whole number of samples, got {n}")
+        if self.min_beats < 1:
+            raise ValueError(f"min_beats must be >= 1, got {self.min_beats}")
+        if not 0 < self.hr_bpm[0] < self.hr_bpm[1]:
+            raise ValueError(f"hr_bpm must satisfy 0 < low < high, got {list(self.hr_bpm)}")
+        for name in ("max_nan_fraction", "max_flat_fraction", "max_clip_fraction"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
+
+    @property
+    def window_samples(self) -> int:
+        return int(round(self.window_s * self.sample_rate_hz))
+
+
+def load_config(cls: type, path: str | Path):
+    """Read the YAML file at ``path`` into the dataclass ``cls``."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    return from_dict(cls, data, where=str(path))
+
+
+def from_dict(cls: type, data: Any, where: str):
+    """Build dataclass ``cls`` from a mapping; ``where`` prefixes every error message."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: expected a mapping, got {type(data).__name__}")
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    for key in data:
+        if key not in known:
+            raise ConfigError(f"{where}: unknown key {key!r} (allowed: {', '.join(known)})")
+    hints = typing.get_type_hints(cls)
+    kwargs = {k: _coerce(hints[k], v, f"{where}: {k}") for k, v in data.items()}
+    missing = [
+        n for n, f in known.items()
+        if n not in kwargs and f.default is dataclasses.MISSING
+        and f.default_factory is dataclasses.MISSING
+    ]
+    if missing:
+        raise ConfigError(f"{where}: missing required key(s) {missing}")
+    try:
+        return cls(**kwargs)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"{where}: {e}") from None
+
+
+def _coerce(tp: Any, value: Any, where: str):
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if dataclasses.is_dataclass(tp):
+        return from_dict(tp, value, where)
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        return {str(k): _coerce(args[1], v, f"{where}.{k}") for k, v in value.items()}
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(args[0], v, where) for v in value)
+        if len(value) != len(args):
+            raise ConfigError(f"{where}: expected {len(args)} values, got {list(value)}")
+        return tuple(_coerce(a, v, where) for a, v in zip(args, value))
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        return _coerce(next(a for a in args if a is not type(None)), value, where)
+    if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if tp in (int, str, bool) and type(value) is tp:
+        return value
+    if tp is Any:
+        return value
+    raise ConfigError(f"{where}: expected {getattr(tp, '__name__', tp)}, got {value!r}")
+
+
+def to_jsonable(cfg) -> dict:
+    """A config as plain JSON types (tuples become lists)."""
+    return json.loads(json.dumps(dataclasses.asdict(cfg)))
+
+
+def config_hash(*cfgs) -> str:
+    """A short stable hash of configs: equal configs give equal hashes across runs and machines."""
+    blob = json.dumps([to_jsonable(c) for c in cfgs], sort_keys=True).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]

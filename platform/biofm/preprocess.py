@@ -1,0 +1,342 @@
+"""Recordings -> quality-checked 10 s windows -> Parquet, on Ray Data.
+
+:func:`process_case` does one case end to end (read, resample, filter, window, quality, z-score,
+write ``<split>/<case_id>.parquet``) and returns its outcome; :func:`build_windows` runs it over
+many cases with Ray Data, resumes from earlier runs, and writes ``<split>/manifest.json``.
+
+Per split folder::
+
+    <outdir>/<split>/<case_id>.parquet     kept windows of one case (written atomically)
+    <outdir>/<split>/_cases/<case_id>.json outcome of one case: ok + counts, or skipped + reason
+    <outdir>/<split>/manifest.json         the run: config, per-case outcomes, totals, timings
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from biofm import __version__, signals
+from biofm.config import ChannelSpec, WindowsConfig, config_hash, to_jsonable
+from biofm.errors import CaseSkipped, ConfigError, NothingProduced
+
+SCHEMA_KEY = b"biofm"
+STAGES = ("read", "resample", "filter", "quality", "write")
+
+
+def data_spec(channels: dict[str, ChannelSpec], windows: WindowsConfig) -> dict:
+    """What a window means: channel order, rate, length and filters, plus the config hash.
+
+    Stored in every Parquet file's schema metadata and in the manifest, so models can refuse
+    data they were not built for.
+    """
+    return {
+        "channels": list(channels),
+        "sample_rate_hz": windows.sample_rate_hz,
+        "window_s": windows.window_s,
+        "window_samples": windows.window_samples,
+        "filters": {
+            name: {"type": "cheby2", "band_hz": list(s.band_hz), "order": s.filter_order,
+                   "stopband_db": s.stopband_db, "zero_phase": True}
+            for name, s in channels.items()
+        },
+        "zscore": "per window, per channel",
+        "config_hash": config_hash(windows, *channels.values()),
+    }
+
+
+def make_windows(tracks: dict[str, tuple[np.ndarray, float, str]], channels: dict[str, ChannelSpec],
+                 cfg: WindowsConfig, timings: dict) -> tuple[dict, Counter, int]:
+    """Cut quality-checked windows from native-rate tracks (as :func:`read_tracks` returns).
+
+    Returns ``(columns, rejected, n_windows)``: the kept windows' columns (``window_idx`` [N],
+    ``start_s`` [N] in seconds, ``signal`` [N, C, T] float32 z-scored, per-channel quality
+    ``[N]``), rejection counts by reason (``"PPG:clipped"``...), and the number of windows cut.
+    ``timings`` gains the seconds spent per stage.
+    """
+    fs, length = cfg.sample_rate_hz, cfg.window_samples
+    duration = min(len(x) / rate for x, rate, _ in tracks.values())
+    n_out = int(np.floor(duration * fs + 1e-9))
+    if n_out < length:
+        raise CaseSkipped("too_short", f"recording lasts {duration:.1f} s, shorter than one "
+                          f"{cfg.window_s:g} s window")
+    starts = signals.window_starts(n_out, length, int(round(cfg.stride_s * fs)))
+    starts_s = starts / fs
+
+    t0 = time.perf_counter()
+    filled = {}
+    for name, (raw, rate, _) in tracks.items():
+        x, _ = signals.fill_gaps(raw)
+        filled[name] = signals.resample(x, rate, fs)[:n_out]
+    t1 = time.perf_counter()
+    filtered = {
+        name: signals.bandpass(filled[name], fs, spec.band_hz, spec.filter_order, spec.stopband_db)
+        for name, spec in channels.items()
+    }
+    t2 = time.perf_counter()
+
+    windows = np.stack([signals.cut_windows(filtered[n], starts, length) for n in channels], axis=1)
+    keep = np.ones(len(starts), dtype=bool)
+    reasons = np.full(len(starts), "", dtype=object)
+    quality = {}
+
+    def reject(mask, reason):
+        new = mask & keep
+        reasons[new] = reason
+        keep[new] = False
+
+    for c, (name, spec) in enumerate(channels.items()):
+        raw, rate, _ = tracks[name]
+        q = signals.raw_quality(raw, rate, starts_s, cfg.window_s)
+        key = name.lower()
+        reject(q["nan_fraction"] > cfg.max_nan_fraction, f"{name}:missing")
+        reject(q["flat_fraction"] > cfg.max_flat_fraction, f"{name}:flat")
+        reject(windows[:, c].std(axis=-1) < 1e-8, f"{name}:flat")
+        reject(q["clip_fraction"] > cfg.max_clip_fraction, f"{name}:clipped")
+        beats = np.zeros(len(starts), dtype=np.int16)
+        hr = np.full(len(starts), np.nan, dtype=np.float32)
+        if spec.quality != "none":
+            for i in np.flatnonzero(keep):
+                peaks = signals.detect_beats(windows[i, c], fs, spec.quality)
+                beats[i], hr[i] = len(peaks), signals.heart_rate_bpm(peaks, fs)
+            reject(beats < cfg.min_beats, f"{name}:too_few_beats")
+            lo, hi = cfg.hr_bpm
+            reject(~((hr >= lo) & (hr <= hi)), f"{name}:implausible_hr")
+        quality.update({f"{key}_{k}": v for k, v in q.items()})
+        quality[f"{key}_beats"], quality[f"{key}_hr_bpm"] = beats, hr
+    t3 = time.perf_counter()
+    timings["resample"] = timings.get("resample", 0.0) + t1 - t0
+    timings["filter"] = timings.get("filter", 0.0) + t2 - t1
+    timings["quality"] = timings.get("quality", 0.0) + t3 - t2
+
+    columns = {
+        "window_idx": np.flatnonzero(keep).astype(np.int32),
+        "start_s": starts_s[keep].astype(np.float64),
+        "signal": signals.zscore(windows[keep]).astype(np.float32),
+        **{k: v[keep] for k, v in quality.items()},
+    }
+    return columns, Counter(reasons[~keep].tolist()), len(starts)
+
+
+def windows_table(case_id: str, columns: dict, spec: dict) -> pa.Table:
+    """The Parquet table of one case's windows; ``signal`` is a fixed-shape tensor ``[C, T]``."""
+    n = len(columns["window_idx"])
+    arrays = {
+        "case_id": pa.array([case_id] * n, pa.string()),
+        "window_idx": pa.array(columns["window_idx"], pa.int32()),
+        "start_s": pa.array(columns["start_s"], pa.float64()),
+        "signal": pa.FixedShapeTensorArray.from_numpy_ndarray(np.ascontiguousarray(columns["signal"])),
+        **{k: pa.array(v) for k, v in columns.items() if k not in ("window_idx", "start_s", "signal")},
+    }
+    table = pa.table(arrays)
+    return table.replace_schema_metadata({SCHEMA_KEY: json.dumps(spec).encode()})
+
+
+def _write_atomic(path: Path, write) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def process_case(case_id: str, source, channels: dict[str, ChannelSpec], cfg: WindowsConfig,
+                 split_dir: str | Path) -> dict:
+    """Read, window, check and write one case. Never raises for a bad case: returns its outcome.
+
+    The outcome (JSON-able) is also written to ``<split_dir>/_cases/<case_id>.json``, after the
+    Parquet file, so an interrupted run knows which cases are complete.
+    """
+    from biofm.sources.vitaldb import read_tracks
+
+    split_dir = Path(split_dir)
+    spec = data_spec(channels, cfg)
+    timings = {s: 0.0 for s in STAGES}
+    outcome = {"case_id": case_id, "config_hash": spec["config_hash"], "timings": timings}
+    t0 = time.perf_counter()
+    try:
+        with source.local_file(case_id) as path:
+            tracks = read_tracks(path, channels)
+        timings["read"] = time.perf_counter() - t0
+        columns, rejected, n_total = make_windows(tracks, channels, cfg, timings)
+        outcome.update(
+            tracks={n: t for n, (_, _, t) in tracks.items()},
+            rates_hz={n: r for n, (_, r, _) in tracks.items()},
+            duration_s=round(min(len(x) / r for x, r, _ in tracks.values()), 3),
+            windows_total=n_total, windows_kept=len(columns["window_idx"]), rejected=dict(rejected),
+        )
+        if outcome["windows_kept"] == 0:
+            top = ", ".join(f"{r} x{n}" for r, n in rejected.most_common(3))
+            raise CaseSkipped("no_usable_windows", f"all {n_total} windows failed quality checks ({top})")
+        t1 = time.perf_counter()
+        _write_atomic(split_dir / f"{case_id}.parquet",
+                      lambda p: pq.write_table(windows_table(case_id, columns, spec), p))
+        timings["write"] = time.perf_counter() - t1
+        outcome.update(status="ok", file=f"{case_id}.parquet")
+    except CaseSkipped as e:
+        outcome.update(status="skipped", code=e.code, reason=e.detail, retryable=e.retryable)
+    except Exception as e:  # one bad case never stops the job; the manifest keeps the cause
+        outcome.update(status="skipped", code="error", reason=f"{type(e).__name__}: {e}",
+                       retryable=False)
+    outcome.setdefault("windows_kept", 0)
+    outcome["seconds"] = round(time.perf_counter() - t0, 4)
+    _write_atomic(split_dir / "_cases" / f"{case_id}.json",
+                  lambda p: p.write_text(json.dumps(outcome)))
+    return outcome
+
+
+def _check_case_id(case_id: str) -> str:
+    if not case_id or "/" in case_id or "\\" in case_id or case_id.startswith((".", "_")):
+        raise ConfigError(f"invalid case id {case_id!r}: ids name files, so no slashes or "
+                          "leading '.'/'_'")
+    return case_id
+
+
+class Progress:
+    """One progress line per stage for people: cases done / total, windows kept, rate."""
+
+    def __init__(self, stage: str, total: int, every_s: float = 5.0, out=sys.stdout):
+        self.stage, self.total, self.every_s, self.out = stage, total, every_s, out
+        self.done = self.skipped = self.windows = 0
+        self.t0 = self.last = time.perf_counter()
+
+    def update(self, outcome: dict) -> None:
+        self.done += 1
+        self.skipped += outcome["status"] != "ok"
+        self.windows += outcome["windows_kept"]
+        now = time.perf_counter()
+        if now - self.last >= self.every_s or self.done == self.total:
+            self.last = now
+            rate = self.windows / max(now - self.t0, 1e-9)
+            print(f"[{self.stage}] {self.done}/{self.total} cases ({self.skipped} skipped), "
+                  f"{self.windows} windows kept, {rate:.0f} windows/s", file=self.out, flush=True)
+
+
+def _process_row(row: dict, **kwargs) -> dict:
+    return {"outcome": json.dumps(process_case(row["case_id"], **kwargs))}
+
+
+def run_cases(case_ids: list[str], progress: Progress, **kwargs) -> None:
+    """Run :func:`process_case` over ``case_ids`` as a Ray Data pipeline, one case per task."""
+    import ray
+
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False
+    ctx.print_on_execution_start = False
+    ds = ray.data.from_items([{"case_id": c} for c in case_ids], override_num_blocks=len(case_ids))
+    for row in ds.map(_process_row, fn_kwargs=kwargs).iter_rows():
+        progress.update(json.loads(row["outcome"]))
+
+
+def ensure_ray(address: str | None = None) -> None:
+    """Connect to Ray: ``address`` or ``RAY_ADDRESS`` targets a cluster, else a local instance starts."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address=address, log_to_driver=True)
+
+
+def _code_version() -> str:
+    try:
+        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                             cwd=Path(__file__).parent, timeout=5).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        sha = ""
+    return f"{__version__}+{sha}" if sha else __version__
+
+
+def load_outcomes(split_dir: Path) -> dict[str, dict]:
+    cases_dir = split_dir / "_cases"
+    if not cases_dir.is_dir():
+        return {}
+    return {p.stem: json.loads(p.read_text()) for p in cases_dir.glob("*.json")}
+
+
+def build_windows(case_ids: list[str], source, channels: dict[str, ChannelSpec], cfg: WindowsConfig,
+                  outdir: str | Path, split: str, overwrite: bool = False,
+                  address: str | None = None, inputs: dict | None = None) -> dict:
+    """Window ``case_ids`` from ``source`` into ``<outdir>/<split>/``; returns the manifest.
+
+    Resumes: cases completed by an earlier run with the same config are not read again (cases
+    skipped for a transient cause are retried). ``overwrite`` deletes the split folder first.
+    Raises :class:`NothingProduced` when no case yields a window.
+    """
+    case_ids = list(dict.fromkeys(_check_case_id(str(c)) for c in case_ids))
+    if not case_ids:
+        raise NothingProduced(f"no cases to process for split {split!r}: the case list is empty")
+    split_dir = Path(outdir) / split
+    if overwrite and split_dir.exists():
+        shutil.rmtree(split_dir)
+    (split_dir / "_cases").mkdir(parents=True, exist_ok=True)
+    for tmp in split_dir.rglob(".*.tmp"):
+        tmp.unlink()
+    spec = data_spec(channels, cfg)
+
+    previous = load_outcomes(split_dir)
+    other = {o["config_hash"] for o in previous.values()} - {spec["config_hash"]}
+    if other:
+        raise ConfigError(
+            f"{split_dir} holds windows made with another config (hash {sorted(other)[0]}, now "
+            f"{spec['config_hash']}); use --overwrite to rebuild it, or another --outdir")
+    done = {c for c, o in previous.items() if not o.get("retryable")}
+    pending = [c for c in case_ids if c not in done]
+    progress = Progress(f"build-windows {split}", len(pending))
+    t0 = time.perf_counter()
+    if pending:
+        source.check_reachable()
+        ensure_ray(address)
+        run_cases(pending, progress, source=source, channels=channels, cfg=cfg, split_dir=str(split_dir))
+    print(f"[build-windows {split}] {len(case_ids) - len(pending)} cases already done, "
+          f"{len(pending)} processed in {time.perf_counter() - t0:.1f} s", flush=True)
+
+    manifest = write_manifest(split_dir, case_ids, spec, channels, cfg, source, inputs or {},
+                              wall_s=time.perf_counter() - t0)
+    if manifest["windows_kept"] == 0:
+        reasons = "; ".join(f"{k}: {n} case(s)" for k, n in manifest["skip_reasons"].items())
+        example = next(o["reason"] for o in manifest["cases"].values() if o["status"] != "ok")
+        raise NothingProduced(f"no windows produced for split {split!r} from {source.describe()} "
+                              f"({reasons}); e.g. {example}")
+    return manifest
+
+
+def write_manifest(split_dir: Path, case_ids: list[str], spec: dict, channels, cfg, source,
+                   inputs: dict, wall_s: float) -> dict:
+    """Gather the per-case outcomes of ``case_ids`` into ``<split_dir>/manifest.json``."""
+    outcomes = load_outcomes(split_dir)
+    cases = {c: outcomes[c] for c in case_ids}
+    ok = [o for o in cases.values() if o["status"] == "ok"]
+    rejected, skip_reasons, stage_s = Counter(), Counter(), Counter()
+    for o in cases.values():
+        rejected.update(o.get("rejected", {}))
+        stage_s.update(o["timings"])
+        if o["status"] != "ok":
+            skip_reasons[o["code"]] += 1
+    manifest = {
+        "split": split_dir.name,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "code_version": _code_version(),
+        "source": source.describe(),
+        "inputs": inputs,
+        "data_spec": spec,
+        "config": {"windows": to_jsonable(cfg), "channels": {n: to_jsonable(s) for n, s in channels.items()}},
+        "cases_in": len(cases),
+        "cases_ok": len(ok),
+        "cases_skipped": len(cases) - len(ok),
+        "windows_kept": sum(o["windows_kept"] for o in ok),
+        "windows_rejected": dict(rejected.most_common()),
+        "skip_reasons": dict(skip_reasons.most_common()),
+        "timings": {"wall_s": round(wall_s, 3),
+                    "case_seconds_by_stage": {k: round(v, 3) for k, v in stage_s.items()}},
+        "cases": cases,
+    }
+    assert manifest["cases_in"] == manifest["cases_ok"] + manifest["cases_skipped"]
+    _write_atomic(split_dir / "manifest.json", lambda p: p.write_text(json.dumps(manifest, indent=1)))
+    return manifest

@@ -1,0 +1,129 @@
+"""Signal processing: resampling, Chebyshev II band-pass, windowing, beats, window quality.
+
+Pure numpy/scipy (no Ray, no torch). Signals are 1-D float arrays at a stated rate in Hz;
+windows are ``[N, T]`` arrays, ``T`` samples each.
+"""
+
+from __future__ import annotations
+
+from fractions import Fraction
+from functools import lru_cache
+
+import numpy as np
+from scipy import signal as sps
+
+
+def fill_gaps(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Linearly interpolate across NaNs (edges take the nearest valid value).
+
+    Returns ``(filled, missing)``: float64 ``[T]`` and the bool mask ``[T]`` of the NaNs.
+    All-NaN input raises ``ValueError``.
+    """
+    x = np.asarray(x, dtype=np.float64)
+    missing = ~np.isfinite(x)
+    if missing.all():
+        raise ValueError("signal has no finite samples")
+    if not missing.any():
+        return x, missing
+    idx = np.arange(x.size)
+    filled = x.copy()
+    filled[missing] = np.interp(idx[missing], idx[~missing], x[~missing])
+    return filled, missing
+
+
+def resample(x: np.ndarray, fs_in: float, fs_out: float) -> np.ndarray:
+    """Resample ``x`` from ``fs_in`` to ``fs_out`` Hz by polyphase filtering (anti-aliased).
+
+    Output length is ``ceil(len(x) * fs_out / fs_in)``. ``x`` must be finite (see :func:`fill_gaps`).
+    """
+    ratio = Fraction(fs_out / fs_in).limit_denominator(1000)
+    if ratio == 1:
+        return np.asarray(x, dtype=np.float64)
+    return sps.resample_poly(x, ratio.numerator, ratio.denominator)
+
+
+@lru_cache(maxsize=64)
+def _cheby2_sos(fs: float, low: float, high: float, order: int, stopband_db: float) -> np.ndarray:
+    if high >= fs / 2:
+        raise ValueError(f"band-pass high edge {high} Hz must be below Nyquist ({fs / 2} Hz)")
+    return sps.cheby2(order, stopband_db, [low, high], btype="bandpass", output="sos", fs=fs)
+
+
+def bandpass(x: np.ndarray, fs: float, band_hz: tuple[float, float], order: int = 4,
+             stopband_db: float = 40.0) -> np.ndarray:
+    """Zero-phase Chebyshev II band-pass of ``x`` (``[..., T]`` at ``fs`` Hz) along the last axis."""
+    sos = _cheby2_sos(float(fs), float(band_hz[0]), float(band_hz[1]), int(order), float(stopband_db))
+    return sps.sosfiltfilt(sos, x, axis=-1)
+
+
+def window_starts(n_samples: int, window: int, stride: int) -> np.ndarray:
+    """Start indices of every full window of ``window`` samples, ``stride`` apart."""
+    if n_samples < window:
+        return np.zeros(0, dtype=np.int64)
+    return np.arange(0, n_samples - window + 1, stride, dtype=np.int64)
+
+
+def cut_windows(x: np.ndarray, starts: np.ndarray, window: int) -> np.ndarray:
+    """Windows ``[N, window]`` of ``x`` starting at ``starts`` (a copy)."""
+    return x[starts[:, None] + np.arange(window)[None, :]]
+
+
+def raw_quality(raw: np.ndarray, fs: float, starts_s: np.ndarray, window_s: float) -> dict:
+    """Per-window quality of a raw native-rate signal (NaNs mark missing samples).
+
+    For each window starting at ``starts_s`` (seconds): ``nan_fraction`` (missing samples),
+    ``flat_fraction`` (samples equal to their predecessor: a stuck signal) and
+    ``clip_fraction`` (samples pinned at the window's minimum or maximum: saturation).
+    Returns a dict of float32 arrays ``[N]``.
+    """
+    n = len(starts_s)
+    out = {k: np.ones(n, dtype=np.float32) for k in ("nan_fraction", "flat_fraction", "clip_fraction")}
+    missing = ~np.isfinite(raw)
+    stuck = np.zeros(raw.size, dtype=bool)
+    stuck[1:] = raw[1:] == raw[:-1]
+    length = int(round(window_s * fs))
+    for i, s in enumerate(np.round(np.asarray(starts_s) * fs).astype(np.int64)):
+        seg, seg_missing = raw[s:s + length], missing[s:s + length]
+        if seg.size == 0:
+            continue
+        out["nan_fraction"][i] = seg_missing.mean()
+        valid = seg[~seg_missing]
+        if valid.size == 0:
+            continue
+        out["flat_fraction"][i] = stuck[s:s + length][~seg_missing].mean()
+        lo, hi = valid.min(), valid.max()
+        out["clip_fraction"][i] = 0.0 if hi == lo else ((valid == lo).sum() + (valid == hi).sum() - 2) / valid.size
+    return out
+
+
+def detect_beats(x: np.ndarray, fs: float, kind: str) -> np.ndarray:
+    """Beat positions (sample indices) in a band-passed window ``x`` ``[T]`` at ``fs`` Hz.
+
+    ``kind="ppg"``: systolic peaks, prominent against the window's amplitude range.
+    ``kind="ecg"``: R peaks, found as peaks of the smoothed squared slope (Pan-Tompkins style),
+    so polarity does not matter. Peaks are at least 0.3 s apart (at most 200 beats/min).
+    """
+    distance = max(1, int(0.3 * fs))
+    if kind == "ppg":
+        p5, p95 = np.percentile(x, [5, 95])
+        peaks, _ = sps.find_peaks(x, distance=distance, prominence=0.3 * (p95 - p5))
+        return peaks
+    if kind == "ecg":
+        energy = np.convolve(np.diff(x, prepend=x[0]) ** 2, np.ones(max(1, int(0.08 * fs))), "same")
+        peaks, _ = sps.find_peaks(energy, distance=distance, height=0.3 * np.percentile(energy, 99))
+        return peaks
+    raise ValueError(f"unknown beat detector {kind!r} (use ppg or ecg)")
+
+
+def heart_rate_bpm(beats: np.ndarray, fs: float) -> float:
+    """Heart rate in beats/min from the median beat interval; NaN with fewer than 2 beats."""
+    if len(beats) < 2:
+        return float("nan")
+    return float(60.0 * fs / np.median(np.diff(beats)))
+
+
+def zscore(windows: np.ndarray, eps: float = 1e-8) -> np.ndarray:
+    """Standardise each window along its last axis: zero mean, unit variance."""
+    mean = windows.mean(axis=-1, keepdims=True)
+    std = windows.std(axis=-1, keepdims=True)
+    return (windows - mean) / np.maximum(std, eps)

@@ -1,0 +1,265 @@
+"""VitalDB recordings: case sets, and reading one case from the API, a mirror or cloud storage.
+
+A source turns a case id into a local ``.vital`` file (:meth:`local_file`); :func:`read_tracks`
+decodes it into native-rate signals. Every way a case can be unusable raises
+:class:`~biofm.errors.CaseSkipped` with a reason code.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import tempfile
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+import zlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import vitaldb
+
+from biofm.config import ChannelSpec
+from biofm.errors import CaseSkipped, SourceUnreachable
+
+DEFAULT_API_URL = f"{vitaldb.dataset.api_url}/{vitaldb.dataset.DATASET_VERSION}"
+
+
+def case_sets() -> dict[str, list[str]]:
+    """The case sets the ``vitaldb`` package ships (``bis``, ``tiva``, ...): name -> sorted ids."""
+    return {
+        name[len("caseids_"):]: [str(c) for c in sorted(getattr(vitaldb, name))]
+        for name in dir(vitaldb)
+        if name.startswith("caseids_") and isinstance(getattr(vitaldb, name), (set, list))
+    }
+
+
+def _temp_copy(chunks: Iterator[bytes]) -> Path:
+    fd, name = tempfile.mkstemp(suffix=".vital", prefix="biofm-")
+    with os.fdopen(fd, "wb") as f:
+        for chunk in chunks:
+            f.write(chunk)
+    return Path(name)
+
+
+@dataclass(frozen=True)
+class ApiSource:
+    """The VitalDB open-dataset API (or any server laid out like it): ``GET {base_url}/{id}.vital``.
+
+    Connection errors and HTTP 5xx are retried ``retries`` times with exponential backoff
+    starting at ``backoff_s``; HTTP 404 means the case does not exist.
+    """
+
+    base_url: str = DEFAULT_API_URL
+    retries: int = 3
+    backoff_s: float = 1.0
+    timeout_s: float = 60.0
+
+    def describe(self) -> str:
+        return self.base_url
+
+    def url(self, case_id: str) -> str:
+        name = str(int(case_id)) if case_id.isdigit() else case_id
+        return f"{self.base_url.rstrip('/')}/{urllib.parse.quote(name)}.vital"
+
+    def check_reachable(self) -> None:
+        """Raise :class:`SourceUnreachable` when no HTTP server answers at ``base_url``."""
+        try:
+            self._get(self.base_url.rstrip("/") + "/", attempts=2)
+        except urllib.error.HTTPError:
+            return  # the server answered (a 403/404 for the folder itself is fine)
+        except OSError as e:
+            raise SourceUnreachable(
+                f"cannot reach the VitalDB API at {self.base_url} ({_reason(e)}). "
+                "Check the network or --api-url, or point --source at a local copy of the "
+                ".vital files (a folder, e.g. PhysioNet's vitaldb/1.0.0/vital_files)."
+            ) from None
+
+    @contextlib.contextmanager
+    def local_file(self, case_id: str) -> Iterator[Path]:
+        url = self.url(case_id)
+        try:
+            response = self._get(url, attempts=self.retries + 1)
+        except urllib.error.HTTPError as e:
+            if e.code == 404:
+                raise CaseSkipped("not_found", f"{url} answered 404 Not Found") from None
+            raise CaseSkipped("http_error", f"{url} answered HTTP {e.code} after "
+                              f"{self.retries + 1} attempts", retryable=True) from None
+        except OSError as e:
+            raise CaseSkipped("unreachable", f"{url}: {_reason(e)} after {self.retries + 1} "
+                              "attempts", retryable=True) from None
+        with response:
+            path = _temp_copy(iter(lambda: response.read(1 << 20), b""))
+        try:
+            yield path
+        finally:
+            path.unlink(missing_ok=True)
+
+    def _get(self, url: str, attempts: int):
+        for attempt in range(attempts):
+            try:
+                return urllib.request.urlopen(url, timeout=self.timeout_s)
+            except urllib.error.HTTPError as e:
+                if e.code < 500 or attempt == attempts - 1:
+                    raise
+            except OSError:
+                if attempt == attempts - 1:
+                    raise
+            time.sleep(self.backoff_s * 2 ** attempt)
+
+
+def _reason(e: OSError) -> str:
+    return str(getattr(e, "reason", None) or e)
+
+
+@dataclass(frozen=True)
+class DirectorySource:
+    """A folder of ``.vital`` files: ``<root>/<id>.vital`` or PhysioNet's ``<root>/vital_files/``.
+
+    Numeric ids also match zero-padded names (``1`` -> ``0001.vital``).
+    """
+
+    root: str
+
+    def describe(self) -> str:
+        return str(Path(self.root).resolve())
+
+    def check_reachable(self) -> None:
+        if not Path(self.root).is_dir():
+            raise SourceUnreachable(f"source folder {self.root} does not exist")
+
+    def candidates(self, case_id: str) -> list[Path]:
+        names = [case_id] + ([f"{int(case_id):04d}"] if case_id.isdigit() else [])
+        root = Path(self.root)
+        return [d / f"{n}.vital" for d in (root, root / "vital_files") for n in names]
+
+    @contextlib.contextmanager
+    def local_file(self, case_id: str) -> Iterator[Path]:
+        for path in self.candidates(case_id):
+            if path.is_file():
+                yield path
+                return
+        raise CaseSkipped("not_found", f"no {case_id}.vital under {self.root}")
+
+
+@dataclass(frozen=True)
+class CloudSource:
+    """``.vital`` files under a cloud URI (``s3://bucket/prefix``, ``gs://...``), read through
+    pyarrow's filesystems, so credentials come from the usual environment."""
+
+    uri: str
+
+    def describe(self) -> str:
+        return self.uri
+
+    def _fs(self):
+        import pyarrow.fs
+
+        try:
+            return pyarrow.fs.FileSystem.from_uri(self.uri)
+        except (pyarrow.ArrowException, OSError, ValueError) as e:
+            raise SourceUnreachable(f"cannot open {self.uri}: {e}") from None
+
+    def check_reachable(self) -> None:
+        import pyarrow.fs
+
+        fs, root = self._fs()
+        try:
+            info = fs.get_file_info(root)
+        except OSError as e:
+            raise SourceUnreachable(f"cannot reach {self.uri}: {e}") from None
+        if info.type != pyarrow.fs.FileType.Directory:
+            raise SourceUnreachable(f"{self.uri} is not a folder of .vital files")
+
+    @contextlib.contextmanager
+    def local_file(self, case_id: str) -> Iterator[Path]:
+        fs, root = self._fs()
+        names = [case_id] + ([f"{int(case_id):04d}"] if case_id.isdigit() else [])
+        for name in names:
+            try:
+                with fs.open_input_stream(f"{root.rstrip('/')}/{name}.vital") as f:
+                    path = _temp_copy(iter(lambda: f.read(1 << 20), b""))
+                break
+            except FileNotFoundError:
+                continue
+            except OSError as e:
+                raise CaseSkipped("unreachable", f"{self.uri}/{name}.vital: {e}", retryable=True) from None
+        else:
+            raise CaseSkipped("not_found", f"no {case_id}.vital under {self.uri}")
+        try:
+            yield path
+        finally:
+            path.unlink(missing_ok=True)
+
+
+def open_source(source: str, api_url: str | None = None):
+    """``api`` (optionally at ``api_url``), a cloud URI (``scheme://...``), or a local folder."""
+    if source == "api":
+        return ApiSource(api_url or DEFAULT_API_URL)
+    if api_url:
+        raise SourceUnreachable("--api-url only applies to --source api")
+    if "://" in source and not source.startswith("file://"):
+        return CloudSource(source)
+    return DirectorySource(source.removeprefix("file://"))
+
+
+def _check_container(path: Path) -> None:
+    """Check that ``path`` is a complete gzip stream holding a Vital file (``VITA`` signature).
+
+    The ``vitaldb`` reader stops silently at a truncated stream, so truncation is caught here.
+    """
+    inflater = zlib.decompressobj(zlib.MAX_WBITS | 16)
+    head = b""
+    try:
+        with open(path, "rb") as f:
+            while chunk := f.read(1 << 20):
+                out = inflater.decompress(chunk)
+                if len(head) < 4:
+                    head += out[:4]
+                while inflater.unused_data and inflater.eof:  # concatenated gzip members
+                    rest, inflater = inflater.unused_data, zlib.decompressobj(zlib.MAX_WBITS | 16)
+                    inflater.decompress(rest)
+    except zlib.error as e:
+        raise CaseSkipped("corrupt_file", f"not a valid gzip stream ({e})") from None
+    if not inflater.eof:
+        raise CaseSkipped("corrupt_file", "file is truncated (gzip stream ends early)")
+    if head[:4] != b"VITA":
+        raise CaseSkipped("corrupt_file", "not a Vital file (no VITA signature)")
+
+
+def read_tracks(path: Path, channels: dict[str, ChannelSpec]) -> dict[str, tuple[np.ndarray, float, str]]:
+    """Decode the channels' tracks from a ``.vital`` file at their native rates.
+
+    Returns ``{channel: (samples [T] float64 with NaN for gaps, rate in Hz, track name)}``,
+    every channel on the file's common time axis (sample 0 at the file's start).
+    """
+    _check_container(path)
+    wanted = [t for spec in channels.values() for t in spec.tracks]
+    vf = vitaldb.VitalFile()
+    messages = io.StringIO()
+    with contextlib.redirect_stdout(messages):
+        ok = vf.load_vital(str(path), track_names=wanted)
+    if not ok:
+        raise CaseSkipped("corrupt_file", f"vitaldb could not parse the file: "
+                          f"{messages.getvalue().strip() or 'unknown error'}")
+    out = {}
+    for name, spec in channels.items():
+        track = next((t for t in spec.tracks if t in vf.trks), None)
+        if track is None:
+            raise CaseSkipped("missing_track", f"no {name} track (tried {', '.join(spec.tracks)})")
+        trk = vf.trks[track]
+        if trk.srate <= 0:
+            raise CaseSkipped("missing_track", f"{name} track {track} is not a waveform")
+        x = np.asarray(vf.get_track_samples(track, 1.0 / trk.srate), dtype=np.float64)
+        finite = x[np.isfinite(x)]
+        if finite.size == 0:
+            raise CaseSkipped("empty_track", f"{name} track {track} has no valid samples (all NaN)")
+        if finite.min() == finite.max():
+            raise CaseSkipped("flat_track", f"{name} track {track} is flat (constant {finite[0]:g})")
+        out[name] = (x, float(trk.srate), track)
+    return out
+

@@ -1,0 +1,91 @@
+"""Deterministic group-level splits (by case or by subject): no group lands in two splits."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from biofm.errors import ConfigError
+
+SPLITS = ("train", "val", "test")
+FASTTRACK_CASES = 70
+
+
+def split_groups(groups: list[str], ratios: tuple[float, float, float] = (0.7, 0.15, 0.15),
+                 seed: int = 0) -> dict[str, list[str]]:
+    """Shuffle ``groups`` with ``seed`` and cut them by ``ratios`` (train, val, test).
+
+    Each split gets ``round(ratio * n)`` groups (test takes the rest); the same input and seed
+    always give the same splits. Ids come back sorted within each split.
+    """
+    if len(ratios) != 3 or any(r < 0 for r in ratios) or abs(sum(ratios) - 1) > 1e-6:
+        raise ConfigError(f"split ratios must be three non-negative numbers summing to 1, got {list(ratios)}")
+    ids = sorted(set(groups))
+    order = np.random.default_rng(seed).permutation(len(ids))
+    n_train = int(round(ratios[0] * len(ids)))
+    n_val = min(int(round(ratios[1] * len(ids))), len(ids) - n_train)
+    cuts = {"train": order[:n_train], "val": order[n_train:n_train + n_val], "test": order[n_train + n_val:]}
+    return {name: sorted((ids[i] for i in idx), key=_natural) for name, idx in cuts.items()}
+
+
+def _natural(case_id: str):
+    return (0, int(case_id), "") if case_id.isdigit() else (1, 0, case_id)
+
+
+def read_case_list(spec: str) -> tuple[list[str], str]:
+    """Case ids from a vitaldb case set name, a text file (one id per line, ``#`` comments), or a
+    folder of ``.vital`` files (their stems). Returns ``(ids, description)``."""
+    from biofm.sources.vitaldb import case_sets
+
+    sets = case_sets()
+    if spec in sets:
+        return sets[spec], f"vitaldb case set {spec!r}"
+    path = Path(spec)
+    if path.is_dir():
+        ids = sorted({p.stem for p in path.glob("*.vital")} | {p.stem for p in path.glob("vital_files/*.vital")})
+        return ids, f"the .vital files in {path}"
+    if path.is_file():
+        ids = [line.split("#")[0].strip() for line in path.read_text().splitlines()]
+        return [i for i in ids if i], f"case list file {path}"
+    raise ConfigError(f"--case-set {spec!r} is neither a vitaldb case set ({', '.join(sorted(sets))}), "
+                      "a file of case ids, nor a folder of .vital files")
+
+
+def prepare_splits(mode: str, case_set: str, output: str | Path, seed: int = 0,
+                   ratios: tuple[float, float, float] = (0.7, 0.15, 0.15)) -> Path:
+    """Write ``<output>/splits_<mode>.json``: ``{"train": [...], "val": [...], "test": [...], "meta": {...}}``.
+
+    ``mode="fasttrack"`` first draws a deterministic subset of 70 cases; ``"full"`` keeps all.
+    """
+    if mode not in ("fasttrack", "full"):
+        raise ConfigError(f"--mode must be fasttrack or full, got {mode!r}")
+    ids, described = read_case_list(case_set)
+    if not ids:
+        raise ConfigError(f"{described} holds no case ids")
+    rng = np.random.default_rng(seed)
+    if mode == "fasttrack" and len(ids) > FASTTRACK_CASES:
+        ids = sorted(rng.choice(sorted(ids), FASTTRACK_CASES, replace=False).tolist(), key=_natural)
+    splits = split_groups(ids, ratios, seed)
+    meta = {"mode": mode, "case_set": case_set, "source": described, "seed": seed,
+            "ratios": list(ratios), "n_cases": len(ids), "counts": {k: len(v) for k, v in splits.items()}}
+    out = Path(output) / f"splits_{mode}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({**splits, "meta": meta}, indent=1))
+    return out
+
+
+def load_split(split_file: str | Path, split: str) -> list[str]:
+    """The case ids of ``split`` in a splits JSON file, as strings."""
+    path = Path(split_file)
+    if not path.is_file():
+        raise ConfigError(f"split file not found: {path} (make one with `biofm prepare-splits`)")
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path}: not valid JSON ({e})") from None
+    if split not in data or split == "meta":
+        available = [k for k in data if k != "meta"]
+        raise ConfigError(f"{path} has no split {split!r} (it has {', '.join(available)})")
+    return [str(c) for c in data[split]]
