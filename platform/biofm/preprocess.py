@@ -2,22 +2,23 @@
 
 :func:`process_case` does one case end to end (read, resample, filter, window, quality, z-score,
 write ``<split>/<case_id>.parquet``) and returns its outcome; :func:`build_windows` runs it over
-many cases with Ray Data, resumes from earlier runs, and writes ``<split>/manifest.json``.
+many cases with Ray Data, resumes from earlier runs, and records every outcome in ``<outdir>/manifest.json``.
 
-Per split folder::
+Layout (split folders hold only Parquet, so pandas/pyarrow/Ray read them as they are)::
 
     <outdir>/<split>/<case_id>.parquet     kept windows of one case (written atomically)
     <outdir>/<split>/_cases/<case_id>.json outcome of one case: ok + counts, or skipped + reason
-    <outdir>/<split>/manifest.json         the run: config, per-case outcomes, totals, timings
+    <outdir>/manifest.json                 per split: config, per-case outcomes, totals, timings
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
+import resource
 import shutil
 import subprocess
-import sys
 import time
 from collections import Counter
 from pathlib import Path
@@ -188,6 +189,7 @@ def process_case(case_id: str, source, channels: dict[str, ChannelSpec], cfg: Wi
                        retryable=False)
     outcome.setdefault("windows_kept", 0)
     outcome["seconds"] = round(time.perf_counter() - t0, 4)
+    outcome["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
     _write_atomic(split_dir / "_cases" / f"{case_id}.json",
                   lambda p: p.write_text(json.dumps(outcome)))
     return outcome
@@ -203,8 +205,8 @@ def _check_case_id(case_id: str) -> str:
 class Progress:
     """One progress line per stage for people: cases done / total, windows kept, rate."""
 
-    def __init__(self, stage: str, total: int, every_s: float = 5.0, out=sys.stdout):
-        self.stage, self.total, self.every_s, self.out = stage, total, every_s, out
+    def __init__(self, stage: str, total: int, every_s: float = 5.0):
+        self.stage, self.total, self.every_s = stage, total, every_s
         self.done = self.skipped = self.windows = 0
         self.t0 = self.last = time.perf_counter()
 
@@ -217,7 +219,7 @@ class Progress:
             self.last = now
             rate = self.windows / max(now - self.t0, 1e-9)
             print(f"[{self.stage}] {self.done}/{self.total} cases ({self.skipped} skipped), "
-                  f"{self.windows} windows kept, {rate:.0f} windows/s", file=self.out, flush=True)
+                  f"{self.windows} windows kept, {rate:.0f} windows/s", flush=True)
 
 
 def _process_row(row: dict, **kwargs) -> dict:
@@ -309,7 +311,7 @@ def build_windows(case_ids: list[str], source, channels: dict[str, ChannelSpec],
 
 def write_manifest(split_dir: Path, case_ids: list[str], spec: dict, channels, cfg, source,
                    inputs: dict, wall_s: float) -> dict:
-    """Gather the per-case outcomes of ``case_ids`` into ``<split_dir>/manifest.json``."""
+    """Gather the per-case outcomes of ``case_ids`` into the split's section of the manifest."""
     outcomes = load_outcomes(split_dir)
     cases = {c: outcomes[c] for c in case_ids}
     ok = [o for o in cases.values() if o["status"] == "ok"]
@@ -338,5 +340,19 @@ def write_manifest(split_dir: Path, case_ids: list[str], spec: dict, channels, c
         "cases": cases,
     }
     assert manifest["cases_in"] == manifest["cases_ok"] + manifest["cases_skipped"]
-    _write_atomic(split_dir / "manifest.json", lambda p: p.write_text(json.dumps(manifest, indent=1)))
+    path = split_dir.parent / "manifest.json"
+    with open(split_dir.parent / ".manifest.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # builds of other splits may update it concurrently
+        whole = json.loads(path.read_text()) if path.exists() else {"splits": {}}
+        whole["splits"][split_dir.name] = manifest
+        _write_atomic(path, lambda p: p.write_text(json.dumps(whole, indent=1)))
     return manifest
+
+
+def read_manifest(outdir: str | Path, split: str) -> dict:
+    """The manifest section of ``split`` under ``outdir``."""
+    path = Path(outdir) / "manifest.json"
+    splits = json.loads(path.read_text())["splits"] if path.exists() else {}
+    if split not in splits:
+        raise NothingProduced(f"{outdir} has no windows for split {split!r} (built: {sorted(splits) or 'none'})")
+    return splits[split]

@@ -74,45 +74,58 @@ def raw_quality(raw: np.ndarray, fs: float, starts_s: np.ndarray, window_s: floa
     For each window starting at ``starts_s`` (seconds): ``nan_fraction`` (missing samples),
     ``flat_fraction`` (samples equal to their predecessor: a stuck signal) and
     ``clip_fraction`` (samples pinned at the window's minimum or maximum: saturation).
-    Returns a dict of float32 arrays ``[N]``.
+    Returns a dict of float32 arrays ``[N]``; a window with no valid sample scores 1 on each.
     """
-    n = len(starts_s)
-    out = {k: np.ones(n, dtype=np.float32) for k in ("nan_fraction", "flat_fraction", "clip_fraction")}
-    missing = ~np.isfinite(raw)
+    length = int(round(window_s * fs))
+    starts = np.round(np.asarray(starts_s) * fs).astype(np.int64)
+    if starts.size and starts[-1] + length > raw.size:
+        raise ValueError("windows extend past the end of the signal")
+    segs = cut_windows(raw, starts, length)                       # [N, L]
+    missing = ~np.isfinite(segs)
+    n_valid = length - missing.sum(axis=1)
     stuck = np.zeros(raw.size, dtype=bool)
     stuck[1:] = raw[1:] == raw[:-1]
-    length = int(round(window_s * fs))
-    for i, s in enumerate(np.round(np.asarray(starts_s) * fs).astype(np.int64)):
-        seg, seg_missing = raw[s:s + length], missing[s:s + length]
-        if seg.size == 0:
-            continue
-        out["nan_fraction"][i] = seg_missing.mean()
-        valid = seg[~seg_missing]
-        if valid.size == 0:
-            continue
-        out["flat_fraction"][i] = stuck[s:s + length][~seg_missing].mean()
-        lo, hi = valid.min(), valid.max()
-        out["clip_fraction"][i] = 0.0 if hi == lo else ((valid == lo).sum() + (valid == hi).sum() - 2) / valid.size
-    return out
+    lo = np.where(missing, np.inf, segs).min(axis=1, keepdims=True)
+    hi = np.where(missing, -np.inf, segs).max(axis=1, keepdims=True)
+    pinned = (segs == lo).sum(axis=1) + (segs == hi).sum(axis=1) - 2
+    with np.errstate(invalid="ignore", divide="ignore"):
+        flat = (cut_windows(stuck, starts, length) & ~missing).sum(axis=1) / n_valid
+        clip = np.where(hi[:, 0] > lo[:, 0], pinned / n_valid, 0.0)
+    none_valid = n_valid == 0
+    return {
+        "nan_fraction": (1 - n_valid / length).astype(np.float32),
+        "flat_fraction": np.where(none_valid, 1.0, flat).astype(np.float32),
+        "clip_fraction": np.where(none_valid, 1.0, clip).astype(np.float32),
+    }
 
 
 def detect_beats(x: np.ndarray, fs: float, kind: str) -> np.ndarray:
     """Beat positions (sample indices) in a band-passed window ``x`` ``[T]`` at ``fs`` Hz.
 
-    ``kind="ppg"``: systolic peaks, prominent against the window's amplitude range.
+    ``kind="ppg"``: systolic peaks: at least half as prominent as the strongest peaks, so
+    dicrotic waves do not count.
     ``kind="ecg"``: R peaks, found as peaks of the smoothed squared slope (Pan-Tompkins style),
     so polarity does not matter. Peaks are at least 0.3 s apart (at most 200 beats/min).
     """
     distance = max(1, int(0.3 * fs))
     if kind == "ppg":
-        p5, p95 = np.percentile(x, [5, 95])
-        peaks, _ = sps.find_peaks(x, distance=distance, prominence=0.3 * (p95 - p5))
-        return peaks
+        # Dicrotic waves are peaks too; systolic peaks are the most prominent ones.
+        peaks, props = sps.find_peaks(x, distance=distance, prominence=1e-12)
+        if len(peaks) == 0:
+            return peaks
+        prominences = props["prominences"]
+        return peaks[prominences >= 0.5 * _quantile(prominences, 0.9)]
     if kind == "ecg":
         energy = np.convolve(np.diff(x, prepend=x[0]) ** 2, np.ones(max(1, int(0.08 * fs))), "same")
-        peaks, _ = sps.find_peaks(energy, distance=distance, height=0.3 * np.percentile(energy, 99))
+        peaks, _ = sps.find_peaks(energy, distance=distance, height=0.3 * _quantile(energy, 0.99))
         return peaks
     raise ValueError(f"unknown beat detector {kind!r} (use ppg or ecg)")
+
+
+def _quantile(x: np.ndarray, q: float) -> float:
+    """The ``q`` quantile of ``x`` by its nearest rank (np.percentile costs ~20x more per call)."""
+    k = int(round(q * (len(x) - 1)))
+    return float(np.partition(x, k)[k])
 
 
 def heart_rate_bpm(beats: np.ndarray, fs: float) -> float:

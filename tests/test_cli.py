@@ -1,0 +1,73 @@
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BIOFM = str(Path(sys.executable).parent / "biofm")  # the console script installed beside python
+
+from biofm.cli import main
+from conftest import write_case
+
+
+@pytest.mark.parametrize("cmd", [
+    [BIOFM, "--help"],
+    [BIOFM, "prepare-splits", "--help"],
+    [BIOFM, "build-windows", "--help"],
+    [sys.executable, "jobs/build_windows.py", "--help"],
+    [sys.executable, "jobs/prepare_splits.py", "--help"],
+])
+def test_every_command_has_help(cmd):
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert "usage:" in out.stdout
+    if "build-windows" in cmd or "jobs/build_windows.py" in cmd:
+        for flag in ("--channels-yaml", "--windows-yaml", "--split-file", "--split", "--outdir",
+                     "--source", "--api-url", "--overwrite", "--address"):
+            assert flag in out.stdout
+
+
+@pytest.fixture
+def splits(tmp_path):
+    assert main(["prepare-splits", "--mode", "fasttrack", "--case-set", "bis", "--output", str(tmp_path)]) == 0
+    return tmp_path / "splits_fasttrack.json"
+
+
+def test_unknown_yaml_key_exits_2(tmp_path, splits, capsys):
+    bad = tmp_path / "windows.yaml"
+    bad.write_text("window_s: 10\nstrid_s: 5\n")
+    rc = main(["build-windows", "--windows-yaml", str(bad), "--split-file", str(splits),
+               "--outdir", str(tmp_path / "out")])
+    assert rc == 2
+    assert f"biofm build-windows: error: {bad}: unknown key 'strid_s'" in capsys.readouterr().err
+
+
+def test_missing_split_exits_2(tmp_path, splits, capsys):
+    rc = main(["build-windows", "--split-file", str(splits), "--split", "holdout", "--outdir", str(tmp_path)])
+    assert rc == 2 and "has no split 'holdout'" in capsys.readouterr().err
+
+
+def test_empty_split_exits_2(tmp_path, capsys):
+    (tmp_path / "s.json").write_text(json.dumps({"train": [], "val": [], "test": []}))
+    rc = main(["build-windows", "--split-file", str(tmp_path / "s.json"), "--outdir", str(tmp_path)])
+    assert rc == 2 and "the case list is empty" in capsys.readouterr().err
+
+
+def test_unreachable_api_exits_2_with_advice(tmp_path, splits, dead_url, capsys):
+    rc = main(["build-windows", "--split-file", str(splits), "--api-url", dead_url, "--outdir", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert rc == 2 and f"cannot reach the VitalDB API at {dead_url}" in err and "--source" in err
+
+
+def test_build_windows_from_folder(ray_session, tmp_path, capsys):
+    for c in ("101", "102"):
+        write_case(tmp_path / "mirror" / "vital_files", f"0{c}", duration_s=30)
+    (tmp_path / "s.json").write_text(json.dumps({"train": ["101", "102"]}))
+    rc = main(["build-windows", "--split-file", str(tmp_path / "s.json"), "--source", str(tmp_path / "mirror"),
+               "--outdir", str(tmp_path / "out")])
+    out = capsys.readouterr().out
+    assert rc == 0
+    assert "[build-windows train] 2/2 cases (0 skipped), 6 windows kept" in out
+    assert "2/2 cases ok, 6 windows" in out
+    assert sorted(p.name for p in (tmp_path / "out" / "train").glob("*.parquet")) == ["101.parquet", "102.parquet"]

@@ -1,0 +1,191 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from biofm.config import ChannelsConfig, WindowsConfig, load_config
+from biofm.errors import ConfigError, NothingProduced, SourceUnreachable
+from biofm.preprocess import SCHEMA_KEY, build_windows, data_spec, read_manifest
+from biofm.sources.vitaldb import ApiSource, DirectorySource
+from conftest import REAL_VITAL, heartbeat_signals, requires_realdata, write_case
+
+CHANNELS = load_config(ChannelsConfig, "configs/channels.yaml").select(["PPG", "ECG"])
+WINDOWS = load_config(WindowsConfig, "configs/windows.yaml")
+
+
+def read_windows(split_dir):
+    """All windows of a split, sorted by (case_id, window_idx)."""
+    table = pq.read_table(split_dir).sort_by([("case_id", "ascending"), ("window_idx", "ascending")])
+    return table
+
+
+def build(tmp_path, case_ids, source, **kw):
+    return build_windows(case_ids, source, CHANNELS, WINDOWS, tmp_path / "out", "train", **kw)
+
+
+def test_windows_dataset_contract(ray_session, tmp_path):
+    for i in range(3):
+        write_case(tmp_path / "src", str(i + 1), duration_s=60, seed=i)
+    m = build(tmp_path, ["1", "2", "3"], DirectorySource(str(tmp_path / "src")))
+    assert (m["cases_in"], m["cases_ok"], m["cases_skipped"], m["windows_kept"]) == (3, 3, 0, 18)
+    assert m["windows_rejected"] == {} and m["data_spec"]["channels"] == ["PPG", "ECG"]
+    assert set(m["timings"]["case_seconds_by_stage"]) == {"read", "resample", "filter", "quality", "write"}
+
+    split_dir = tmp_path / "out" / "train"
+    assert sorted(p.name for p in split_dir.iterdir()) == ["1.parquet", "2.parquet", "3.parquet", "_cases"]
+    assert read_manifest(tmp_path / "out", "train") == m
+    ds = ray_session.data.read_parquet(str(split_dir))
+    batch = next(iter(ds.iter_batches(batch_size=100, batch_format="numpy")))
+    assert batch["signal"].shape == (18, 2, 1250) and batch["signal"].dtype == np.float32
+    np.testing.assert_allclose(batch["signal"].mean(-1), 0, atol=1e-4)
+    np.testing.assert_allclose(batch["signal"].std(-1), 1, atol=1e-3)
+    np.testing.assert_allclose(batch["start_s"], batch["window_idx"] * 10.0)
+    np.testing.assert_allclose(batch["ppg_hr_bpm"], 72, rtol=0.08)
+    np.testing.assert_allclose(batch["ecg_hr_bpm"], 72, rtol=0.08)
+    assert (batch["ppg_beats"] >= 11).all() and (batch["ecg_nan_fraction"] == 0).all()
+
+    schema = pq.read_schema(split_dir / "1.parquet")
+    spec = json.loads(schema.metadata[SCHEMA_KEY])
+    assert spec == json.loads(json.dumps(data_spec(CHANNELS, WINDOWS)))
+    assert spec["sample_rate_hz"] == 125 and spec["filters"]["PPG"]["band_hz"] == [0.5, 10.0]
+    assert str(schema.field("window_idx").type) == "int32" and str(schema.field("start_s").type) == "double"
+    assert str(schema.field("case_id").type) == "string"
+
+
+def test_bad_cases_are_skipped_with_reasons(ray_session, tmp_path):
+    src = tmp_path / "src"
+    write_case(src, "good", duration_s=60)
+    ppg, ecg = heartbeat_signals(60, 500.0, seed=1)
+    ppg[11000:13500] = np.nan  # 22-27 s: NaN gap inside the recording
+    ecg[11000:13500] = np.nan
+    write_case(src, "gap", ppg=ppg, ecg=ecg)
+    write_case(src, "short", duration_s=8)
+    write_case(src, "noecg", names=("SNUADC/PLETH", None))
+    write_case(src, "flat", ppg=np.ones(30000))
+    (src / "corrupt.vital").write_bytes(b"\x1f\x8b\x08\x00garbage")
+    ids = ["good", "gap", "short", "noecg", "flat", "corrupt", "absent"]
+    m = build(tmp_path, ids, DirectorySource(str(src)))
+
+    codes = {c: (o["status"], o.get("code")) for c, o in m["cases"].items()}
+    assert codes == {"good": ("ok", None), "gap": ("ok", None), "short": ("skipped", "too_short"),
+                     "noecg": ("skipped", "missing_track"), "flat": ("skipped", "flat_track"),
+                     "corrupt": ("skipped", "corrupt_file"), "absent": ("skipped", "not_found")}
+    assert m["cases"]["short"]["reason"] == "recording lasts 8.0 s, shorter than one 10 s window"
+    assert (m["cases_in"], m["cases_ok"], m["cases_skipped"]) == (7, 2, 5)
+    assert m["cases"]["gap"]["rejected"] == {"PPG:missing": 1}
+    assert m["windows_kept"] == 11 and m["windows_rejected"] == {"PPG:missing": 1}
+    gap = pq.read_table(tmp_path / "out" / "train" / "gap.parquet")
+    assert gap.column("window_idx").to_pylist() == [0, 1, 3, 4, 5]
+
+
+def test_rerun_resumes_without_reading_again(ray_session, tmp_path):
+    src = tmp_path / "src"
+    for c in ("1", "2"):
+        write_case(src, c, duration_s=30)
+    first = build(tmp_path, ["1", "2"], DirectorySource(str(src)))
+    before = read_windows(tmp_path / "out" / "train")
+    for f in src.iterdir():
+        f.unlink()  # a rerun must not need the recordings again
+    second = build(tmp_path, ["1", "2"], DirectorySource(str(src)))
+    after = read_windows(tmp_path / "out" / "train")
+    assert after.equals(before) and second["windows_kept"] == first["windows_kept"] == 6
+    keys = list(zip(after.column("case_id").to_pylist(), after.column("window_idx").to_pylist()))
+    assert len(keys) == len(set(keys))
+    with pytest.raises(NothingProduced, match="not_found: 2 case"):
+        build(tmp_path, ["1", "2"], DirectorySource(str(src)), overwrite=True)
+    assert not list((tmp_path / "out" / "train").glob("*.parquet"))
+
+
+def test_changed_config_needs_overwrite(ray_session, tmp_path):
+    write_case(tmp_path / "src", "1", duration_s=20)
+    source = DirectorySource(str(tmp_path / "src"))
+    build(tmp_path, ["1"], source)
+    other = WindowsConfig(max_nan_fraction=0.1)
+    with pytest.raises(ConfigError, match="another config .*use --overwrite"):
+        build_windows(["1"], source, CHANNELS, other, tmp_path / "out", "train")
+    m = build_windows(["1"], source, CHANNELS, other, tmp_path / "out", "train", overwrite=True)
+    assert m["data_spec"]["config_hash"] == data_spec(CHANNELS, other)["config_hash"]
+
+
+def test_empty_case_list_and_nothing_usable(ray_session, tmp_path):
+    with pytest.raises(NothingProduced, match="the case list is empty"):
+        build(tmp_path, [], DirectorySource(str(tmp_path)))
+    write_case(tmp_path / "src", "1", duration_s=5)
+    with pytest.raises(NothingProduced, match=r"\(too_short: 1 case\(s\)\); e.g. recording lasts 5.0 s"):
+        build(tmp_path, ["1"], DirectorySource(str(tmp_path / "src")))
+    assert read_manifest(tmp_path / "out", "train")["cases_skipped"] == 1
+
+
+def test_api_source_end_to_end(ray_session, tmp_path, http_server):
+    for c in ("3", "4"):
+        http_server.routes[f"/{c}.vital"] = [(200, write_case(tmp_path / "src", c, duration_s=30).read_bytes())]
+    http_server.routes["/4.vital"].insert(0, (500, b"try again"))
+    m = build(tmp_path, ["3", "4", "5"], ApiSource(http_server.url, backoff_s=0.01))
+    assert {c: o["status"] for c, o in m["cases"].items()} == {"3": "ok", "4": "ok", "5": "skipped"}
+    assert m["cases"]["5"]["code"] == "not_found" and m["windows_kept"] == 6
+    assert http_server.hits["/4.vital"] == 2 and m["source"] == http_server.url
+
+
+def test_unreachable_api_stops_before_work(ray_session, tmp_path, dead_url):
+    with pytest.raises(SourceUnreachable, match="cannot reach the VitalDB API"):
+        build(tmp_path, ["1"], ApiSource(dead_url, backoff_s=0.01))
+
+
+@pytest.mark.slow
+def test_killed_run_then_rerun_gives_the_same_windows(ray_session, tmp_path, http_server):
+    """Kill a build-windows driver midway (SIGKILL), rerun: identical to an uninterrupted run."""
+    ids = [str(i) for i in range(1, 7)]
+    release = threading.Event()
+    for i, c in enumerate(ids):
+        http_server.routes[f"/{c}.vital"] = [(200, write_case(tmp_path / "src", c, duration_s=40, seed=i).read_bytes())]
+    original = http_server.RequestHandlerClass.do_GET
+
+    def stall_late_cases(handler):
+        if handler.path in ("/5.vital", "/6.vital"):
+            release.wait(timeout=120)  # these cases hang until the driver is killed
+        original(handler)
+    http_server.RequestHandlerClass.do_GET = stall_late_cases
+
+    (tmp_path / "splits.json").write_text(json.dumps({"train": ids}))
+    out = tmp_path / "killed"
+    gcs = ray_session.get_runtime_context().gcs_address
+    cmd = [sys.executable, "jobs/build_windows.py", "--split-file", str(tmp_path / "splits.json"),
+           "--outdir", str(out), "--api-url", http_server.url, "--address", gcs]
+    proc = subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    cases_dir = out / "train" / "_cases"
+    deadline = time.time() + 120
+    while time.time() < deadline and len(list(cases_dir.glob("*.json"))) < 4:
+        time.sleep(0.2)
+    assert len(list(cases_dir.glob("*.json"))) == 4, proc.stdout.read1().decode() if proc.poll() is not None else ""
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+    release.set()
+    assert not (out / "manifest.json").exists()
+
+    source = ApiSource(http_server.url, backoff_s=0.01)
+    resumed = build_windows(ids, source, CHANNELS, WINDOWS, out, "train")
+    whole = build_windows(ids, source, CHANNELS, WINDOWS, tmp_path / "whole", "train")
+    assert resumed["windows_kept"] == whole["windows_kept"] == 24
+    a, b = read_windows(out / "train"), read_windows(tmp_path / "whole" / "train")
+    assert a.num_rows == 24 and a.equals(b)
+    assert http_server.hits["/1.vital"] == 2  # once by the killed run, once by the reference run
+
+
+@requires_realdata(REAL_VITAL)
+def test_real_recordings(ray_session, tmp_path):
+    ids = sorted(p.stem for p in REAL_VITAL.glob("*.vital"))
+    m = build(tmp_path, ids, DirectorySource(str(REAL_VITAL)))
+    assert m["cases_ok"] == 6
+    gap = m["cases"]["MICUA01_240724_180622_first100s"]
+    assert gap["rates_hz"] == {"PPG": 100.0, "ECG": 300.0}
+    assert gap["windows_total"] == 12 and gap["rejected"] == {"PPG:missing": 4}
+    # Real artifacts (signal loss, saturation) are rejected; most windows survive.
+    assert sum(m["windows_rejected"].values()) == 62 - m["windows_kept"]
+    assert 40 <= m["windows_kept"] <= 56 and m["windows_rejected"].get("PPG:clipped", 0) >= 1

@@ -1,0 +1,105 @@
+import numpy as np
+import pytest
+
+from biofm import signals
+from conftest import heartbeat_signals
+
+
+def sine(freq, fs, seconds, amp=1.0):
+    t = np.arange(int(fs * seconds)) / fs
+    return amp * np.sin(2 * np.pi * freq * t)
+
+
+@pytest.mark.parametrize("fs_in", [500.0, 300.0, 100.0, 30.0, 1000.0])
+def test_resample_keeps_frequency_and_amplitude(fs_in):
+    y = signals.resample(sine(1.5, fs_in, 20), fs_in, 125.0)
+    assert len(y) == 2500
+    spectrum = np.abs(np.fft.rfft(y[250:-250]))
+    assert np.fft.rfftfreq(2000, 1 / 125)[spectrum.argmax()] == pytest.approx(1.5, abs=0.07)
+    assert np.abs(y[250:-250]).max() == pytest.approx(1.0, abs=0.02)
+
+
+def test_resample_removes_aliases():
+    # 100 Hz at 500 Hz would alias to 25 Hz at 125 Hz without the anti-aliasing filter.
+    y = signals.resample(sine(100, 500, 10), 500, 125)
+    assert np.abs(y[100:-100]).max() < 0.01
+
+
+def test_bandpass_passes_band_and_rejects_outside():
+    fs = 125.0
+    def gain(f, band):
+        y = signals.bandpass(sine(f, fs, 60), fs, band)
+        return np.abs(y[1000:-1000]).max()
+    assert gain(1.2, (0.5, 10)) == pytest.approx(1.0, abs=0.05)
+    assert gain(0.05, (0.5, 10)) < 0.02        # baseline wander
+    assert gain(30.0, (0.5, 10)) < 0.02        # noise above the PPG band
+    assert gain(20.0, (0.5, 40)) == pytest.approx(1.0, abs=0.05)  # QRS energy kept for ECG
+
+
+def test_bandpass_is_zero_phase():
+    fs = 125.0
+    x = sine(1.0, fs, 30)
+    y = signals.bandpass(x, fs, (0.5, 10))
+    core = slice(500, -500)
+    assert np.argmax(y[core][:125]) == np.argmax(x[core][:125])
+
+
+def test_bandpass_rejects_edge_above_nyquist():
+    with pytest.raises(ValueError, match="below Nyquist"):
+        signals.bandpass(np.zeros(1000), 30.0, (0.5, 20.0))
+
+
+def test_fill_gaps():
+    x = np.array([np.nan, 1.0, np.nan, 3.0, np.nan])
+    filled, missing = signals.fill_gaps(x)
+    np.testing.assert_allclose(filled, [1.0, 1.0, 2.0, 3.0, 3.0])
+    assert missing.tolist() == [True, False, True, False, True]
+    with pytest.raises(ValueError, match="no finite samples"):
+        signals.fill_gaps(np.full(4, np.nan))
+
+
+def test_window_starts_and_cut():
+    assert signals.window_starts(1249, 1250, 1250).size == 0
+    np.testing.assert_array_equal(signals.window_starts(3999, 1250, 1250), [0, 1250, 2500])
+    np.testing.assert_array_equal(signals.window_starts(2500, 1250, 625), [0, 625, 1250])
+    w = signals.cut_windows(np.arange(3000.0), np.array([0, 1250]), 1250)
+    assert w.shape == (2, 1250) and w[1, 0] == 1250 and w[1, -1] == 2499
+
+
+def test_raw_quality_fractions():
+    fs = 100.0
+    x = sine(1.0, fs, 30) + 0.001 * np.arange(3000)
+    x[1000:1100] = np.nan              # window 1: 10% missing
+    x[2000:2300] = x[2000]             # window 2: 30% stuck (299 repeats)
+    q = signals.raw_quality(x, fs, np.array([0.0, 10.0, 20.0]), 10.0)
+    np.testing.assert_allclose(q["nan_fraction"], [0.0, 0.1, 0.0], atol=1e-6)
+    assert q["flat_fraction"][0] == 0 and q["flat_fraction"][2] == pytest.approx(0.299, abs=1e-3)
+    assert q["clip_fraction"][0] == 0
+    clipped = np.clip(sine(1.0, fs, 10), -0.5, 0.5)
+    assert signals.raw_quality(clipped, fs, np.array([0.0]), 10.0)["clip_fraction"][0] > 0.5
+
+
+@pytest.mark.parametrize("hr", [40.0, 72.0, 150.0])
+def test_beats_and_heart_rate(hr):
+    ppg, ecg = heartbeat_signals(10.0, 500.0, hr_bpm=hr)
+    p = signals.bandpass(signals.resample(ppg, 500, 125), 125, (0.5, 10))
+    e = signals.bandpass(signals.resample(ecg, 500, 125), 125, (0.5, 40))
+    for kind, x in (("ppg", p), ("ecg", e), ("ecg", -e)):
+        beats = signals.detect_beats(x, 125, kind)
+        assert abs(len(beats) - hr / 6) <= 1.5, (kind, len(beats))
+        assert signals.heart_rate_bpm(beats, 125) == pytest.approx(hr, rel=0.06)
+
+
+def test_noise_has_no_plausible_rhythm():
+    noise = np.random.default_rng(0).standard_normal(1250)
+    assert signals.detect_beats(np.zeros(1250), 125, "ppg").size == 0
+    assert np.isnan(signals.heart_rate_bpm(np.array([3]), 125))
+    with pytest.raises(ValueError, match="unknown beat detector"):
+        signals.detect_beats(noise, 125, "abp")
+
+
+def test_zscore():
+    w = np.random.default_rng(1).normal(5, 3, size=(4, 2, 1250))
+    z = signals.zscore(w)
+    np.testing.assert_allclose(z.mean(-1), 0, atol=1e-9)
+    np.testing.assert_allclose(z.std(-1), 1, atol=1e-9)

@@ -1,0 +1,57 @@
+import json
+
+import pytest
+
+from biofm.errors import ConfigError
+from biofm.splits import load_split, prepare_splits, read_case_list, split_groups
+from conftest import REAL_VITAL, requires_realdata
+
+
+def test_fasttrack_is_deterministic_disjoint_and_sized(tmp_path):
+    a = json.loads(prepare_splits("fasttrack", "bis", tmp_path / "a").read_text())
+    b = json.loads(prepare_splits("fasttrack", "bis", tmp_path / "b").read_text())
+    c = json.loads(prepare_splits("fasttrack", "bis", tmp_path / "c", seed=1).read_text())
+    assert a == b
+    assert [len(a[k]) for k in ("train", "val", "test")] == [49, 10, 11]
+    ids = a["train"] + a["val"] + a["test"]
+    assert len(set(ids)) == 70 and all(isinstance(i, str) and i.isdigit() for i in ids)
+    assert set(ids) <= set(read_case_list("bis")[0])
+    assert set(c["train"]) != set(a["train"])
+    assert a["meta"]["mode"] == "fasttrack" and a["meta"]["seed"] == 0 and a["meta"]["n_cases"] == 70
+
+
+def test_full_mode_takes_every_case(tmp_path):
+    ids, _ = read_case_list("bis")
+    assert len(ids) > 1000
+    d = json.loads(prepare_splits("full", "bis", tmp_path, ratios=(0.8, 0.1, 0.1)).read_text())
+    assert sorted(d["train"] + d["val"] + d["test"]) == sorted(ids)
+    assert len(d["train"]) == round(0.8 * len(ids))
+
+
+def test_case_list_file_and_bad_inputs(tmp_path):
+    f = tmp_path / "cases.txt"
+    f.write_text("# my cases\n12\n7  # a comment\n\n3\n")
+    assert read_case_list(str(f))[0] == ["12", "7", "3"]
+    with pytest.raises(ConfigError, match="neither a vitaldb case set"):
+        read_case_list("no-such-set")
+    with pytest.raises(ConfigError, match="sum"):
+        split_groups(["1", "2"], (0.5, 0.5, 0.5))
+    empty = tmp_path / "empty.txt"
+    empty.write_text("# nothing\n")
+    with pytest.raises(ConfigError, match="holds no case ids"):
+        prepare_splits("full", str(empty), tmp_path)
+
+
+@requires_realdata(REAL_VITAL)
+def test_case_list_from_folder_of_vital_files():
+    ids, described = read_case_list(str(REAL_VITAL))
+    assert len(ids) == 6 and "MICUB08_240520_230000_first100s" in ids
+
+
+def test_load_split_errors(tmp_path):
+    path = prepare_splits("fasttrack", "bis", tmp_path)
+    assert len(load_split(path, "val")) == 10
+    with pytest.raises(ConfigError, match="has no split 'holdout' \\(it has train, val, test\\)"):
+        load_split(path, "holdout")
+    with pytest.raises(ConfigError, match="split file not found"):
+        load_split(tmp_path / "missing.json", "train")
