@@ -3,9 +3,7 @@
     ray job submit --working-dir . -- python jobs/build_windows.py --split-file data/splits_fasttrack.json ...
 """
 
-import sys
-
-from biofm.cli import main
+from biofm.cli import run_job
 
 if __name__ == "__main__":
-    sys.exit(main(["build-windows", *sys.argv[1:]]))
+    run_job("build-windows")

@@ -1,8 +1,6 @@
 """Ray job entrypoint for `biofm prepare-splits` (same flags)."""
 
-import sys
-
-from biofm.cli import main
+from biofm.cli import run_job
 
 if __name__ == "__main__":
-    sys.exit(main(["prepare-splits", *sys.argv[1:]]))
+    run_job("prepare-splits")

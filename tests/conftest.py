@@ -15,7 +15,8 @@ import vitaldb
 
 os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
 
-REALDATA = Path(__file__).resolve().parents[2] / "shared" / "realdata"
+ROOT = Path(__file__).resolve().parents[1]
+REALDATA = ROOT.parent / "shared" / "realdata"
 REAL_VITAL = REALDATA / "vital"
 REAL_BUTPPG = REALDATA / "butppg"
 

@@ -8,24 +8,29 @@ import pytest
 BIOFM = str(Path(sys.executable).parent / "biofm")  # the console script installed beside python
 
 from biofm.cli import main
-from conftest import write_case
+from conftest import ROOT, write_case
 
 
 @pytest.mark.parametrize("cmd", [
     [BIOFM, "--help"],
     [BIOFM, "prepare-splits", "--help"],
     [BIOFM, "build-windows", "--help"],
-    [sys.executable, "jobs/build_windows.py", "--help"],
-    [sys.executable, "jobs/prepare_splits.py", "--help"],
+    [sys.executable, str(ROOT / "jobs/build_windows.py"), "--help"],
+    [sys.executable, str(ROOT / "jobs/prepare_splits.py"), "--help"],
 ])
 def test_every_command_has_help(cmd):
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert "usage:" in out.stdout
-    if "build-windows" in cmd or "jobs/build_windows.py" in cmd:
+    if "build-windows" in cmd or str(ROOT / "jobs/build_windows.py") in cmd:
         for flag in ("--channels-yaml", "--windows-yaml", "--split-file", "--split", "--outdir",
                      "--source", "--api-url", "--overwrite", "--address"):
             assert flag in out.stdout
+
+
+@pytest.fixture(autouse=True)
+def in_repo_root(monkeypatch):
+    monkeypatch.chdir(ROOT)  # the commands' default config paths are relative to the checkout
 
 
 @pytest.fixture

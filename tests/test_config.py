@@ -1,12 +1,13 @@
 import pytest
 
+from conftest import ROOT
 from biofm.config import ChannelsConfig, WindowsConfig, config_hash, load_config
 from biofm.errors import ConfigError
 
 
 def test_shipped_configs_load():
-    channels = load_config(ChannelsConfig, "configs/channels.yaml")
-    windows = load_config(WindowsConfig, "configs/windows.yaml")
+    channels = load_config(ChannelsConfig, ROOT / "configs/channels.yaml")
+    windows = load_config(WindowsConfig, ROOT / "configs/windows.yaml")
     assert channels.channels["PPG"].band_hz == (0.5, 10.0)
     assert channels.channels["PPG"].tracks[0] == "SNUADC/PLETH"
     assert channels.channels["ECG"].tracks[0] == "SNUADC/ECG_II"
@@ -54,9 +55,9 @@ def test_bad_channel_spec(tmp_path):
 
 def test_missing_file_and_unknown_channel():
     with pytest.raises(ConfigError, match="config file not found"):
-        load_config(WindowsConfig, "configs/nope.yaml")
+        load_config(WindowsConfig, ROOT / "configs/nope.yaml")
     with pytest.raises(ConfigError, match=r"unknown channel\(s\) \['EEG'\]"):
-        load_config(ChannelsConfig, "configs/channels.yaml").select(["PPG", "EEG"])
+        load_config(ChannelsConfig, ROOT / "configs/channels.yaml").select(["PPG", "EEG"])
 
 
 def test_config_hash_tracks_values():

@@ -14,10 +14,10 @@ from biofm.config import ChannelsConfig, WindowsConfig, load_config
 from biofm.errors import ConfigError, NothingProduced, SourceUnreachable
 from biofm.preprocess import SCHEMA_KEY, build_windows, data_spec, read_manifest
 from biofm.sources.vitaldb import ApiSource, DirectorySource
-from conftest import REAL_VITAL, heartbeat_signals, requires_realdata, write_case
+from conftest import ROOT, REAL_VITAL, heartbeat_signals, requires_realdata, write_case
 
-CHANNELS = load_config(ChannelsConfig, "configs/channels.yaml").select(["PPG", "ECG"])
-WINDOWS = load_config(WindowsConfig, "configs/windows.yaml")
+CHANNELS = load_config(ChannelsConfig, ROOT / "configs/channels.yaml").select(["PPG", "ECG"])
+WINDOWS = load_config(WindowsConfig, ROOT / "configs/windows.yaml")
 
 
 def read_windows(split_dir):
@@ -156,7 +156,7 @@ def test_killed_run_then_rerun_gives_the_same_windows(ray_session, tmp_path, htt
     (tmp_path / "splits.json").write_text(json.dumps({"train": ids}))
     out = tmp_path / "killed"
     gcs = ray_session.get_runtime_context().gcs_address
-    cmd = [sys.executable, "jobs/build_windows.py", "--split-file", str(tmp_path / "splits.json"),
+    cmd = [sys.executable, str(ROOT / "jobs/build_windows.py"), "--split-file", str(tmp_path / "splits.json"),
            "--outdir", str(out), "--api-url", http_server.url, "--address", gcs]
     proc = subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     cases_dir = out / "train" / "_cases"

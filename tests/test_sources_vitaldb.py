@@ -7,9 +7,9 @@ from biofm.config import ChannelsConfig, load_config
 from biofm.errors import CaseSkipped, SourceUnreachable
 from biofm.sources.vitaldb import (ApiSource, CloudSource, DirectorySource, case_sets, open_source,
                                    read_tracks)
-from conftest import REAL_VITAL, requires_realdata, write_case
+from conftest import ROOT, REAL_VITAL, requires_realdata, write_case
 
-CHANNELS = load_config(ChannelsConfig, "configs/channels.yaml").select(["PPG", "ECG"])
+CHANNELS = load_config(ChannelsConfig, ROOT / "configs/channels.yaml").select(["PPG", "ECG"])
 
 
 def skipped(path) -> CaseSkipped:

@@ -168,3 +168,45 @@ def config_hash(*cfgs) -> str:
     """A short stable hash of configs: equal configs give equal hashes across runs and machines."""
     blob = json.dumps([to_jsonable(c) for c in cfgs], sort_keys=True).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class PretrainConfig:
+    """Masked signal modeling on the TTM encoder (``configs/ssl_pretrain.yaml``).
+
+    ``warmup_epochs`` of linear warm-up, then cosine decay to zero; ``cpus_per_worker`` is
+    fractional by default so Ray Data's reads keep a CPU on small machines.
+    """
+
+    channels: tuple[str, ...] = ("PPG", "ECG")
+    d_model: int = 192
+    num_layers: int = 4
+    dropout: float = 0.1
+    mask_ratio: float = 0.4
+    mask_same_across_channels: bool = False
+    stft_weight: float = 0.3
+    stft_ffts: tuple[int, ...] = (64, 128, 256)
+    epochs: int = 100
+    batch_size: int = 128
+    lr: float = 5e-4
+    weight_decay: float = 0.05
+    warmup_epochs: float = 5.0
+    grad_clip: float = 1.0
+    amp: bool = True
+    seed: int = 0
+    val_mask_seed: int = 1234
+    num_workers: int = 1
+    cpus_per_worker: float = 1.0
+    use_gpu: bool | None = None
+    max_failures: int = 2
+    max_bad_steps: int = 20
+
+    def __post_init__(self):
+        if not 0 < self.mask_ratio < 1:
+            raise ValueError(f"mask_ratio must be in (0, 1), got {self.mask_ratio}")
+        if self.epochs < 1 or self.batch_size < 1 or self.num_workers < 1:
+            raise ValueError("epochs, batch_size and num_workers must be >= 1")
+        if self.lr <= 0 or self.cpus_per_worker <= 0:
+            raise ValueError("lr and cpus_per_worker must be positive")
+        if not self.channels:
+            raise ValueError("channels must not be empty")

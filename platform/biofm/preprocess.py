@@ -227,13 +227,20 @@ def _process_row(row: dict, **kwargs) -> dict:
 
 
 def run_cases(case_ids: list[str], progress: Progress, **kwargs) -> None:
-    """Run :func:`process_case` over ``case_ids`` as a Ray Data pipeline, one case per task."""
+    """Run :func:`process_case` over ``case_ids`` as a Ray Data pipeline.
+
+    A task takes one case, or up to 8 when there are more than 4 tasks per cluster CPU anyway:
+    fewer, larger tasks cut Ray Data's per-task cost (about 50 ms on a 2-core machine).
+    """
     import ray
 
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False
-    ds = ray.data.from_items([{"case_id": c} for c in case_ids], override_num_blocks=len(case_ids))
+    cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
+    per_task = max(1, min(8, len(case_ids) // (4 * cpus)))
+    ds = ray.data.from_items([{"case_id": c} for c in case_ids],
+                             override_num_blocks=-(-len(case_ids) // per_task))
     for row in ds.map(_process_row, fn_kwargs=kwargs).iter_rows():
         progress.update(json.loads(row["outcome"]))
 
@@ -356,3 +363,25 @@ def read_manifest(outdir: str | Path, split: str) -> dict:
     if split not in splits:
         raise NothingProduced(f"{outdir} has no windows for split {split!r} (built: {sorted(splits) or 'none'})")
     return splits[split]
+
+
+def read_data_spec(split_dir: str | Path) -> dict:
+    """The data spec stored in a windows split's Parquet schema metadata."""
+    files = sorted(Path(split_dir).glob("*.parquet"))
+    if not files:
+        raise NothingProduced(f"no windows in {split_dir}: build them first with `biofm build-windows`")
+    metadata = pq.read_schema(files[0]).metadata or {}
+    if SCHEMA_KEY not in metadata:
+        raise ConfigError(f"{files[0]} was not written by biofm build-windows (no data spec)")
+    return json.loads(metadata[SCHEMA_KEY])
+
+
+def check_data_spec(expected: dict, actual: dict, where: str) -> None:
+    """Refuse data made differently from what a model was built for (rate, window, filters)."""
+    for key in ("sample_rate_hz", "window_samples"):
+        if expected[key] != actual[key]:
+            raise ConfigError(f"{where}: {key} is {actual[key]}, the model was built for {expected[key]}")
+    for channel in set(expected["filters"]) & set(actual["filters"]):
+        if expected["filters"][channel] != actual["filters"][channel]:
+            raise ConfigError(f"{where}: {channel} filter {actual['filters'][channel]} differs from the "
+                              f"model's {expected['filters'][channel]}")

@@ -1,0 +1,1 @@
+"""Models: the TTM encoder, masked signal modeling, classification, channel inflation."""

@@ -1,0 +1,1 @@
+"""Ray Train loops, checkpoint I/O and metrics."""

@@ -1,0 +1,110 @@
+import numpy as np
+import pytest
+import torch
+from tsfm_public.models.tinytimemixer import TinyTimeMixerModel
+
+from biofm.errors import BiofmError
+from biofm.model.ssl import (Encoder, MaskedSignalModel, MultiResolutionSTFTLoss, masked_mse, random_mask,
+                             ttm_config)
+from biofm.train import checkpoint
+from biofm.train.evaluate import interpolate_masked
+from biofm.train.pretrain import _lr_factor, window_masks
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return MaskedSignalModel(ttm_config(2, num_layers=2)).eval()
+
+
+def test_encoder_shapes(model):
+    x = torch.randn(4, 2, 1250)
+    assert model.encoder(x).shape == (4, 2, 10, 192)
+    assert model.encoder.tokens(x).shape == (4, 10, 192)
+    recon, latents = model(x, random_mask(4, 2, 10, 0.4))
+    assert recon.shape == (4, 2, 1250) and latents.shape == (4, 2, 10, 192)
+    assert len(model.encoder.layers) == 2
+
+
+def test_random_mask_counts_and_modes():
+    g = torch.Generator().manual_seed(0)
+    m = random_mask(64, 2, 10, 0.4, generator=g)
+    assert m.shape == (64, 2, 10) and (m.sum(dim=(1, 2)) == 8).all()
+    assert not (m[:, 0] == m[:, 1]).all()  # cells are chosen independently per channel
+    same = random_mask(64, 2, 10, 0.4, same_across_channels=True, generator=g)
+    assert (same[:, 0] == same[:, 1]).all() and (same.sum(dim=(1, 2)) == 8).all()
+    assert torch.equal(random_mask(3, 2, 10, 0.4, generator=torch.Generator().manual_seed(5)),
+                       random_mask(3, 2, 10, 0.4, generator=torch.Generator().manual_seed(5)))
+
+
+def test_masked_cells_are_hidden_from_the_encoder(model):
+    x = torch.randn(2, 2, 1250)
+    mask = random_mask(2, 2, 10, 0.4, generator=torch.Generator().manual_seed(1))
+    cells = mask.repeat_interleave(125, dim=-1)
+    y = x.clone()
+    y[cells] += 100.0  # change only what is masked
+    with torch.no_grad():
+        assert torch.allclose(model(x, mask)[0], model(y, mask)[0])
+        assert not torch.allclose(model(x, ~mask)[0], model(y, ~mask)[0])
+
+
+def test_masked_mse_counts_only_masked_cells():
+    x = torch.zeros(1, 2, 1250)
+    mask = torch.zeros(1, 2, 10, dtype=torch.bool)
+    mask[0, 1, 3] = True
+    recon = torch.zeros_like(x)
+    recon[0, 0] = 5.0                      # error outside the mask: ignored
+    recon[0, 1, 375:500] = 2.0             # error inside the masked cell
+    assert masked_mse(recon, x, mask, 125).item() == pytest.approx(4.0)
+
+
+def test_stft_loss():
+    loss = MultiResolutionSTFTLoss()
+    t = torch.arange(1250) / 125
+    x = torch.sin(2 * torch.pi * 1.2 * t).repeat(2, 2, 1)
+    assert loss(x, x).item() == pytest.approx(0.0, abs=1e-4)
+    near, far = loss(0.9 * x, x).item(), loss(torch.randn_like(x), x).item()
+    assert 0 < near < far
+
+
+def test_window_masks_depend_on_the_window_not_the_order():
+    a = window_masks(["1", "2", "3"], [0, 5, 7], 2, 10, 0.4, seed=9)
+    b = window_masks(["3", "1", "2"], [7, 0, 5], 2, 10, 0.4, seed=9)
+    assert torch.equal(a[[2, 0, 1]], b) and (a.sum(dim=(1, 2)) == 8).all()
+    assert not torch.equal(a, window_masks(["1", "2", "3"], [0, 5, 7], 2, 10, 0.4, seed=10))
+
+
+def test_learning_rate_schedule():
+    assert _lr_factor(0, 10, 100) == pytest.approx(0.1)
+    assert _lr_factor(9, 10, 100) == pytest.approx(1.0)
+    assert _lr_factor(55, 10, 100) == pytest.approx(0.5)
+    assert _lr_factor(100, 10, 100) == pytest.approx(0.0)
+
+
+def test_linear_interpolation_baseline_is_exact_on_a_ramp():
+    x = np.tile(np.linspace(-1, 1, 1250, dtype=np.float32), (1, 1, 1))
+    mask = np.zeros((1, 1, 10), dtype=bool)
+    mask[0, 0, [2, 3, 7]] = True
+    np.testing.assert_allclose(interpolate_masked(x, mask, 125), x, atol=1e-5)
+
+
+def test_checkpoint_round_trip_and_bad_files(tmp_path, model):
+    path = checkpoint.save(tmp_path / "m.pt", model.state_dict(), {"channels": ["PPG", "ECG"]}, {"epoch": 3})
+    blob = checkpoint.load(path)
+    assert blob["description"] == {"channels": ["PPG", "ECG"]} and blob["training"]["epoch"] == 3
+    assert torch.equal(blob["model"]["decoder.weight"], model.state_dict()["decoder.weight"])
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(BiofmError, match="is not a biofm checkpoint"):
+        checkpoint.load(tmp_path / "junk.pt")
+    with pytest.raises(BiofmError, match="checkpoint not found"):
+        checkpoint.load(tmp_path / "missing.pt")
+
+
+def test_encoder_saves_in_hugging_face_format(tmp_path, model):
+    model.encoder.ttm.save_pretrained(tmp_path / "encoder")
+    loaded = TinyTimeMixerModel.from_pretrained(tmp_path / "encoder").eval()
+    x = torch.randn(2, 1250, 2)
+    with torch.no_grad():
+        assert torch.allclose(loaded(past_values=x).last_hidden_state,
+                              model.encoder.ttm(past_values=x).last_hidden_state, atol=1e-6)
+    assert isinstance(Encoder(loaded.config).ttm, TinyTimeMixerModel)
