@@ -8,7 +8,7 @@ from biofm.model.ssl import (Encoder, MaskedSignalModel, MultiResolutionSTFTLoss
                              ttm_config)
 from biofm.train import checkpoint
 from biofm.train.evaluate import interpolate_masked
-from biofm.train.pretrain import _lr_factor, window_masks
+from biofm.train.pretrain import _lr_factor, window_masks, worker_cpus
 
 
 @pytest.fixture(scope="module")
@@ -108,3 +108,11 @@ def test_encoder_saves_in_hugging_face_format(tmp_path, model):
         assert torch.allclose(loaded(past_values=x).last_hidden_state,
                               model.encoder.ttm(past_values=x).last_hidden_state, atol=1e-6)
     assert isinstance(Encoder(loaded.config).ttm, TinyTimeMixerModel)
+
+
+def test_training_workers_leave_a_cpu_for_data_loading():
+    assert worker_cpus(1.0, 1, 2) == 1.0
+    assert worker_cpus(1.0, 2, 2) == 0.5      # two workers on two cores: half a CPU each
+    assert worker_cpus(1.0, 4, 64) == 1.0     # a big cluster keeps what was asked
+    with pytest.raises(BiofmError, match="at least 2 CPUs"):
+        worker_cpus(1.0, 1, 1)

@@ -75,6 +75,9 @@ def test_raw_quality_fractions():
     np.testing.assert_allclose(q["nan_fraction"], [0.0, 0.1, 0.0], atol=1e-6)
     assert q["flat_fraction"][0] == 0 and q["flat_fraction"][2] == pytest.approx(0.299, abs=1e-3)
     assert q["clip_fraction"][0] == 0
+    # A start that rounds past the end of an odd-rate signal is clamped, not an error.
+    odd = signals.raw_quality(np.arange(999.0), 99.9, np.array([0.0, 0.02]), 10.0)
+    assert odd["nan_fraction"].tolist() == [0.0, 0.0]
     clipped = np.clip(sine(1.0, fs, 10), -0.5, 0.5)
     assert signals.raw_quality(clipped, fs, np.array([0.0]), 10.0)["clip_fraction"][0] > 0.5
 

@@ -174,8 +174,8 @@ def config_hash(*cfgs) -> str:
 class PretrainConfig:
     """Masked signal modeling on the TTM encoder (``configs/ssl_pretrain.yaml``).
 
-    ``warmup_epochs`` of linear warm-up, then cosine decay to zero; ``cpus_per_worker`` is
-    fractional by default so Ray Data's reads keep a CPU on small machines.
+    ``warmup_epochs`` of linear warm-up, then cosine decay to zero. ``cpus_per_worker`` is
+    lowered at run time so one CPU stays free for Ray Data's reads.
     """
 
     channels: tuple[str, ...] = ("PPG", "ECG")

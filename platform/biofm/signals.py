@@ -77,9 +77,10 @@ def raw_quality(raw: np.ndarray, fs: float, starts_s: np.ndarray, window_s: floa
     Returns a dict of float32 arrays ``[N]``; a window with no valid sample scores 1 on each.
     """
     length = int(round(window_s * fs))
-    starts = np.round(np.asarray(starts_s) * fs).astype(np.int64)
-    if starts.size and starts[-1] + length > raw.size:
-        raise ValueError("windows extend past the end of the signal")
+    if length > raw.size:
+        raise ValueError(f"a {window_s:g} s window is longer than the signal ({raw.size} samples at {fs:g} Hz)")
+    # Rounding a start to the native grid can overshoot the end by a sample: clamp it.
+    starts = np.minimum(np.round(np.asarray(starts_s) * fs).astype(np.int64), raw.size - length)
     segs = cut_windows(raw, starts, length)                       # [N, L]
     missing = ~np.isfinite(segs)
     n_valid = length - missing.sum(axis=1)

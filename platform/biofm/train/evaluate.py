@@ -136,7 +136,7 @@ def smoke(data_dir: str | Path, output_dir: str | Path, max_windows: int = 64, b
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         optimizer.step()
-        step_losses.append(float(loss))
+        step_losses.append(loss.item())
     after = loss_on_all()
     finite = all(np.isfinite(step_losses + [before, after])) and all(
         torch.isfinite(p).all() for p in model.parameters())

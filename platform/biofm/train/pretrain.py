@@ -178,6 +178,16 @@ def windows_dataset(split_dir: Path, channels: tuple[str, ...]):
     return ds, {**spec, "channels": list(channels), "filters": {c: spec["filters"][c] for c in channels}}
 
 
+def worker_cpus(requested: float, num_workers: int, cluster_cpus: float) -> float:
+    """CPUs per training worker: ``requested``, lowered so one CPU stays free for Ray Data's
+    read tasks (which need a whole CPU each). Workers holding every CPU hang the run."""
+    free = cluster_cpus - 1
+    if free <= 0:
+        raise BiofmError(f"training needs at least 2 CPUs in the Ray cluster (one for data loading), "
+                         f"it has {cluster_cpus:g}")
+    return min(requested, free / num_workers)
+
+
 def pretrain(cfg: PretrainConfig, data_dir: str | Path, output_dir: str | Path, resume: bool = False,
              address: str | None = None) -> dict:
     """Pretrain and write the artifacts to ``output_dir``; returns the final metrics."""
@@ -210,8 +220,9 @@ def pretrain(cfg: PretrainConfig, data_dir: str | Path, output_dir: str | Path, 
         train_loop,
         train_loop_config={"cfg": dataclasses.asdict(cfg), "description": description,
                            "steps_per_epoch": max(1, math.ceil(n_train / (cfg.batch_size * cfg.num_workers)))},
-        scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=use_gpu,
-                                     resources_per_worker={"CPU": cfg.cpus_per_worker, **({"GPU": 1} if use_gpu else {})}),
+        scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=use_gpu, resources_per_worker={
+            "CPU": worker_cpus(cfg.cpus_per_worker, cfg.num_workers, ray.cluster_resources().get("CPU", 0)),
+            **({"GPU": 1} if use_gpu else {})}),
         run_config=RunConfig(name=RUN_NAME, storage_path=str(storage),
                              failure_config=FailureConfig(max_failures=cfg.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=2, checkpoint_score_attribute="val_loss",

@@ -1,0 +1,122 @@
+"""Benchmark: pretraining throughput, a plain PyTorch loop vs Ray Train with 1 and 2 workers.
+
+Same model (TTM as configs/ssl_pretrain.yaml), same batch size, same Parquet windows: the real
+recordings of ../shared/realdata/vital tiled to an hour (as in bench_preprocess) and windowed by
+biofm.preprocess. Throughput is windows/s over the epochs after the first (warm-up excluded);
+"waiting" is the share of training time spent waiting for the next batch.
+
+    python jobs/bench_train.py --epochs 3 --batch-size 128
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from bench_preprocess import make_cases
+
+
+def build_windows_once(workdir: Path) -> Path:
+    from biofm.config import ChannelsConfig, WindowsConfig, load_config
+    from biofm.preprocess import process_case
+    from biofm.sources.vitaldb import DirectorySource
+
+    data = workdir / "train_windows"
+    if (data / "val").is_dir():
+        return data
+    root = Path(__file__).parents[1]
+    channels = load_config(ChannelsConfig, root / "configs/channels.yaml").select(["PPG", "ECG"])
+    windows = load_config(WindowsConfig, root / "configs/windows.yaml")
+    cases = make_cases(workdir, 6, 1.0)
+    for split, ids in (("train", ["1", "2", "3", "4", "5"]), ("val", ["6"])):
+        (data / split / "_cases").mkdir(parents=True, exist_ok=True)
+        for c in ids:
+            process_case(c, DirectorySource(str(cases)), channels, windows, data / split)
+    return data
+
+
+def plain_loop(cfg, data: Path) -> dict:
+    """The same training step as Ray Train's loop, over the Parquet files read with pyarrow."""
+    from biofm.model.ssl import MaskedSignalModel, MultiResolutionSTFTLoss, masked_mse, random_mask, ttm_config
+    from biofm.train.evaluate import iter_windows
+
+    torch.manual_seed(cfg.seed)
+    model = MaskedSignalModel(ttm_config(len(cfg.channels), cfg.num_layers, cfg.d_model, dropout=cfg.dropout))
+    stft = MultiResolutionSTFTLoss(cfg.stft_ffts)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    rates, waits = [], []
+    for _ in range(cfg.epochs):
+        n, wait, t0 = 0, 0.0, time.perf_counter()
+        batches, t_wait = iter_windows(data / "train", cfg.channels, cfg.batch_size), time.perf_counter()
+        for x, _, _ in batches:
+            wait += time.perf_counter() - t_wait
+            x = torch.from_numpy(x)
+            mask = random_mask(len(x), x.shape[1], 10, cfg.mask_ratio)
+            recon, _ = model(x, mask)
+            loss = masked_mse(recon, x, mask, model.patch) + cfg.stft_weight * stft(recon, x)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            optimizer.step()
+            n += len(x)
+            t_wait = time.perf_counter()
+        elapsed = time.perf_counter() - t0
+        rates.append(n / elapsed)
+        waits.append(wait / elapsed)
+    return {"windows_per_s": float(np.mean(rates[1:])), "data_wait_fraction": float(np.mean(waits[1:]))}
+
+
+def ray_train(cfg, data: Path, out: Path) -> dict:
+    import json
+
+    from biofm.train.pretrain import pretrain
+
+    shutil.rmtree(out, ignore_errors=True)
+    pretrain(cfg, data, out)
+    history = json.loads((out / "training_history.json").read_text())[1:]
+    return {"windows_per_s": float(np.mean([h["windows_per_s"] for h in history])),
+            "data_wait_fraction": float(np.mean([h["data_wait_fraction"] for h in history]))}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--workdir", default="/tmp/biofm-bench")
+    args = p.parse_args()
+    import ray
+
+    from biofm.config import PretrainConfig, load_config
+
+    root = Path(__file__).parents[1]
+    cfg = dataclasses.replace(load_config(PretrainConfig, root / "configs/ssl_pretrain.yaml"),
+                              epochs=args.epochs, batch_size=args.batch_size, use_gpu=False)
+    workdir = Path(args.workdir)
+    data = build_windows_once(workdir)
+    n = sum(1 for _ in data.joinpath("train").glob("*.parquet"))
+    print(f"{n} one-hour cases of windows, batch {cfg.batch_size}, {cfg.epochs} epochs, "
+          f"torch threads {torch.get_num_threads()}, {cfg.num_layers} TTM layers")
+    runs = {"(a) plain PyTorch loop": plain_loop(cfg, data)}
+    ray.init(num_cpus=2)
+    for workers in (1, 2):
+        runs[f"({'bc'[workers - 1]}) Ray Train, {workers} worker{'s' * (workers > 1)}"] = ray_train(
+            dataclasses.replace(cfg, num_workers=workers), data, workdir / f"train_out_{workers}")
+    base = runs["(a) plain PyTorch loop"]["windows_per_s"]
+    print(f"\n{'run':28s} {'windows/s':>10s} {'vs (a)':>7s} {'waiting':>8s}")
+    for name, r in runs.items():
+        print(f"{name:28s} {r['windows_per_s']:10.1f} {r['windows_per_s'] / base:7.2f} "
+              f"{100 * r['data_wait_fraction']:7.1f}%")
+    one = runs["(b) Ray Train, 1 worker"]
+    print(f"targets: (b)/(a) = {one['windows_per_s'] / base:.2f} (>= 0.9: "
+          f"{'PASS' if one['windows_per_s'] >= 0.9 * base else 'FAIL'}); waiting {100 * one['data_wait_fraction']:.1f}% "
+          f"(< 10%: {'PASS' if one['data_wait_fraction'] < 0.1 else 'FAIL'})")
+
+
+if __name__ == "__main__":
+    main()
