@@ -167,6 +167,7 @@ def windows_dataset(split_dir: Path, channels: tuple[str, ...]):
 
     from biofm.preprocess import read_data_spec
 
+    ray.data.DataContext.get_current().enable_progress_bars = False  # one line per epoch instead
     spec = read_data_spec(split_dir)
     missing = [c for c in channels if c not in spec["channels"]]
     if missing:
