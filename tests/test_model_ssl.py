@@ -8,7 +8,8 @@ from biofm.model.ssl import (Encoder, MaskedSignalModel, MultiResolutionSTFTLoss
                              ttm_config)
 from biofm.train import checkpoint
 from biofm.train.evaluate import interpolate_masked
-from biofm.train.pretrain import _lr_factor, window_masks, worker_cpus
+from biofm.train.pretrain import _lr_factor, window_masks
+from biofm.train.ray_run import worker_cpus
 
 
 @pytest.fixture(scope="module")

@@ -12,18 +12,20 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 
-def plot_loss_curves(history: list[dict], path: Path) -> None:
-    """Train and val loss per epoch, with the masked MSE and STFT parts."""
+def plot_history(history: list[dict], panels: dict[str, tuple[str, ...]], path: Path,
+                 mark_epoch: tuple[int, str] | None = None) -> None:
+    """Metrics per epoch, one panel per title -> history keys; ``mark_epoch``: a dashed line
+    before that epoch, with its label."""
     epochs = [h["epoch"] for h in history]
-    fig, ax = plt.subplots(1, 2, figsize=(11, 4))
-    for key in ("train_loss", "val_loss"):
-        ax[0].plot(epochs, [h[key] for h in history], marker="o", label=key)
-    for key in ("train_mse", "val_masked_mse", "train_stft"):
-        ax[1].plot(epochs, [h[key] for h in history], marker=".", label=key)
-    for a, title in zip(ax, ("total loss (MSE + w x STFT)", "components")):
-        a.set(xlabel="epoch", title=title)
-        a.legend()
-        a.grid(alpha=0.3)
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4), squeeze=False)
+    for ax, (title, keys) in zip(axes[0], panels.items()):
+        for key in keys:
+            ax.plot(epochs, [h[key] for h in history], marker="o", label=key)
+        if mark_epoch is not None:
+            ax.axvline(mark_epoch[0] - 0.5, color="grey", ls="--", lw=0.8, label=mark_epoch[1])
+        ax.set(xlabel="epoch", title=title)
+        ax.legend()
+        ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -56,4 +58,21 @@ def plot_reconstructions(model, split_dir: Path, description: dict, path: Path, 
     axes[-1, 0].set_xlabel("seconds")
     fig.tight_layout()
     fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def plot_roc(curves: dict[str, tuple[np.ndarray, np.ndarray]], path: Path) -> None:
+    """ROC curves, one per name -> (labels [N], probabilities of "good" [N])."""
+    from sklearn.metrics import roc_auc_score, roc_curve
+
+    fig, ax = plt.subplots(figsize=(5, 5))
+    for name, (y, p) in curves.items():
+        if len(np.unique(y)) == 2:
+            fpr, tpr, _ = roc_curve(y, p)
+            ax.plot(fpr, tpr, label=f"{name} (AUROC {roc_auc_score(y, p):.3f}, n={len(y)})")
+    ax.plot([0, 1], [0, 1], "k--", lw=0.8, label="chance")
+    ax.set(xlabel="false positive rate", ylabel="true positive rate", title="PPG quality: good vs poor")
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
     plt.close(fig)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import tempfile
 import time
 import zlib
@@ -23,9 +24,7 @@ from biofm.config import PretrainConfig, to_jsonable
 from biofm.errors import BiofmError, ConfigError
 from biofm.model.ssl import MaskedSignalModel, MultiResolutionSTFTLoss, masked_mse, random_mask, ttm_config
 from biofm.train import checkpoint
-
-RUN_NAME = "ray_train"
-
+from biofm.train.ray_run import check_run_dir, fit
 
 def window_masks(case_ids, window_idx, channels: int, patches: int, ratio: float, seed: int,
                  same_across_channels: bool = False) -> torch.Tensor:
@@ -60,6 +59,9 @@ def train_loop(config: dict) -> None:
     cfg = PretrainConfig(**config["cfg"])
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    # Ray pins a worker to one torch thread per CPU it reserved; the CPU left for Ray Data's
+    # reads is mostly idle, so the node's cores are shared among its workers instead.
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // ctx.get_local_world_size()))
     torch.manual_seed(cfg.seed + rank)
     device = ray.train.torch.get_device()
     model = MaskedSignalModel(ttm_config(len(cfg.channels), cfg.num_layers, cfg.d_model, dropout=cfg.dropout))
@@ -98,12 +100,16 @@ def train_loop(config: dict) -> None:
 
     for epoch in range(state["epoch"], cfg.epochs):
         model.train()
-        sums, wait, t0 = np.zeros(4), 0.0, time.perf_counter()
+        sums, wait, first_wait, t0 = np.zeros(4), 0.0, 0.0, time.perf_counter()
         batches = ray.train.get_dataset_shard("train").iter_batches(
-            batch_size=cfg.batch_size, batch_format="numpy", local_shuffle_buffer_size=4 * cfg.batch_size)
+            batch_size=cfg.batch_size, batch_format="numpy", local_shuffle_buffer_size=4 * cfg.batch_size,
+            prefetch_batches=4)
         step, t_wait = 0, time.perf_counter()
         for step, batch in enumerate(batches, 1):
-            wait += time.perf_counter() - t_wait
+            waited = time.perf_counter() - t_wait
+            wait += waited
+            if step == 1:
+                first_wait = waited
             x = torch.from_numpy(batch["signal"]).float().to(device)
             mask = random_mask(len(x), channels, patches, cfg.mask_ratio, cfg.mask_same_across_channels, device=device)
             for group in optimizer.param_groups:
@@ -143,6 +149,7 @@ def train_loop(config: dict) -> None:
             "train_loss": loss_sum / max(n, 1), "train_mse": mse_sum / max(n, 1), "train_stft": spec_sum / max(n, 1),
             "val_loss": val_loss / max(n_val, 1), "val_masked_mse": val_mse / max(n_val, 1),
             "windows_per_s": n / max(train_s, 1e-9), "data_wait_fraction": wait / max(train_s, 1e-9),
+            "first_batch_wait_s": first_wait, "train_s": train_s,
             "lr": optimizer.param_groups[0]["lr"], "bad_steps": state["bad_steps"], "workers": world,
         }
         state["history"].append(metrics)
@@ -179,70 +186,34 @@ def windows_dataset(split_dir: Path, channels: tuple[str, ...]):
     return ds, {**spec, "channels": list(channels), "filters": {c: spec["filters"][c] for c in channels}}
 
 
-def worker_cpus(requested: float, num_workers: int, cluster_cpus: float) -> float:
-    """CPUs per training worker: ``requested``, lowered so one CPU stays free for Ray Data's
-    read tasks (which need a whole CPU each). Workers holding every CPU hang the run."""
-    free = cluster_cpus - 1
-    if free <= 0:
-        raise BiofmError(f"training needs at least 2 CPUs in the Ray cluster (one for data loading), "
-                         f"it has {cluster_cpus:g}")
-    return min(requested, free / num_workers)
-
-
 def pretrain(cfg: PretrainConfig, data_dir: str | Path, output_dir: str | Path, resume: bool = False,
              address: str | None = None) -> dict:
     """Pretrain and write the artifacts to ``output_dir``; returns the final metrics."""
-    import ray
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
-    from biofm.preprocess import ensure_ray
+    from biofm.preprocess import ensure_ray, same_data
 
     data_dir, output_dir = Path(data_dir), Path(output_dir).resolve()
-    storage = output_dir / "ray"
-    if (storage / RUN_NAME).exists() and not resume:
-        raise BiofmError(f"{output_dir} already holds a pretraining run: pass --resume to continue "
-                         "it, or choose another --output-dir")
-    if resume and not (storage / RUN_NAME).exists():
-        raise BiofmError(f"nothing to resume in {output_dir}")
+    storage = check_run_dir(output_dir, resume, "pretraining")
     ensure_ray(address)
     train_ds, spec = windows_dataset(data_dir / "train", cfg.channels)
     val_ds, val_spec = windows_dataset(data_dir / "val", cfg.channels)
-    if {k: v for k, v in spec.items() if k != "config_hash"} != {k: v for k, v in val_spec.items() if k != "config_hash"}:
+    if not same_data(spec, val_spec):
         raise ConfigError(f"train and val windows in {data_dir} were made with different settings")
     n_train = train_ds.count()
     if n_train == 0 or val_ds.count() == 0:
         raise BiofmError(f"{data_dir} has no train or no val windows")
-    use_gpu = cfg.use_gpu if cfg.use_gpu is not None else ray.cluster_resources().get("GPU", 0) > 0
     model_cfg = ttm_config(len(cfg.channels), cfg.num_layers, cfg.d_model, dropout=cfg.dropout).to_dict()
     description = {"kind": "masked_signal_model", "ttm_config": json.loads(json.dumps(model_cfg, default=str)),
                    "channels": list(cfg.channels), "data_spec": spec, "pretrain_config": to_jsonable(cfg)}
-    trainer = TorchTrainer(
-        train_loop,
-        train_loop_config={"cfg": dataclasses.asdict(cfg), "description": description,
-                           "steps_per_epoch": max(1, math.ceil(n_train / (cfg.batch_size * cfg.num_workers)))},
-        scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=use_gpu, resources_per_worker={
-            "CPU": worker_cpus(cfg.cpus_per_worker, cfg.num_workers, ray.cluster_resources().get("CPU", 0)),
-            **({"GPU": 1} if use_gpu else {})}),
-        run_config=RunConfig(name=RUN_NAME, storage_path=str(storage),
-                             failure_config=FailureConfig(max_failures=cfg.max_failures),
-                             checkpoint_config=CheckpointConfig(num_to_keep=2, checkpoint_score_attribute="val_loss",
-                                                                checkpoint_score_order="min")),
-        datasets={"train": train_ds, "val": val_ds},
-    )
-    result = trainer.fit()
-    best_ckpt = min(result.best_checkpoints, key=lambda cm: cm[1]["val_loss"])[0]
-    with best_ckpt.as_directory() as d:
-        best = checkpoint.load(d)
-    with result.checkpoint.as_directory() as d:
-        history = checkpoint.load(d)["training"]["history"]
+    loop_config = {"cfg": dataclasses.asdict(cfg), "description": description,
+                   "steps_per_epoch": max(1, math.ceil(n_train / (cfg.batch_size * cfg.num_workers)))}
+    best, history = fit(train_loop, loop_config, {"train": train_ds, "val": val_ds}, cfg, storage, "val_loss", "min")
     write_artifacts(output_dir, best, history, cfg, data_dir)
     return history[-1]
 
 
 def write_artifacts(output_dir: Path, best: dict, history: list[dict], cfg: PretrainConfig, data_dir: Path) -> None:
     """best_model.pt, training_history.json, training_config.json, encoder/ (Hugging Face), PNGs."""
-    from biofm.train.plots import plot_loss_curves, plot_reconstructions
+    from biofm.train.plots import plot_history, plot_reconstructions
 
     checkpoint.save(output_dir / "best_model.pt", best["model"], best["description"])
     (output_dir / "training_history.json").write_text(json.dumps(history, indent=1))
@@ -250,7 +221,8 @@ def write_artifacts(output_dir: Path, best: dict, history: list[dict], cfg: Pret
         {**to_jsonable(cfg), "data_dir": str(data_dir), "best_epoch": best["training"]["epoch"]}, indent=1))
     model = load_pretrained(output_dir / "best_model.pt")
     model.encoder.ttm.save_pretrained(output_dir / "encoder")
-    plot_loss_curves(history, output_dir / "loss_curves.png")
+    plot_history(history, {"total loss (MSE + w x STFT)": ("train_loss", "val_loss"),
+                           "components": ("train_mse", "val_masked_mse", "train_stft")}, output_dir / "loss_curves.png")
     plot_reconstructions(model, data_dir / "val", best["description"], output_dir / "reconstruction.png")
 
 

@@ -1,0 +1,67 @@
+"""One way to run a training loop on Ray Train, shared by pretraining and fine-tuning.
+
+A run lives in ``<output_dir>/ray/ray_train``: Ray keeps the best checkpoint by a metric and the
+last one there; a failed worker restarts from the last; rerunning with ``resume`` continues it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from biofm.errors import BiofmError
+from biofm.train import checkpoint
+
+RUN_NAME = "ray_train"
+
+
+def check_run_dir(output_dir: Path, resume: bool, what: str) -> Path:
+    """The Ray storage folder of ``output_dir``; refuses to overwrite a run, or to resume none."""
+    storage = output_dir / "ray"
+    if (storage / RUN_NAME).exists() and not resume:
+        raise BiofmError(f"{output_dir} already holds a {what} run: pass --resume to continue it, "
+                         "or choose another --output-dir")
+    if resume and not (storage / RUN_NAME).exists():
+        raise BiofmError(f"nothing to resume in {output_dir}")
+    return storage
+
+
+def worker_cpus(requested: float, num_workers: int, cluster_cpus: float) -> float:
+    """CPUs per training worker: ``requested``, lowered so one CPU stays free for Ray Data's
+    read tasks (which need a whole CPU each). Workers holding every CPU hang the run."""
+    free = cluster_cpus - 1
+    if free <= 0:
+        raise BiofmError(f"training needs at least 2 CPUs in the Ray cluster (one for data loading), "
+                         f"it has {cluster_cpus:g}")
+    return min(requested, free / num_workers)
+
+
+def fit(train_loop, loop_config: dict, datasets: dict, cfg, storage: Path, metric: str, mode: str) -> tuple[dict, list[dict]]:
+    """Run ``train_loop`` on a ``TorchTrainer`` with ``cfg``'s ``num_workers``, ``cpus_per_worker``,
+    ``use_gpu`` (None: when the cluster has GPUs) and ``max_failures``. Returns the best
+    checkpoint by ``metric`` (``mode`` ``min`` or ``max``) as a loaded blob, and the per-epoch
+    history of the last checkpoint."""
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    use_gpu = cfg.use_gpu if cfg.use_gpu is not None else ray.cluster_resources().get("GPU", 0) > 0
+    cpus = worker_cpus(cfg.cpus_per_worker, cfg.num_workers, ray.cluster_resources().get("CPU", 0))
+    trainer = TorchTrainer(
+        train_loop,
+        train_loop_config=loop_config,
+        scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=use_gpu,
+                                     resources_per_worker={"CPU": cpus, **({"GPU": 1} if use_gpu else {})}),
+        run_config=RunConfig(name=RUN_NAME, storage_path=str(storage),
+                             failure_config=FailureConfig(max_failures=cfg.max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=2, checkpoint_score_attribute=metric,
+                                                                checkpoint_score_order=mode)),
+        datasets=datasets,
+    )
+    result = trainer.fit()
+    pick = min if mode == "min" else max
+    best_ckpt = pick(result.best_checkpoints, key=lambda cm: cm[1][metric])[0]
+    with best_ckpt.as_directory() as d:
+        best = checkpoint.load(d)
+    with result.checkpoint.as_directory() as d:
+        history = checkpoint.load(d)["training"]["history"]
+    return best, history
