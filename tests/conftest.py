@@ -118,3 +118,43 @@ def dead_url():
 
 def gzip_bytes(data: bytes) -> bytes:
     return gzip.compress(data)
+
+
+def write_butppg(root: Path, records: dict[str, int], ecg: bool = True, ppg_signals: int = 1,
+                 annotated: set[str] | None = None, listed: set[str] | None = None, seed: int = 0) -> Path:
+    """A BUT-PPG folder in PhysioNet's layout written with wfdb: ``records`` maps id -> label.
+
+    Each record gets ``<id>_PPG`` (30 Hz, ``ppg_signals`` colour channels, 10 s), ``<id>_ECG``
+    (1000 Hz) when ``ecg``, and ``<id>_ACC`` (100 Hz, 3 axes) for ids >= 112001, as in the
+    real dataset. ``annotated`` / ``listed`` limit which ids get a row in quality-hr-ann.csv /
+    subject-info.csv (default: all). CSVs are UTF-8 with a BOM.
+    """
+    import wfdb
+
+    root.mkdir(parents=True, exist_ok=True)
+    for k, rid in enumerate(records):
+        folder = root / rid
+        folder.mkdir(exist_ok=True)
+        ppg30, _ = heartbeat_signals(10.0, 30.0, hr_bpm=60 + 3 * k, seed=seed + k)
+        colours = np.stack([ppg30 * (1 + i) + i for i in range(ppg_signals)], axis=1)
+        wfdb.wrsamp(f"{rid}_PPG", fs=30, units=["NU"] * ppg_signals, sig_name=[f"PPG{i}" for i in range(ppg_signals)],
+                    p_signal=colours, fmt=["16"] * ppg_signals, adc_gain=[1000.0] * ppg_signals,
+                    baseline=[0] * ppg_signals, write_dir=str(folder))
+        if ecg:
+            _, ecg1k = heartbeat_signals(10.0, 1000.0, hr_bpm=60 + 3 * k, seed=seed + k)
+            wfdb.wrsamp(f"{rid}_ECG", fs=1000, units=["mV"], sig_name=["ECG"], p_signal=ecg1k[:, None],
+                        fmt=["16"], adc_gain=[1000.0], baseline=[0], write_dir=str(folder))
+        if int(rid) >= 112001:
+            acc = np.random.default_rng(seed + k).standard_normal((1000, 3)) * 0.1 + [0, 0, 1]
+            wfdb.wrsamp(f"{rid}_ACC", fs=100, units=["g"] * 3, sig_name=["ACC_X", "ACC_Y", "ACC_Z"], p_signal=acc,
+                        fmt=["16"] * 3, adc_gain=[1000.0] * 3, baseline=[0] * 3, write_dir=str(folder))
+    (root / "RECORDS").write_text("".join(f"{r}/{r}_PPG\n" for r in records))
+    annotated = set(records) if annotated is None else annotated
+    listed = set(records) if listed is None else listed
+    (root / "quality-hr-ann.csv").write_text(
+        "ID,Quality,HR\n" + "".join(f"{r},{lab},{70 + i}\n" for i, (r, lab) in enumerate(records.items()) if r in annotated),
+        encoding="utf-8-sig")
+    (root / "subject-info.csv").write_text(
+        "ID,Gender,Age [years],Height [cm],Weight [kg]\n"
+        + "".join(f"{r},F,{20 + int(r[:3]) % 50},170,60\n" for r in records if r in listed), encoding="utf-8-sig")
+    return root

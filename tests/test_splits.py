@@ -55,3 +55,15 @@ def test_load_split_errors(tmp_path):
         load_split(path, "holdout")
     with pytest.raises(ConfigError, match="split file not found"):
         load_split(tmp_path / "missing.json", "train")
+
+
+def test_stratified_split_spreads_positive_groups_by_ratio():
+    groups = [f"s{i:02d}" for i in range(20)]
+    rate = {g: 1.0 if i < 5 else 0.0 for i, g in enumerate(groups)}
+    for seed in range(5):
+        s = split_groups(groups, (0.6, 0.2, 0.2), seed=seed, positive_rate=rate)
+        assert [len(s[k]) for k in ("train", "val", "test")] == [12, 4, 4]
+        assert [sum(rate[g] for g in s[k]) for k in ("train", "val", "test")] == [3, 1, 1]
+        assert sorted(s["train"] + s["val"] + s["test"]) == groups
+    assert split_groups(groups, seed=1, positive_rate=rate) == split_groups(groups, seed=1, positive_rate=rate)
+    assert split_groups(groups, seed=1, positive_rate=rate) != split_groups(groups, seed=2, positive_rate=rate)

@@ -88,6 +88,87 @@ def _evaluate_ssl(args) -> int:
     return 0
 
 
+def _prepare_butppg(args) -> int:
+    from pathlib import Path
+
+    from biofm.config import ButppgConfig, ChannelsConfig, WindowsConfig, load_config
+    from biofm.preprocess import build_butppg
+    from biofm.sources.butppg import download
+
+    butppg = load_config(ButppgConfig, args.config)
+    channels = load_config(ChannelsConfig, args.channels_yaml).select(butppg.channels)
+    windows = load_config(WindowsConfig, args.windows_yaml)
+    if args.download:
+        download(Path(args.raw_dir), args.physionet_url)
+    build_butppg(args.raw_dir, args.outdir, channels, windows, butppg, address=args.address)
+    return 0
+
+
+def _finetune_config(args):
+    import dataclasses
+
+    from biofm.config import FinetuneConfig, load_config
+    from biofm.errors import ConfigError
+
+    cfg = load_config(FinetuneConfig, args.config)
+    overrides = {"pretrain_channels": args.pretrain_channels, "unfreeze_last_n": args.unfreeze_last_n,
+                 "epochs": args.epochs, "head_epochs": args.head_epochs, "lr": args.lr, "batch_size": args.batch_size,
+                 "init": args.init, "inflation": args.inflation, "num_workers": args.num_workers,
+                 "use_gpu": args.use_gpu, "amp": False if args.no_amp else None}
+    try:
+        cfg = dataclasses.replace(cfg, **{k: v for k, v in overrides.items() if v is not None})
+    except ValueError as e:
+        raise ConfigError(f"{args.config} with command-line overrides: {e}") from None
+    if args.finetune_channels is not None and args.finetune_channels != len(cfg.channels):
+        raise ConfigError(f"--finetune-channels {args.finetune_channels}, but the config lists "
+                          f"{len(cfg.channels)} channels {list(cfg.channels)}")
+    return cfg
+
+
+def _finetune(args) -> int:
+    from pathlib import Path
+
+    from biofm.train.finetune import finetune
+    from biofm.train.transfer import compare_variants
+
+    cfg = _finetune_config(args)
+    if args.baselines:
+        compare_variants(cfg, args.pretrained, Path(args.data_dir), Path(args.output_dir), address=args.address)
+    else:
+        finetune(cfg, args.pretrained, args.data_dir, args.output_dir, address=args.address, resume=args.resume)
+    return 0
+
+
+def _finetune_cv(args) -> int:
+    from pathlib import Path
+
+    from biofm.train.transfer import cross_validate
+
+    cross_validate(_finetune_config(args), args.pretrained, Path(args.data_dir), Path(args.output_dir),
+                   folds=args.folds, variants=args.variants, seed=args.seed, address=args.address)
+    return 0
+
+
+def _finetune_flags(p) -> None:
+    p.add_argument("--config", default="configs/finetune_butppg.yaml")
+    p.add_argument("--pretrained", default="artifacts/foundation_model/best_model.pt",
+                   help="pretraining checkpoint (best_model.pt)")
+    p.add_argument("--data-dir", default="data/but_ppg", help="output of prepare-butppg")
+    p.add_argument("--pretrain-channels", type=int, default=None, help="channels of the pretrained model (checked)")
+    p.add_argument("--finetune-channels", type=int, default=None, help="channels of the fine-tuning data (checked)")
+    p.add_argument("--unfreeze-last-n", type=int, default=None, help="mixer layers trained in stage 2")
+    p.add_argument("--epochs", type=int, default=None, help="all epochs, stage 1 included")
+    p.add_argument("--head-epochs", type=int, default=None, help="stage 1: head-only epochs")
+    p.add_argument("--lr", type=float, default=None, help="learning rate of the unfrozen encoder layers")
+    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--init", choices=["pretrained", "scratch"], default=None)
+    p.add_argument("--inflation", choices=["preserve", "mean", "random"], default=None)
+    p.add_argument("--num-workers", type=int, default=None)
+    p.add_argument("--use-gpu", action="store_true", default=None)
+    p.add_argument("--no-amp", action="store_true")
+    p.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS or local)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="biofm", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -152,6 +233,40 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="val")
     p.add_argument("--output", default=None, help="write the JSON here instead of printing it")
     p.set_defaults(func=_evaluate_ssl)
+
+    p = sub.add_parser("prepare-butppg", help="BUT-PPG records -> 5-channel 10 s rows in Parquet, split by subject",
+                       description="Read BUT-PPG (PhysioNet layout), resample and filter PPG/ECG/ACC to "
+                                   "[5, 1250], label from quality-hr-ann.csv, split by subject (Ray Data).")
+    p.add_argument("--raw-dir", required=True, help="the BUT-PPG 2.0.0 folder (with RECORDS)")
+    p.add_argument("--outdir", default="data/but_ppg")
+    p.add_argument("--download", action="store_true", help="first fetch the dataset from PhysioNet into --raw-dir")
+    p.add_argument("--physionet-url", default=None, help="WFDB index URL of PhysioNet or a mirror (with --download)")
+    p.add_argument("--config", default="configs/butppg.yaml")
+    p.add_argument("--channels-yaml", default="configs/channels.yaml")
+    p.add_argument("--windows-yaml", default="configs/windows.yaml")
+    p.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS or local)")
+    p.set_defaults(func=_prepare_butppg)
+
+    p = sub.add_parser("finetune", help="inflate 2 -> 5 channels and fine-tune for PPG quality in stages (Ray Train)",
+                       description="Stage 1: head only; stage 2: head + last N mixer layers. Best epoch by "
+                                   "val AUROC, threshold chosen on val, metrics on test.")
+    _finetune_flags(p)
+    p.add_argument("--output-dir", default="artifacts/but_ppg_finetuned")
+    p.add_argument("--baselines", action="store_true",
+                   help="also train from scratch and a linear probe, and compare them in report.json")
+    p.add_argument("--resume", action="store_true", help="continue the run in --output-dir")
+    p.set_defaults(func=_finetune)
+
+    p = sub.add_parser("finetune-cv", help="subject-wise cross-validation of fine-tuning against its baselines",
+                       description="Pools every prepared BUT-PPG record, splits subjects into folds, and "
+                                   "fine-tunes each variant per fold; writes cv_report.json.")
+    _finetune_flags(p)
+    p.add_argument("--output-dir", default="artifacts/but_ppg_cv")
+    p.add_argument("--folds", type=int, default=5)
+    p.add_argument("--variants", nargs="+", choices=["finetuned", "scratch", "linear_probe"],
+                   default=["finetuned", "scratch", "linear_probe"])
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_finetune_cv)
     return parser
 
 

@@ -210,3 +210,67 @@ class PretrainConfig:
             raise ValueError("lr and cpus_per_worker must be positive")
         if not self.channels:
             raise ValueError("channels must not be empty")
+
+
+@dataclass(frozen=True)
+class ButppgConfig:
+    """BUT-PPG preprocessing (``configs/butppg.yaml``): channel order, which PPG colour channel,
+    subject-level split ratios (train, val, test) and seed."""
+
+    channels: tuple[str, ...] = ("ACC_X", "ACC_Y", "ACC_Z", "PPG", "ECG")
+    ppg_signal: int = 0
+    split_ratios: tuple[float, float, float] = (0.7, 0.15, 0.15)
+    seed: int = 0
+
+    def __post_init__(self):
+        if "PPG" not in self.channels:
+            raise ValueError(f"channels must include PPG, got {list(self.channels)}")
+        if self.ppg_signal < 0:
+            raise ValueError(f"ppg_signal must be >= 0, got {self.ppg_signal}")
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    """Staged fine-tuning of the inflated encoder for PPG quality (``configs/finetune_butppg.yaml``).
+
+    Stage 1 trains the head for ``head_epochs`` with the encoder frozen; stage 2 (the remaining
+    ``epochs - head_epochs``) also trains the last ``unfreeze_last_n`` mixer layers at ``lr``.
+    ``unfreeze_last_n = 0`` is a linear probe. ``init``: ``pretrained`` or ``scratch`` (same
+    architecture, random weights, everything trained). ``inflation``: how the new channels'
+    weights start (``preserve``, ``mean``, ``random``). ``class_balance``: ``weighted`` loss,
+    balanced ``sampler``, or ``none``.
+    """
+
+    channels: tuple[str, ...] = ("ACC_X", "ACC_Y", "ACC_Z", "PPG", "ECG")
+    pretrain_channels: int = 2
+    init: str = "pretrained"
+    inflation: str = "preserve"
+    epochs: int = 30
+    head_epochs: int = 5
+    unfreeze_last_n: int = 2
+    lr: float = 2e-5
+    head_lr: float = 1e-3
+    weight_decay: float = 0.01
+    batch_size: int = 32
+    class_balance: str = "weighted"
+    dropout: float = 0.1
+    grad_clip: float = 1.0
+    amp: bool = True
+    seed: int = 0
+    num_workers: int = 1
+    cpus_per_worker: float = 1.0
+    use_gpu: bool | None = None
+    max_failures: int = 1
+
+    def __post_init__(self):
+        choices = {"init": ("pretrained", "scratch"), "inflation": ("preserve", "mean", "random"),
+                   "class_balance": ("weighted", "sampler", "none")}
+        for key, allowed in choices.items():
+            if getattr(self, key) not in allowed:
+                raise ValueError(f"{key} must be one of {', '.join(allowed)}, got {getattr(self, key)!r}")
+        if not 0 <= self.head_epochs <= self.epochs or self.epochs < 1:
+            raise ValueError(f"need 1 <= epochs and 0 <= head_epochs <= epochs, got {self.epochs}, {self.head_epochs}")
+        if self.unfreeze_last_n < 0 or self.batch_size < 1 or self.num_workers < 1:
+            raise ValueError("unfreeze_last_n must be >= 0, batch_size and num_workers >= 1")
+        if self.lr <= 0 or self.head_lr <= 0:
+            raise ValueError("lr and head_lr must be positive")

@@ -14,11 +14,13 @@ FASTTRACK_CASES = 70
 
 
 def split_groups(groups: list[str], ratios: tuple[float, float, float] = (0.7, 0.15, 0.15),
-                 seed: int = 0) -> dict[str, list[str]]:
+                 seed: int = 0, positive_rate: dict[str, float] | None = None) -> dict[str, list[str]]:
     """Shuffle ``groups`` with ``seed`` and cut them by ``ratios`` (train, val, test).
 
     Each split gets ``round(ratio * n)`` groups (test takes the rest); the same input and seed
-    always give the same splits. Ids come back sorted within each split.
+    always give the same splits. Ids come back sorted within each split. With
+    ``positive_rate`` (group -> share of positive labels) the split is stratified: groups are
+    ordered by that rate and dealt out in turn, each to the split furthest below its share.
     """
     if len(ratios) != 3 or any(r < 0 for r in ratios) or abs(sum(ratios) - 1) > 1e-6:
         raise ConfigError(f"split ratios must be three non-negative numbers summing to 1, got {list(ratios)}")
@@ -26,7 +28,14 @@ def split_groups(groups: list[str], ratios: tuple[float, float, float] = (0.7, 0
     order = np.random.default_rng(seed).permutation(len(ids))
     n_train = int(round(ratios[0] * len(ids)))
     n_val = min(int(round(ratios[1] * len(ids))), len(ids) - n_train)
-    cuts = {"train": order[:n_train], "val": order[n_train:n_train + n_val], "test": order[n_train + n_val:]}
+    sizes = {"train": n_train, "val": n_val, "test": len(ids) - n_train - n_val}
+    if positive_rate is None:
+        cuts = {"train": order[:n_train], "val": order[n_train:n_train + n_val], "test": order[n_train + n_val:]}
+    else:
+        cuts = {name: [] for name in SPLITS}
+        for k, i in enumerate(sorted(order, key=lambda i: positive_rate[ids[i]])):  # stable: ties stay shuffled
+            open_splits = [n for n in SPLITS if len(cuts[n]) < sizes[n]]
+            cuts[max(open_splits, key=lambda n: (sizes[n] * (k + 1) / len(ids) - len(cuts[n]), -SPLITS.index(n)))].append(i)
     return {name: sorted((ids[i] for i in idx), key=_natural) for name, idx in cuts.items()}
 
 

@@ -1,0 +1,180 @@
+"""BUT-PPG (PhysioNet ``butppg``) in its published layout: records, labels, subjects.
+
+    <raw_dir>/RECORDS                      one ``<id>/<id>_PPG`` line per record
+    <raw_dir>/quality-hr-ann.csv           ID, Quality (1 = good), HR   (UTF-8 with a BOM)
+    <raw_dir>/subject-info.csv             ID, Gender, Age [years], ... (UTF-8 with a BOM)
+    <raw_dir>/<id>/<id>_PPG.{hea,dat}      smartphone PPG, 30 Hz
+    <raw_dir>/<id>/<id>_ECG.{hea,dat}      ECG, 1000 Hz
+    <raw_dir>/<id>/<id>_ACC.{hea,dat}      accelerometer X, Y, Z, 100 Hz (records >= 112001 only)
+
+A record id is six digits; its first three are the subject.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from biofm.errors import CaseSkipped, ConfigError, SourceUnreachable
+
+DATABASE = "butppg"
+VERSION = "2.0.0"
+RECORD_S = 10.0
+ACC_FROM = 112001
+MODALITIES = {"PPG": ("PPG",), "ECG": ("ECG",), "ACC": ("ACC_X", "ACC_Y", "ACC_Z")}
+_BYTES = {"16": 2, "32": 4, "80": 1, "8": 1}
+
+
+@dataclass(frozen=True)
+class Annotation:
+    label: int  # 1 = good quality, 0 = poor
+    ref_hr: float  # reference heart rate, bpm (NaN where the file leaves it empty)
+
+
+def subject_of(record_id: str) -> str:
+    return record_id[:3]
+
+
+def _read_csv(path: Path) -> list[dict]:
+    if not path.is_file():
+        raise ConfigError(f"{path} is missing: is {path.parent} a BUT-PPG folder (PhysioNet butppg/{VERSION})?")
+    with open(path, newline="", encoding="utf-8-sig") as f:  # PhysioNet's files start with a BOM
+        return list(csv.DictReader(f))
+
+
+def read_records(raw_dir: Path) -> list[str]:
+    """Record ids listed in ``RECORDS`` (``100001/100001_PPG`` -> ``100001``), in file order."""
+    path = raw_dir / "RECORDS"
+    if not path.is_file():
+        raise ConfigError(f"{raw_dir} has no RECORDS file: point --raw-dir at the BUT-PPG {VERSION} "
+                          "folder, or pass --download")
+    ids = [line.strip().split("/")[0] for line in path.read_text().splitlines() if line.strip()]
+    return list(dict.fromkeys(ids))
+
+
+def read_annotations(raw_dir: Path) -> dict[str, Annotation]:
+    """``quality-hr-ann.csv``: record id -> label and reference HR."""
+    out = {}
+    for row in _read_csv(raw_dir / "quality-hr-ann.csv"):
+        quality, hr = row.get("Quality", "").strip(), row.get("HR", "").strip()
+        if quality not in ("0", "1"):
+            continue  # left unannotated: the record is skipped with that reason
+        out[row["ID"].strip()] = Annotation(int(quality), float(hr) if hr else float("nan"))
+    return out
+
+
+def read_subjects(raw_dir: Path) -> dict[str, dict]:
+    """``subject-info.csv``: record id -> its row. Raises if a subject (first 3 digits of the
+    id) has records with different gender or age, i.e. the id does not identify the subject."""
+    rows = {row["ID"].strip(): row for row in _read_csv(raw_dir / "subject-info.csv")}
+    seen: dict[str, tuple] = {}
+    for rid, row in rows.items():
+        who = (row.get("Gender", "").strip(), row.get("Age [years]", "").strip())
+        if seen.setdefault(subject_of(rid), who) != who:
+            raise ConfigError(f"subject-info.csv: records of subject {subject_of(rid)} disagree on gender/age "
+                              f"({seen[subject_of(rid)]} vs {who} at {rid}); subject ids cannot be trusted")
+    return rows
+
+
+def _read_signals(base: Path) -> tuple[np.ndarray, float, list[str]]:
+    """One WFDB record: ``(x [n_sig, n] float64 in physical units, fs Hz, signal names)``.
+
+    A header whose signal length disagrees with its ``.dat`` file (the first release's records
+    are reported to have such headers) is decoded from the file size only when that is
+    verifiable: a plain format (8/16/32/80), one data file, and exactly ``RECORD_S`` seconds of
+    samples at the header's rate. Anything else raises :class:`CaseSkipped`.
+    """
+    import wfdb
+
+    name = base.name
+    try:
+        header = wfdb.rdheader(str(base))
+    except Exception as e:
+        raise CaseSkipped("malformed_header", f"{name}.hea cannot be parsed ({type(e).__name__}: {e})") from e
+    fs, n_sig = float(header.fs or 0), int(header.n_sig or 0)
+    if fs <= 0 or n_sig <= 0:
+        raise CaseSkipped("malformed_header", f"{name}.hea gives fs={header.fs}, {header.n_sig} signals")
+    names = [str(s) for s in (header.sig_name or [])]
+    files, fmts = set(header.file_name or []), set(header.fmt or [])
+    dat = base.parent / next(iter(files)) if len(files) == 1 else None
+    if dat is None or not dat.is_file():
+        raise CaseSkipped("missing_file", f"{name}: data file {sorted(files)} not found")
+    per_sample = _BYTES.get(next(iter(fmts)), 0) * n_sig if len(fmts) == 1 else 0
+    from_size = dat.stat().st_size // per_sample if per_sample and dat.stat().st_size % per_sample == 0 else None
+    if header.sig_len and header.sig_len > 1 and (from_size is None or header.sig_len <= from_size):
+        record = wfdb.rdrecord(str(base))
+        return record.p_signal.T.astype(np.float64), fs, names
+    expected = int(round(RECORD_S * fs))
+    if from_size != expected:
+        raise CaseSkipped("malformed_header", f"{name}.hea says {header.sig_len} samples and its .dat file "
+                          f"cannot be decoded from its size ({dat.stat().st_size} bytes, fmt {sorted(fmts)}, "
+                          f"{n_sig} signals; expected {expected} samples = {RECORD_S:g} s at {fs:g} Hz)")
+    dtype = {"16": "<i2", "32": "<i4", "80": "u1", "8": "i1"}[next(iter(fmts))]
+    raw = np.fromfile(dat, dtype=dtype).reshape(-1, n_sig).T.astype(np.float64)
+    offset = 128 if dtype == "u1" else 0
+    gain = np.array([g or 200.0 for g in header.adc_gain], dtype=np.float64)[:, None]
+    baseline = np.array(header.baseline or [0] * n_sig, dtype=np.float64)[:, None]
+    return (raw - offset - baseline) / gain, fs, names
+
+
+def read_record(raw_dir: Path, record_id: str, ppg_signal: int = 0) -> dict[str, tuple[np.ndarray, float]]:
+    """The record's channels present on disk: name -> ``(x [n] float64, fs Hz)``.
+
+    Names are ``PPG`` (signal ``ppg_signal`` of the PPG record: the smartphone's colour
+    channels), ``ECG``, ``ACC_X``, ``ACC_Y``, ``ACC_Z``. A missing PPG record raises
+    :class:`CaseSkipped`; missing ECG/ACC records are simply absent.
+    """
+    out = {}
+    for modality, names in MODALITIES.items():
+        base = raw_dir / record_id / f"{record_id}_{modality}"
+        if not base.with_suffix(".hea").is_file():
+            if modality == "PPG":
+                raise CaseSkipped("missing_ppg", f"{base}.hea not found")
+            continue
+        x, fs, _ = _read_signals(base)
+        if x.shape[1] < 2:
+            raise CaseSkipped("malformed_header", f"{base.name} decodes to {x.shape[1]} sample(s)")
+        if modality == "PPG":
+            if not 0 <= ppg_signal < len(x):
+                raise CaseSkipped("missing_ppg", f"{base.name} has {len(x)} signal(s), ppg_signal={ppg_signal}")
+            out["PPG"] = (x[ppg_signal], fs)
+        elif len(x) < len(names):
+            raise CaseSkipped(f"bad_{modality.lower()}", f"{base.name} has {len(x)} signals, expected {len(names)}")
+        else:
+            out.update({n: (x[i], fs) for i, n in enumerate(names)})
+    return out
+
+
+def download(raw_dir: Path, index_url: str | None = None) -> None:
+    """Fetch BUT-PPG from PhysioNet (``index_url``: another WFDB index, e.g. a mirror) with
+    ``wfdb``'s downloader; files already there at full size are kept."""
+    from wfdb.io import download as dl
+    from wfdb.io._url import NetFileError
+
+    base = (index_url or dl.PN_INDEX_URL).rstrip("/") + "/"
+    db = f"{DATABASE}/{VERSION}"
+    dl.set_db_index_url(base)
+    try:
+        records = [r for r in dl.get_record_list(db) if r.strip()]
+        files = ["RECORDS", "quality-hr-ann.csv", "subject-info.csv"]
+        for rec in records:
+            rid = rec.split("/")[0]
+            files += [f"{rid}/{rid}_{m}.{ext}" for m in ("PPG", "ECG") for ext in ("hea", "dat")]
+            if rid.isdigit() and int(rid) >= ACC_FROM:
+                files += [f"{rid}/{rid}_ACC.{ext}" for ext in ("hea", "dat")]
+        raw_dir.mkdir(parents=True, exist_ok=True)
+        print(f"[prepare-butppg] downloading {len(records)} records ({len(files)} files) from {base}{db}", flush=True)
+        inputs = [(os.path.basename(f), os.path.dirname(f), db, str(raw_dir), True, False) for f in files]
+        dl.make_local_dirs(str(raw_dir), inputs, True)
+        for args in inputs:
+            dl.dl_pn_file(args)
+    except (OSError, ValueError, NetFileError) as e:
+        raise SourceUnreachable(f"cannot download BUT-PPG from {base}{db} ({type(e).__name__}: {e}). "
+                                "Offline? Download it elsewhere (https://physionet.org/content/butppg/) "
+                                "and pass its folder with --raw-dir") from e
+    finally:
+        dl.set_db_index_url()

@@ -1,0 +1,314 @@
+"""Staged fine-tuning of the inflated TTM encoder for PPG quality on BUT-PPG, on Ray Train.
+
+:func:`finetune` builds the classifier on the driver (inflating the pretrained 2-channel encoder
+to the data's channels, or a random one for ``init = scratch``), streams ``<data_dir>/{train,val}``
+through Ray Data into :func:`train_loop`, keeps the checkpoint with the best val AUROC, picks the
+decision threshold on val, and evaluates once on test. Stage 1 trains the head only, stage 2 the
+head and the last N mixer layers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import torch
+
+from biofm.config import FinetuneConfig, to_jsonable
+from biofm.errors import BiofmError, ConfigError
+from biofm.model.classifier import Classifier, inflate_encoder
+from biofm.model.ssl import Encoder, ttm_config
+from biofm.train import checkpoint
+from biofm.train.metrics import choose_threshold, classification_metrics
+from biofm.train.ray_run import check_run_dir, fit
+
+def read_split(split_dir: Path) -> dict[str, np.ndarray]:
+    """A BUT-PPG split read whole (they are small): ``signal [N, C, T]``, ``present [N, C]``,
+    ``label [N]``, ``record_id [N]``."""
+    files = sorted(Path(split_dir).glob("*.parquet"))
+    if not files:
+        raise BiofmError(f"no BUT-PPG records in {split_dir}: run `biofm prepare-butppg` first")
+    table = pq.read_table(files, columns=["record_id", "label", "signal", "present"])
+    return {"signal": table.column("signal").combine_chunks().to_numpy_ndarray().astype(np.float32),
+            "present": _present(table.column("present").to_pylist()),
+            "label": table.column("label").to_numpy().astype(np.int64),
+            "record_id": np.array(table.column("record_id").to_pylist())}
+
+
+@torch.no_grad()
+def predict(model: Classifier, signal: np.ndarray, present: np.ndarray, batch_size: int = 64, device="cpu") -> np.ndarray:
+    """Probability of "good" ``[N]`` for ``signal [N, C, T]``."""
+    model.eval()
+    out = []
+    for i in range(0, len(signal), batch_size):
+        x = torch.from_numpy(signal[i:i + batch_size]).to(device)
+        m = torch.from_numpy(present[i:i + batch_size]).to(device)
+        out.append(torch.softmax(model(x, m).float(), dim=-1)[:, 1].cpu())
+    return torch.cat(out).numpy() if out else np.zeros(0)
+
+
+def build_classifier(cfg: FinetuneConfig, pretrained: str | Path | None, data_spec: dict) -> tuple[Classifier, dict]:
+    """The classifier for ``data_spec``'s channels and its description (for checkpoints).
+
+    ``init = pretrained`` inflates the encoder of ``pretrained`` (a pretraining checkpoint,
+    whose data spec must match: rate, window, filters); ``scratch`` builds the same architecture
+    with random weights."""
+    from biofm.preprocess import check_data_spec
+
+    channels = list(data_spec["channels"])
+    if list(cfg.channels) != channels:
+        raise ConfigError(f"the data has channels {channels}, the fine-tuning config {list(cfg.channels)}")
+    if pretrained is None:
+        raise ConfigError("--pretrained is required: the pretraining checkpoint gives the architecture "
+                          "(and, unless --init scratch, the weights)")
+    blob = checkpoint.load(pretrained)
+    desc = blob["description"]
+    if desc.get("kind") != "masked_signal_model":
+        raise BiofmError(f"{pretrained} is not a pretraining checkpoint (kind {desc.get('kind')!r})")
+    old = list(desc["channels"])
+    if len(old) != cfg.pretrain_channels:
+        raise ConfigError(f"{pretrained} has {len(old)} channels {old}, --pretrain-channels says {cfg.pretrain_channels}")
+    check_data_spec(desc["data_spec"], data_spec, where=f"fine-tuning data vs {pretrained}")
+    from tsfm_public.models.tinytimemixer import TinyTimeMixerConfig
+
+    ttm = TinyTimeMixerConfig.from_dict(desc["ttm_config"])
+    if cfg.init == "pretrained":
+        state = {k.removeprefix("encoder."): v for k, v in blob["model"].items() if k.startswith("encoder.")}
+        encoder = inflate_encoder(state, ttm, old, channels, cfg.inflation, cfg.seed)
+    else:
+        torch.manual_seed(cfg.seed)
+        encoder = Encoder(ttm_config(len(channels), ttm.num_layers, ttm.d_model, dropout=ttm.dropout))
+    torch.manual_seed(cfg.seed)
+    model = Classifier(encoder, dropout=cfg.dropout)
+    description = {"kind": "ppg_quality_classifier", "ttm_config": json.loads(json.dumps(encoder.config.to_dict(), default=str)),
+                   "channels": channels, "data_spec": data_spec, "pretrained": str(pretrained), "init": cfg.init,
+                   "inflation": cfg.inflation, "pretrained_channels": old}
+    return model, description
+
+
+def load_classifier(path: str | Path) -> tuple[Classifier, dict]:
+    """A fine-tuned classifier (CPU, eval mode) and its description (threshold included)."""
+    from tsfm_public.models.tinytimemixer import TinyTimeMixerConfig
+
+    blob = checkpoint.load(path)
+    desc = blob["description"]
+    if desc.get("kind") != "ppg_quality_classifier":
+        raise BiofmError(f"{path} is not a fine-tuned classifier")
+    model = Classifier(Encoder(TinyTimeMixerConfig.from_dict(desc["ttm_config"])))
+    model.load_state_dict(blob["model"])
+    return model.eval(), desc
+
+
+def _present(column) -> np.ndarray:
+    """The ``present`` column ``[N, C]`` as bool, whether it arrives as rows of lists or arrays."""
+    return np.stack([np.asarray(r, dtype=bool) for r in column]) if len(column) else np.zeros((0, 0), bool)
+
+
+def _optimizer(model: Classifier, cfg: FinetuneConfig, stage: int) -> torch.optim.Optimizer:
+    train_encoder = cfg.init == "scratch"
+    model.set_stage(stage, cfg.unfreeze_last_n, train_encoder)
+    head = list(model.head.parameters())
+    encoder = [p for p in model.encoder.parameters() if p.requires_grad]
+    encoder_lr = cfg.head_lr if train_encoder else cfg.lr
+    groups = [{"params": head, "lr": cfg.head_lr}] + ([{"params": encoder, "lr": encoder_lr}] if encoder else [])
+    return torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
+
+
+def _gather(values: np.ndarray) -> np.ndarray:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        parts = [None] * torch.distributed.get_world_size()
+        torch.distributed.all_gather_object(parts, values)
+        return np.concatenate(parts)
+    return values
+
+
+def train_loop(config: dict) -> None:
+    """Runs on every Ray Train worker. ``config``: ``cfg`` (FinetuneConfig fields), ``state``
+    (the initial classifier state dict), ``description``, ``class_weights`` ``[2]``."""
+    import ray.train
+    import ray.train.torch
+    from tsfm_public.models.tinytimemixer import TinyTimeMixerConfig
+
+    cfg = FinetuneConfig(**config["cfg"])
+    ctx = ray.train.get_context()
+    rank = ctx.get_world_rank()
+    torch.manual_seed(cfg.seed + rank)
+    device = ray.train.torch.get_device()
+    desc = config["description"]
+    model = Classifier(Encoder(TinyTimeMixerConfig.from_dict(desc["ttm_config"])), dropout=cfg.dropout)
+    model.load_state_dict(config["state"])
+    state = {"epoch": 0, "history": [], "stage": 1}
+    saved_optimizer = None
+    restored = ray.train.get_checkpoint()
+    if restored:
+        with restored.as_directory() as d:
+            blob = checkpoint.load(d)
+        model.load_state_dict(blob["model"])
+        state = {k: blob["training"][k] for k in state}
+        saved_optimizer = blob["training"]["optimizer"]
+    model.to(device)
+    criterion = torch.nn.CrossEntropyLoss(weight=torch.tensor(config["class_weights"], dtype=torch.float32, device=device))
+    use_amp = cfg.amp and device.type == "cuda"
+    amp_dtype = torch.bfloat16 if use_amp and torch.cuda.is_bf16_supported() else torch.float16
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp and amp_dtype == torch.float16)
+    optimizer, ddp, stage = None, None, None
+
+    for epoch in range(state["epoch"], cfg.epochs):
+        new_stage = 2 if cfg.init == "scratch" or epoch >= cfg.head_epochs else 1
+        if new_stage != stage:
+            stage = new_stage
+            optimizer = _optimizer(model, cfg, stage)
+            if saved_optimizer is not None and state["stage"] == stage:
+                optimizer.load_state_dict(saved_optimizer)
+            saved_optimizer = None
+            # DDP must be rebuilt when the set of trainable parameters changes
+            ddp = ray.train.torch.prepare_model(model, move_to_device=False) if ctx.get_world_size() > 1 else model
+        model.train()
+        if stage == 1 and cfg.init != "scratch":
+            model.encoder.eval()  # frozen: no dropout noise in the features the head learns from
+        t0, sums = time.perf_counter(), np.zeros(3)
+        for batch in ray.train.get_dataset_shard("train").iter_batches(
+                batch_size=cfg.batch_size, batch_format="numpy", local_shuffle_buffer_size=4 * cfg.batch_size):
+            x = torch.from_numpy(batch["signal"]).float().to(device)
+            m = torch.from_numpy(_present(batch["present"])).to(device)
+            y = torch.from_numpy(batch["label"].astype(np.int64)).to(device)
+            with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
+                logits = ddp(x, m)
+            loss = criterion(logits.float(), y)
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg.grad_clip)
+            scaler.step(optimizer)
+            scaler.update()
+            sums += [loss.item() * len(y), (logits.argmax(-1) == y).sum().item(), len(y)]
+        train_s = time.perf_counter() - t0
+        probs, labels = [], []
+        model.eval()
+        with torch.no_grad():
+            for batch in ray.train.get_dataset_shard("val").iter_batches(batch_size=cfg.batch_size, batch_format="numpy"):
+                x = torch.from_numpy(batch["signal"]).float().to(device)
+                m = torch.from_numpy(_present(batch["present"])).to(device)
+                probs.append(torch.softmax(model(x, m).float(), -1)[:, 1].cpu().numpy())
+                labels.append(batch["label"].astype(np.int64))
+        p = _gather(np.concatenate(probs) if probs else np.zeros(0))
+        y = _gather(np.concatenate(labels) if labels else np.zeros(0, np.int64))
+        loss_sum, correct, n = (float(v) for v in _gather(sums[None]).sum(axis=0))
+        val = classification_metrics(y, p, choose_threshold(y, p))
+        w = np.asarray(config["class_weights"])[y]  # the weighted mean, as CrossEntropyLoss(weight=...)
+        val_loss = float(np.sum(-w * np.log(np.clip(np.where(y == 1, p, 1 - p), 1e-7, 1))) / max(w.sum(), 1e-12))
+        auroc = val["auroc"] if np.isfinite(val["auroc"]) else 0.5
+        metrics = {"epoch": epoch + 1, "stage": stage, "train_loss": loss_sum / max(n, 1), "train_accuracy": correct / max(n, 1),
+                   "val_loss": val_loss, "val_auroc": auroc, "val_auprc": val["auprc"],
+                   "val_balanced_accuracy": val["balanced_accuracy"], "val_f1_good": val["f1_good"],
+                   "val_accuracy": val["accuracy"], "records_per_s": n / max(train_s, 1e-9),
+                   "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad)}
+        state.update(epoch=epoch + 1, stage=stage)
+        state["history"].append(metrics)
+        with tempfile.TemporaryDirectory() as d:
+            ckpt = None
+            if rank == 0:
+                checkpoint.save(Path(d) / checkpoint.FILENAME, model.state_dict(), desc,
+                                {**state, "optimizer": optimizer.state_dict()})
+                ckpt = ray.train.Checkpoint.from_directory(d)
+            ray.train.report(metrics, checkpoint=ckpt)
+        if rank == 0:
+            print(f"[finetune] epoch {epoch + 1}/{cfg.epochs} stage {stage} train loss {metrics['train_loss']:.4f} "
+                  f"val AUROC {auroc:.3f} balanced acc {val['balanced_accuracy']:.3f}", flush=True)
+
+
+def _train_dataset(split_dir: Path, class_balance: str, labels: np.ndarray):
+    """Ray Dataset of the training records; ``sampler`` balance repeats minority-class records
+    so both classes are seen about equally often per epoch."""
+    import ray.data
+
+    ds = ray.data.read_parquet(str(split_dir), columns=["signal", "present", "label"])
+    if class_balance != "sampler":
+        return ds
+    counts = np.bincount(labels, minlength=2)
+    if counts.min() == 0:
+        return ds
+    minority, repeat = int(np.argmin(counts)), int(round(counts.max() / counts.min()))
+
+    def oversample(batch):
+        reps = np.where(batch["label"] == minority, repeat, 1)
+        return {k: np.repeat(np.asarray(v), reps, axis=0) for k, v in batch.items()}
+
+    return ds.map_batches(oversample, batch_format="numpy")
+
+
+def finetune(cfg: FinetuneConfig, pretrained: str | Path | None, data_dir: str | Path, output_dir: str | Path,
+             address: str | None = None, resume: bool = False) -> dict:
+    """Fine-tune and write the artifacts to ``output_dir``; returns the test metrics."""
+    import ray.data
+
+    from biofm.preprocess import ensure_ray, read_data_spec, same_data
+
+    data_dir, output_dir = Path(data_dir), Path(output_dir).resolve()
+    storage = check_run_dir(output_dir, resume, "fine-tuning")
+    for split in ("train", "val", "test"):
+        if not any((data_dir / split).glob("*.parquet")):
+            raise BiofmError(f"no BUT-PPG records in {data_dir / split}: run `biofm prepare-butppg` first")
+    spec = read_data_spec(data_dir / "train")
+    for split in ("val", "test"):
+        if not same_data(read_data_spec(data_dir / split), spec):
+            raise ConfigError(f"{data_dir}/{split} was made with other settings than {data_dir}/train")
+    model, description = build_classifier(cfg, pretrained, spec)
+    train_labels = pq.read_table(data_dir / "train", columns=["label"]).column("label").to_numpy().astype(np.int64)
+    counts = np.bincount(train_labels, minlength=2)
+    if counts.min() == 0:
+        raise BiofmError(f"{data_dir}/train has only one class ({counts.tolist()} poor/good records)")
+    weights = (len(train_labels) / (2 * counts)).tolist() if cfg.class_balance == "weighted" else [1.0, 1.0]
+    ensure_ray(address)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    loop_config = {"cfg": dataclasses.asdict(cfg), "state": model.state_dict(), "description": description,
+                   "class_weights": weights}
+    # BUT-PPG is small (3,888 records, ~100 MB): read once into the object store, not every epoch
+    datasets = {"train": _train_dataset(data_dir / "train", cfg.class_balance, train_labels).materialize(),
+                "val": ray.data.read_parquet(str(data_dir / "val"), columns=["signal", "present", "label"]).materialize()}
+    best, history = fit(train_loop, loop_config, datasets, cfg, storage, "val_auroc", "max")
+    return write_artifacts(output_dir, best, history, cfg, data_dir, pretrained)
+
+
+def write_artifacts(output_dir: Path, best: dict, history: list[dict], cfg: FinetuneConfig, data_dir: Path,
+                    pretrained) -> dict:
+    """Threshold on val, metrics on test; best_model.pt, training_history.json,
+    training_config.json, test_metrics.json, roc_curve.png, learning_curves.png."""
+    from biofm.train.plots import plot_history, plot_roc
+
+    model = Classifier(Encoder(_config(best)))
+    model.load_state_dict(best["model"])
+    val, test = read_split(data_dir / "val"), read_split(data_dir / "test")
+    p_val = predict(model, val["signal"], val["present"])
+    threshold = choose_threshold(val["label"], p_val)
+    p_test = predict(model, test["signal"], test["present"])
+    metrics = {"test": classification_metrics(test["label"], p_test, threshold),
+               "val": classification_metrics(val["label"], p_val, threshold),
+               "best_epoch": best["training"]["epoch"], "threshold_from": "val (Youden's J)"}
+    description = {**best["description"], "threshold": threshold}
+    output_dir.mkdir(parents=True, exist_ok=True)
+    checkpoint.save(output_dir / "best_model.pt", best["model"], description)
+    (output_dir / "training_history.json").write_text(json.dumps(history, indent=1))
+    (output_dir / "training_config.json").write_text(json.dumps(
+        {**to_jsonable(cfg), "pretrained": str(pretrained), "data_dir": str(data_dir),
+         "best_epoch": best["training"]["epoch"], "threshold": threshold}, indent=1))
+    (output_dir / "test_metrics.json").write_text(json.dumps(metrics, indent=1))
+    plot_roc({"val": (val["label"], p_val), "test": (test["label"], p_test)}, output_dir / "roc_curve.png")
+    stage2 = next((h["epoch"] for h in history if h["stage"] == 2), None)
+    plot_history(history, {"loss": ("train_loss", "val_loss"), "validation": ("val_auroc", "val_balanced_accuracy")},
+                 output_dir / "learning_curves.png", (stage2, "stage 2 starts") if stage2 else None)
+    m = metrics["test"]
+    print(f"[finetune] test ({m['n']} records, {m['positives']} good): AUROC {m['auroc']:.3f} AUPRC {m['auprc']:.3f} "
+          f"balanced acc {m['balanced_accuracy']:.3f} F1(good) {m['f1_good']:.3f} at threshold {threshold:.3f}", flush=True)
+    return metrics
+
+
+def _config(blob: dict):
+    from tsfm_public.models.tinytimemixer import TinyTimeMixerConfig
+
+    return TinyTimeMixerConfig.from_dict(blob["description"]["ttm_config"])

@@ -1,0 +1,106 @@
+"""Is pretraining worth it? The fine-tuned model against its baselines, on one split or in a
+subject-wise cross-validation.
+
+Variants (all through :func:`biofm.train.finetune.finetune`):
+``finetuned`` (the config as given), ``scratch`` (same model, random init, everything trained),
+``linear_probe`` (pretrained encoder frozen, only the head trained).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from biofm.config import FinetuneConfig
+from biofm.errors import BiofmError, ConfigError
+from biofm.train.finetune import finetune
+
+VARIANTS = ("finetuned", "scratch", "linear_probe")
+REPORTED = ("auroc", "auprc", "balanced_accuracy", "f1_good", "accuracy")
+
+
+def variant_config(cfg: FinetuneConfig, variant: str) -> FinetuneConfig:
+    return {"finetuned": cfg, "scratch": dataclasses.replace(cfg, init="scratch"),
+            "linear_probe": dataclasses.replace(cfg, init="pretrained", unfreeze_last_n=0)}[variant]
+
+
+def compare_variants(cfg: FinetuneConfig, pretrained, data_dir: Path, output_dir: Path,
+                     variants=VARIANTS, address: str | None = None) -> dict:
+    """Fine-tune each variant on ``data_dir`` into ``output_dir/<variant>`` (``finetuned`` goes
+    to ``output_dir`` itself); returns variant -> test metrics and writes ``report.json``."""
+    output_dir = Path(output_dir)
+    report = {}
+    for v in variants:
+        out = output_dir if v == "finetuned" else output_dir / "baselines" / v
+        report[v] = finetune(variant_config(cfg, v), pretrained, data_dir, out, address=address)["test"]
+    (output_dir / "report.json").write_text(json.dumps(report, indent=1))
+    print(format_report({v: {k: [m[k]] for k in REPORTED} for v, m in report.items()}))
+    return report
+
+
+def kfold_groups(rates: dict[str, float], k: int, seed: int = 0) -> list[list[str]]:
+    """Groups (subjects) -> ``k`` folds, stratified: ordered by their positive rate (ties in a
+    seeded random order) and dealt out in turn."""
+    ids = sorted(rates)
+    order = np.random.default_rng(seed).permutation(len(ids))
+    folds: list[list[str]] = [[] for _ in range(k)]
+    for n, i in enumerate(sorted(order, key=lambda i: rates[ids[i]])):
+        folds[n % k].append(ids[i])
+    return [sorted(f) for f in folds]
+
+
+def cross_validate(cfg: FinetuneConfig, pretrained, data_dir: Path, output_dir: Path, folds: int = 5,
+                   variants=VARIANTS, seed: int = 0, address: str | None = None) -> dict:
+    """Subject-wise ``folds``-fold cross-validation over every record of a prepared BUT-PPG
+    folder (its train, val and test pooled): fold i tests on subject fold i, picks the epoch
+    and threshold on fold i + 1, trains on the rest. Writes ``cv_report.json``."""
+    data_dir, output_dir = Path(data_dir), Path(output_dir)
+    tables = [pq.read_table(p) for p in sorted(data_dir.glob("*/*.parquet"))]
+    if not tables:
+        raise BiofmError(f"no BUT-PPG records under {data_dir}: run `biofm prepare-butppg` first")
+    metadata = tables[0].schema.metadata
+    table = pa.concat_tables(tables).replace_schema_metadata(metadata)
+    subjects, labels = table.column("subject_id").to_pylist(), table.column("label").to_numpy()
+    rates = {s: float(np.mean([lab for sub, lab in zip(subjects, labels) if sub == s])) for s in set(subjects)}
+    if folds < 3 or folds > len(rates):
+        raise ConfigError(f"--folds must be between 3 and the number of subjects ({len(rates)}), got {folds}")
+    groups = kfold_groups(rates, folds, seed)
+    per_fold = []
+    for i in range(folds):
+        parts = {"test": groups[i], "val": groups[(i + 1) % folds],
+                 "train": [s for j, g in enumerate(groups) if j not in (i, (i + 1) % folds) for s in g]}
+        fold_data = output_dir / f"fold_{i}" / "data"
+        for split, members in parts.items():
+            (fold_data / split).mkdir(parents=True, exist_ok=True)
+            pq.write_table(table.filter(pc.is_in(table.column("subject_id"), pa.array(members))),
+                           fold_data / split / "but_ppg.parquet")
+        print(f"[finetune-cv] fold {i + 1}/{folds}: test subjects {groups[i]}", flush=True)
+        result = {"subjects": parts}
+        for v in variants:
+            result[v] = finetune(variant_config(cfg, v), pretrained, fold_data, output_dir / f"fold_{i}" / v,
+                                 address=address)["test"]
+        per_fold.append(result)
+    summary = {v: {k: [f[v][k] for f in per_fold] for k in REPORTED} for v in variants}
+    report = {"folds": folds, "records": table.num_rows, "good": int(labels.sum()), "subjects": len(rates),
+              "summary": {v: {k: {"mean": float(np.nanmean(x)), "std": float(np.nanstd(x))} for k, x in m.items()}
+                          for v, m in summary.items()},
+              "per_fold": per_fold}
+    (output_dir / "cv_report.json").write_text(json.dumps(report, indent=1))
+    print(format_report(summary))
+    return report
+
+
+def format_report(summary: dict[str, dict[str, list[float]]]) -> str:
+    """Variant -> metric -> values (one per fold) as a table of mean ± std."""
+    lines = [f"{'variant':14s} " + " ".join(f"{k:>18s}" for k in REPORTED)]
+    for v, m in summary.items():
+        cells = [f"{np.nanmean(m[k]):.3f} ± {np.nanstd(m[k]):.3f}" if len(m[k]) > 1 else f"{m[k][0]:.3f}"
+                 for k in REPORTED]
+        lines.append(f"{v:14s} " + " ".join(f"{c:>18s}" for c in cells))
+    return "\n".join(lines)

@@ -1,0 +1,126 @@
+"""Channel inflation 2 -> 5, the classifier's stages, and the classification metrics."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from biofm.errors import BiofmError
+from biofm.model.classifier import Classifier, inflate_encoder
+from biofm.model.ssl import Encoder, ttm_config
+from biofm.train.metrics import choose_threshold, classification_metrics
+
+NEW = ["ACC_X", "ACC_Y", "ACC_Z", "PPG", "ECG"]
+
+
+@pytest.fixture(scope="module")
+def pretrained():
+    torch.manual_seed(0)
+    enc = Encoder(ttm_config(2, num_layers=3, dropout=0.0)).eval()
+    with torch.no_grad():  # make the channel mixing non-trivial, as after pretraining
+        for p in enc.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return enc
+
+
+def signals(batch=4, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(batch, 2, 1250, generator=g)
+
+
+def test_preserve_reproduces_the_pretrained_ppg_and_ecg_latents(pretrained):
+    big = inflate_encoder(pretrained.state_dict(), pretrained.config, ["PPG", "ECG"], NEW, "preserve").eval()
+    x2 = signals()
+    x5 = torch.zeros(4, 5, 1250)
+    x5[:, 3:] = x2
+    with torch.no_grad():
+        want, got = pretrained(x2), big(x5)
+    assert got.shape == (4, 5, 10, 192)
+    assert (got[:, 3:] - want).abs().max().item() <= 1e-4
+    x5[:, :3] = torch.randn(4, 3, 1250)  # the new channels' content does not leak into PPG/ECG
+    with torch.no_grad():
+        assert (big(x5)[:, 3:] - want).abs().max().item() <= 1e-4
+
+
+def test_channels_are_mapped_by_name_not_position(pretrained):
+    order = ["ECG", "ACC_X", "PPG"]
+    big = inflate_encoder(pretrained.state_dict(), pretrained.config, ["PPG", "ECG"], order, "preserve").eval()
+    x2 = signals()
+    x3 = torch.stack([x2[:, 1], torch.zeros(4, 1250), x2[:, 0]], dim=1)
+    with torch.no_grad():
+        want, got = pretrained(x2), big(x3)
+    assert (got[:, 2] - want[:, 0]).abs().max() <= 1e-4 and (got[:, 0] - want[:, 1]).abs().max() <= 1e-4
+
+
+@pytest.mark.parametrize("init", ["mean", "random"])
+def test_other_initialisations_open_the_channel_mixing(pretrained, init):
+    big = inflate_encoder(pretrained.state_dict(), pretrained.config, ["PPG", "ECG"], NEW, init).eval()
+    x5 = torch.zeros(4, 5, 1250)
+    x5[:, 3:] = signals()
+    with torch.no_grad():
+        base = big(x5)[:, 3:]
+        x5[:, :3] = torch.randn(4, 3, 1250)
+        assert (big(x5)[:, 3:] - base).abs().max() > 1e-3  # ACC now reaches PPG/ECG
+    gate = next(v for k, v in big.state_dict().items() if k.endswith("channel_feature_mixer.gating_block.attn_layer.bias"))
+    old_gate = next(v for k, v in pretrained.state_dict().items() if k.endswith("channel_feature_mixer.gating_block.attn_layer.bias"))
+    torch.testing.assert_close(gate[3:], old_gate)
+    if init == "mean":
+        torch.testing.assert_close(gate[:3], old_gate.mean().expand(3))
+
+
+def test_inflation_refuses_a_missing_pretrained_channel(pretrained):
+    with pytest.raises(BiofmError, match=r"\['ECG'\] are not among"):
+        inflate_encoder(pretrained.state_dict(), pretrained.config, ["PPG", "ECG"], ["PPG", "ACC_X"])
+
+
+def _step(model, trainable):
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.1)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    loss = torch.nn.functional.cross_entropy(model(torch.randn(4, 5, 1250)), torch.tensor([0, 1, 0, 1]))
+    loss.backward()
+    opt.step()
+    changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    assert changed <= set(trainable)
+    return changed
+
+
+def test_stage_one_trains_only_the_head_and_stage_two_the_last_layers(pretrained):
+    model = Classifier(inflate_encoder(pretrained.state_dict(), pretrained.config, ["PPG", "ECG"], NEW))
+    trainable = model.set_stage(1, unfreeze_last_n=2)
+    assert trainable == ["head.weight", "head.bias"]
+    assert _step(model, trainable) == {"head.weight", "head.bias"}
+    trainable = model.set_stage(2, unfreeze_last_n=2)
+    layers = {f"encoder.ttm.encoder.mlp_mixer_encoder.mixers.{i}" for i in (1, 2)}
+    assert {".".join(n.split(".")[:6]) for n in trainable if n.startswith("encoder.")} == layers
+    changed = _step(model, trainable)
+    assert any(n.startswith("encoder.ttm.encoder.mlp_mixer_encoder.mixers.2") for n in changed)
+    assert not any(n.startswith(("encoder.ttm.encoder.mlp_mixer_encoder.mixers.0", "encoder.ttm.encoder.patcher"))
+                   for n in changed)
+    assert len(model.set_stage(2, unfreeze_last_n=0)) == 2  # a linear probe
+    assert len(model.set_stage(1, 2, train_encoder=True)) == len(list(model.parameters()))
+
+
+def test_absent_channels_are_left_out_of_the_pooled_features(pretrained):
+    model = Classifier(inflate_encoder(pretrained.state_dict(), pretrained.config, ["PPG", "ECG"], NEW)).eval()
+    x = torch.randn(2, 5, 1250)
+    present = torch.tensor([[False, False, False, True, True]] * 2)
+    with torch.no_grad():
+        pooled = model.features(x, present)
+        torch.testing.assert_close(pooled, model.encoder(x)[:, 3:].mean(dim=(1, 2)))
+        assert model(x, present).shape == (2, 2)
+
+
+def test_metrics_and_threshold_on_known_numbers():
+    y = np.array([0, 0, 0, 0, 1, 1])
+    p = np.array([0.1, 0.2, 0.3, 0.6, 0.55, 0.9])
+    m = classification_metrics(y, p, threshold=0.5)
+    assert m["confusion"] == [[3, 1], [0, 2]]
+    assert m["accuracy"] == pytest.approx(5 / 6) and m["balanced_accuracy"] == pytest.approx((0.75 + 1) / 2)
+    assert m["auroc"] == pytest.approx(7 / 8) and m["f1_good"] == pytest.approx(0.8)
+    t = choose_threshold(y, p)
+    assert t == pytest.approx(0.55)
+    assert classification_metrics(y, p, t)["balanced_accuracy"] == pytest.approx(0.875)
+    one = classification_metrics(np.zeros(3), np.array([0.1, 0.7, 0.2]))
+    assert np.isnan(one["auroc"]) and one["accuracy"] == pytest.approx(2 / 3)
+    assert choose_threshold(np.zeros(3), np.array([0.1, 0.7, 0.2])) == 0.5
