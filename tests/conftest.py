@@ -158,3 +158,35 @@ def write_butppg(root: Path, records: dict[str, int], ecg: bool = True, ppg_sign
         "ID,Gender,Age [years],Height [cm],Weight [kg]\n"
         + "".join(f"{r},F,{20 + int(r[:3]) % 50},170,60\n" for r in records if r in listed), encoding="utf-8-sig")
     return root
+
+
+def write_pretrained(path: Path) -> Path:
+    """A pretraining checkpoint in the real format (PPG + ECG, random weights, 2 mixer layers),
+    with the data spec of configs/channels.yaml and windows.yaml."""
+    import json
+
+    from biofm.config import ChannelsConfig, WindowsConfig, load_config
+    from biofm.model.ssl import MaskedSignalModel, ttm_config
+    from biofm.preprocess import data_spec
+    from biofm.train import checkpoint
+
+    cfg = ttm_config(2, num_layers=2)
+    channels = load_config(ChannelsConfig, ROOT / "configs/channels.yaml").select(["PPG", "ECG"])
+    spec = data_spec(channels, load_config(WindowsConfig, ROOT / "configs/windows.yaml"))
+    desc = {"kind": "masked_signal_model", "ttm_config": json.loads(json.dumps(cfg.to_dict(), default=str)),
+            "channels": ["PPG", "ECG"], "data_spec": spec}
+    return checkpoint.save(path, MaskedSignalModel(cfg).state_dict(), desc)
+
+
+@pytest.fixture(scope="session")
+def butppg_data(ray_session, tmp_path_factory):
+    """The real BUT-PPG subset prepared by prepare-butppg (train/val/test by subject)."""
+    from biofm.config import ButppgConfig, ChannelsConfig, WindowsConfig, load_config
+    from biofm.preprocess import build_butppg
+
+    if not REAL_BUTPPG.is_dir():
+        pytest.skip(f"real data folder {REAL_BUTPPG} is absent")
+    out = tmp_path_factory.mktemp("but_ppg")
+    channels = load_config(ChannelsConfig, ROOT / "configs/channels.yaml").select(ButppgConfig().channels)
+    build_butppg(REAL_BUTPPG, out, channels, load_config(WindowsConfig, ROOT / "configs/windows.yaml"), ButppgConfig())
+    return out

@@ -6,47 +6,30 @@ from __future__ import annotations
 import dataclasses
 import json
 
+import numpy as np
 import pytest
 
 from biofm.cli import main
 from biofm.config import ButppgConfig, ChannelsConfig, FinetuneConfig, WindowsConfig, load_config
 from biofm.errors import BiofmError, ConfigError
-from biofm.model.ssl import MaskedSignalModel, ttm_config
-from biofm.preprocess import build_butppg, data_spec, read_data_spec
-from biofm.train import checkpoint
-from biofm.train.finetune import build_classifier, load_classifier, predict, read_split
-from biofm.train.transfer import compare_variants, cross_validate, variant_config
-from conftest import REAL_BUTPPG, ROOT, requires_realdata
+from biofm.preprocess import data_spec, read_data_spec
+from biofm.train import checkpoint, transfer
+from biofm.train.finetune import _train_dataset, build_classifier, finetune, load_classifier, predict, read_split
+from conftest import REAL_BUTPPG, ROOT, requires_realdata, write_pretrained
 
 CHANNELS = load_config(ChannelsConfig, ROOT / "configs/channels.yaml")
 WINDOWS = load_config(WindowsConfig, ROOT / "configs/windows.yaml")
 TINY = FinetuneConfig(epochs=2, head_epochs=1, batch_size=16, lr=1e-4, cpus_per_worker=0.5)
 
 
-def write_pretrained(path, spec=None):
-    """A pretraining checkpoint in the real format (random weights, 2 mixer layers)."""
-    cfg = ttm_config(2, num_layers=2)
-    spec = spec or data_spec(CHANNELS.select(["PPG", "ECG"]), WINDOWS)
-    desc = {"kind": "masked_signal_model", "ttm_config": json.loads(json.dumps(cfg.to_dict(), default=str)),
-            "channels": ["PPG", "ECG"], "data_spec": spec}
-    return checkpoint.save(path, MaskedSignalModel(cfg).state_dict(), desc)
-
-
-@pytest.fixture(scope="module")
-def butppg_data(ray_session, tmp_path_factory):
-    if not REAL_BUTPPG.is_dir():
-        pytest.skip(f"real data folder {REAL_BUTPPG} is absent")
-    out = tmp_path_factory.mktemp("but_ppg")
-    build_butppg(REAL_BUTPPG, out, CHANNELS.select(ButppgConfig().channels), WINDOWS, ButppgConfig())
-    return out
-
-
 def test_checkpoint_built_for_other_data_is_refused(tmp_path, capsys):
     spec = data_spec(CHANNELS.select(ButppgConfig().channels), WINDOWS)
     other = json.loads(json.dumps(spec))
     other["filters"]["PPG"]["band_hz"] = [0.5, 8.0]
+    blob = checkpoint.load(write_pretrained(tmp_path / "a.pt"))
+    bad = checkpoint.save(tmp_path / "a.pt", blob["model"], {**blob["description"], "data_spec": other})
     with pytest.raises(ConfigError, match="PPG filter"):
-        build_classifier(FinetuneConfig(), write_pretrained(tmp_path / "a.pt", other), spec)
+        build_classifier(FinetuneConfig(), bad, spec)
     with pytest.raises(ConfigError, match="has 2 channels"):
         build_classifier(FinetuneConfig(pretrain_channels=3), write_pretrained(tmp_path / "b.pt"), spec)
     with pytest.raises(ConfigError, match="channels"):
@@ -59,49 +42,72 @@ def test_checkpoint_built_for_other_data_is_refused(tmp_path, capsys):
     assert "no BUT-PPG records" in capsys.readouterr().err
 
 
-@requires_realdata(REAL_BUTPPG)
-def test_staged_finetune_with_baselines_writes_every_artifact(butppg_data, tmp_path):
-    pretrained = write_pretrained(tmp_path / "foundation.pt")
-    out = tmp_path / "ft"
-    report = compare_variants(TINY, pretrained, butppg_data, out, variants=("finetuned", "scratch"))
-    n_test = json.loads((butppg_data / "manifest.json").read_text())["splits"]["test"]["records"]
-    assert set(report) == {"finetuned", "scratch"}
-    for name in ("best_model.pt", "training_history.json", "training_config.json", "test_metrics.json",
-                 "roc_curve.png", "learning_curves.png", "report.json"):
-        assert (out / name).stat().st_size > 0, name
-    history = json.loads((out / "training_history.json").read_text())
-    assert [h["stage"] for h in history] == [1, 2]
-    head = 192 * 2 + 2
-    assert history[0]["trainable_params"] == head and history[1]["trainable_params"] > 10 * head
-    assert 0 <= history[1]["val_auroc"] <= 1
-    metrics = json.loads((out / "test_metrics.json").read_text())
-    assert metrics["test"]["n"] == n_test and sum(map(sum, metrics["test"]["confusion"])) == n_test
-    model, desc = load_classifier(out / "best_model.pt")
-    assert desc["channels"] == ["ACC_X", "ACC_Y", "ACC_Z", "PPG", "ECG"] and desc["init"] == "pretrained"
-    assert desc["threshold"] == metrics["test"]["threshold"] and desc["data_spec"] == read_data_spec(butppg_data / "train")
-    test = read_split(butppg_data / "test")
-    predicted = (predict(model, test["signal"], test["present"]) >= desc["threshold"]).astype(int)
-    assert int((predicted == test["label"]).sum()) == metrics["test"]["confusion"][0][0] + metrics["test"]["confusion"][1][1]
-    scratch = json.loads((out / "baselines/scratch/training_history.json").read_text())
-    assert [h["stage"] for h in scratch] == [2, 2] and scratch[0]["trainable_params"] > history[1]["trainable_params"]
-    assert variant_config(TINY, "linear_probe").unfreeze_last_n == 0  # its stages: test_model_classifier
-    assert json.loads((out / "training_config.json").read_text())["unfreeze_last_n"] == 2
-    with pytest.raises(BiofmError, match="--resume"):
-        compare_variants(TINY, pretrained, butppg_data, out, variants=("finetuned",))
+def test_baselines_are_the_same_fine_tuning_with_other_settings(tmp_path, monkeypatch):
+    calls = []
+
+    def fake(cfg, pretrained, data_dir, out, address=None):
+        calls.append((cfg, out))
+        return {"test": {k: 0.5 for k in transfer.REPORTED} | {"n": 3}}
+
+    monkeypatch.setattr(transfer, "finetune", fake)
+    report = transfer.compare_variants(TINY, "fm.pt", tmp_path / "data", tmp_path / "out")
+    assert list(report) == ["finetuned", "scratch", "linear_probe"]
+    assert [(c.init, c.unfreeze_last_n) for c, _ in calls] == [("pretrained", 2), ("scratch", 2), ("pretrained", 0)]
+    assert [o.relative_to(tmp_path).as_posix() for _, o in calls] == [
+        "out", "out/baselines/scratch", "out/baselines/linear_probe"]
+    assert json.loads((tmp_path / "out" / "report.json").read_text())["scratch"]["n"] == 3
 
 
 @requires_realdata(REAL_BUTPPG)
-def test_subject_wise_cross_validation(butppg_data, tmp_path):
+def test_subject_wise_cross_validation_runs_staged_fine_tuning(butppg_data, tmp_path):
+    """The whole path per fold: inflation, stage 1 (head) then stage 2, best epoch by val AUROC,
+    threshold from val, test metrics and every artifact."""
     pretrained = write_pretrained(tmp_path / "foundation.pt")
-    cfg = dataclasses.replace(TINY, epochs=1, head_epochs=1)
-    report = cross_validate(cfg, pretrained, butppg_data, tmp_path / "cv", folds=3, variants=("finetuned",))
+    report = transfer.cross_validate(TINY, pretrained, butppg_data, tmp_path / "cv", folds=3, variants=("finetuned",))
     assert report["folds"] == 3 and report["records"] == 51 and report["subjects"] == 13
     tests = [set(f["subjects"]["test"]) for f in report["per_fold"]]
-    assert sorted(s for t in tests for s in t) == sorted({s for f in report["per_fold"] for p in f["subjects"].values() for s in p})
-    assert sum(len(t) for t in tests) == 13
+    assert sum(len(t) for t in tests) == 13 and len(set().union(*tests)) == 13
     for f in report["per_fold"]:
         parts = f["subjects"]
         assert not (set(parts["train"]) & set(parts["test"]) or set(parts["val"]) & set(parts["test"]))
     assert sum(f["finetuned"]["n"] for f in report["per_fold"]) == 51
     assert 0 <= report["summary"]["finetuned"]["auroc"]["mean"] <= 1
     assert (tmp_path / "cv" / "cv_report.json").is_file()
+
+    out, data = tmp_path / "cv" / "fold_0" / "finetuned", tmp_path / "cv" / "fold_0" / "data"
+    for name in ("best_model.pt", "training_history.json", "training_config.json", "test_metrics.json",
+                 "roc_curve.png", "learning_curves.png"):
+        assert (out / name).stat().st_size > 0, name
+    history = json.loads((out / "training_history.json").read_text())
+    assert [h["stage"] for h in history] == [1, 2]
+    head = 192 * 2 + 2
+    assert history[0]["trainable_params"] == head and history[1]["trainable_params"] > 10 * head
+    metrics = json.loads((out / "test_metrics.json").read_text())
+    test = read_split(data / "test")
+    assert metrics["test"]["n"] == len(test["label"]) == sum(map(sum, metrics["test"]["confusion"]))
+    model, desc = load_classifier(out / "best_model.pt")
+    assert desc["channels"] == ["ACC_X", "ACC_Y", "ACC_Z", "PPG", "ECG"] and desc["init"] == "pretrained"
+    assert desc["threshold"] == metrics["test"]["threshold"] and desc["data_spec"] == read_data_spec(data / "train")
+    predicted = (predict(model, test["signal"], test["present"]) >= desc["threshold"]).astype(int)
+    confusion = metrics["test"]["confusion"]
+    assert int((predicted == test["label"]).sum()) == confusion[0][0] + confusion[1][1]
+    with pytest.raises(BiofmError, match="--resume"):
+        finetune(TINY, pretrained, data, out)
+
+
+@requires_realdata(REAL_BUTPPG)
+def test_sampler_balance_repeats_minority_records(butppg_data):
+    labels = read_split(butppg_data / "train")["label"]
+    counts = np.bincount(labels, minlength=2)
+    minority = int(np.argmin(counts))
+    repeat = int(round(counts.max() / counts.min()))
+    ds = _train_dataset(butppg_data / "train", "sampler", labels)
+    got = np.bincount(np.concatenate([b["label"] for b in ds.iter_batches(batch_format="numpy")]), minlength=2)
+    assert got[minority] == counts[minority] * repeat and got[1 - minority] == counts[1 - minority]
+    assert _train_dataset(butppg_data / "train", "weighted", labels).count() == len(labels)
+
+
+def test_variants_differ_only_where_they_should():
+    assert transfer.variant_config(TINY, "finetuned") == TINY
+    assert dataclasses.replace(transfer.variant_config(TINY, "scratch"), init="pretrained") == TINY
+    assert dataclasses.replace(transfer.variant_config(TINY, "linear_probe"), unfreeze_last_n=2) == TINY

@@ -40,16 +40,35 @@ def windows(ray_session, tmp_path_factory):
     return out
 
 
-def test_pretrain_writes_artifacts_and_resumes(windows, tmp_path):
+def _kill_a_worker_after_first_checkpoint(out, deadline_s=240):
+    deadline = time.time() + deadline_s
+    while time.time() < deadline:
+        if list((out / "ray").rglob("checkpoint_*/model.pt")):
+            for p in psutil.process_iter(["cmdline"]):
+                if "RayTrainWorker" in " ".join(p.info["cmdline"] or []):
+                    p.kill()
+                    return p.pid
+        time.sleep(0.5)
+    return None
+
+
+def test_pretrain_survives_a_killed_worker_writes_artifacts_and_resumes(windows, tmp_path):
     out = tmp_path / "fm"
-    final = pretrain(TINY, windows, out)
+    cfg = dataclasses.replace(TINY, epochs=3)
+    result = {}
+    thread = threading.Thread(target=lambda: result.update(final=pretrain(cfg, windows, out)))
+    thread.start()
+    killed = _kill_a_worker_after_first_checkpoint(out)
+    thread.join(timeout=600)
+    assert killed and not thread.is_alive()
     history = json.loads((out / "training_history.json").read_text())
-    assert [h["epoch"] for h in history] == [1, 2] and final == history[-1]
+    assert [h["epoch"] for h in history] == [1, 2, 3] and result["final"] == history[-1]
     for key in ("train_loss", "train_mse", "train_stft", "val_loss", "val_masked_mse", "windows_per_s", "lr"):
         assert all(torch.isfinite(torch.tensor(h[key])) for h in history), key
     assert history[0]["bad_steps"] == 0 and history[0]["windows_per_s"] > 0
+    assert 0 <= history[-1]["data_wait_fraction"] <= 1 and history[-1]["first_batch_wait_s"] <= history[-1]["train_s"]
     config = json.loads((out / "training_config.json").read_text())
-    assert config["mask_ratio"] == 0.4 and config["num_layers"] == 2 and config["best_epoch"] in (1, 2)
+    assert config["mask_ratio"] == 0.4 and config["num_layers"] == 2 and config["best_epoch"] in (1, 2, 3)
     blob = checkpoint.load(out / "best_model.pt")
     assert blob["description"]["channels"] == ["PPG", "ECG"]
     assert blob["description"]["data_spec"]["sample_rate_hz"] == 125
@@ -60,30 +79,10 @@ def test_pretrain_writes_artifacts_and_resumes(windows, tmp_path):
     assert (out / "reconstruction.png").stat().st_size > 10_000
 
     with pytest.raises(BiofmError, match="--resume"):
-        pretrain(TINY, windows, out)
-    resumed = pretrain(dataclasses.replace(TINY, epochs=3), windows, out, resume=True)
+        pretrain(cfg, windows, out)
+    resumed = pretrain(dataclasses.replace(cfg, epochs=4), windows, out, resume=True)
     again = json.loads((out / "training_history.json").read_text())
-    assert [h["epoch"] for h in again] == [1, 2, 3] and again[:2] == history and resumed["epoch"] == 3
-
-
-def test_worker_killed_mid_run_resumes_from_checkpoint(windows, tmp_path):
-    out = tmp_path / "fm"
-    cfg = dataclasses.replace(TINY, epochs=4)
-    result = {}
-    thread = threading.Thread(target=lambda: result.update(final=pretrain(cfg, windows, out)))
-    thread.start()
-    deadline, killed = time.time() + 240, None
-    while time.time() < deadline and killed is None:
-        if list((out / "ray").rglob("checkpoint_*/model.pt")):
-            for p in psutil.process_iter(["cmdline"]):
-                if "RayTrainWorker" in " ".join(p.info["cmdline"] or []):
-                    p.kill()
-                    killed = p.pid
-        time.sleep(0.5)
-    thread.join(timeout=600)
-    assert killed and not thread.is_alive()
-    history = json.loads((out / "training_history.json").read_text())
-    assert [h["epoch"] for h in history] == [1, 2, 3, 4] and result["final"]["epoch"] == 4
+    assert [h["epoch"] for h in again] == [1, 2, 3, 4] and again[:3] == history and resumed["epoch"] == 4
 
 
 def test_smoke_on_real_windows(windows, tmp_path, capsys):

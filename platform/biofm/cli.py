@@ -149,6 +149,33 @@ def _finetune_cv(args) -> int:
     return 0
 
 
+def _tune(args) -> int:
+    import dataclasses
+
+    from biofm.config import FinetuneConfig, TuneSearchConfig, load_config
+    from biofm.tune import run_search
+
+    tcfg = load_config(TuneSearchConfig, args.config)
+    if args.num_samples is not None:
+        tcfg = dataclasses.replace(tcfg, num_samples=args.num_samples)
+    base = load_config(FinetuneConfig, args.finetune_config or tcfg.finetune_config)
+    exp = run_search(tcfg, base, args.pretrained, args.data_dir, args.output_dir, name=args.name,
+                     resume=args.resume, address=args.address)
+    print(f"[tune] experiment in {exp}; analyse it again with: biofm tune-report {exp}")
+    return 0
+
+
+def _tune_report(args) -> int:
+    from biofm.tune import analyse
+
+    summary = analyse(args.experiment)
+    print(f"[tune-report] {summary['trials']} trials: {summary['completed']} completed, "
+          f"{summary['stopped_early']} stopped early, {summary['errors']} failed"
+          + (f"; best {summary['best_trial']} (val AUROC {summary['best_val_auroc']:.4f}) -> "
+             f"{args.experiment}/best_config.yaml" if "best_trial" in summary else ""))
+    return 0
+
+
 def _finetune_flags(p) -> None:
     p.add_argument("--config", default="configs/finetune_butppg.yaml")
     p.add_argument("--pretrained", default="artifacts/foundation_model/best_model.pt",
@@ -267,6 +294,25 @@ def build_parser() -> argparse.ArgumentParser:
                    default=["finetuned", "scratch", "linear_probe"])
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_finetune_cv)
+
+    p = sub.add_parser("tune", help="search fine-tuning schedules with Ray Tune (ASHA on val AUROC)",
+                       description="One fine-tuning run per trial; poor schedules stop early. --resume "
+                                   "finishes an interrupted experiment without rerunning completed trials.")
+    p.add_argument("--config", default="configs/tune_finetune.yaml")
+    p.add_argument("--finetune-config", default=None, help="base fine-tuning config (default: the tune config's)")
+    p.add_argument("--pretrained", default="artifacts/foundation_model/best_model.pt")
+    p.add_argument("--data-dir", default="data/but_ppg")
+    p.add_argument("--output-dir", default="artifacts/tune")
+    p.add_argument("--name", default="finetune_schedules", help="experiment name (a folder in --output-dir)")
+    p.add_argument("--num-samples", type=int, default=None)
+    p.add_argument("--resume", action="store_true")
+    p.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS or local)")
+    p.set_defaults(func=_tune)
+
+    p = sub.add_parser("tune-report", help="analyse a tune experiment folder (no Ray needed)",
+                       description="Table of trials, best_config.yaml (for finetune --config), PNGs.")
+    p.add_argument("experiment", help="the experiment folder, e.g. artifacts/tune/finetune_schedules")
+    p.set_defaults(func=_tune_report)
     return parser
 
 

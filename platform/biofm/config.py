@@ -259,6 +259,7 @@ class FinetuneConfig:
     seed: int = 0
     num_workers: int = 1
     cpus_per_worker: float = 1.0
+    gpus_per_worker: float = 1.0
     use_gpu: bool | None = None
     max_failures: int = 1
 
@@ -274,3 +275,53 @@ class FinetuneConfig:
             raise ValueError("unfreeze_last_n must be >= 0, batch_size and num_workers >= 1")
         if self.lr <= 0 or self.head_lr <= 0:
             raise ValueError("lr and head_lr must be positive")
+        if not 0 < self.gpus_per_worker <= 1:
+            raise ValueError(f"gpus_per_worker must be in (0, 1], got {self.gpus_per_worker}")
+
+
+SEARCH_KINDS = ("loguniform", "uniform", "randint", "choice", "grid")
+
+
+@dataclass(frozen=True)
+class TuneSearchConfig:
+    """A Ray Tune search over fine-tuning schedules (``configs/tune_finetune.yaml``).
+
+    ``search`` maps FinetuneConfig fields to one of ``{loguniform: [lo, hi]}``,
+    ``{uniform: [lo, hi]}``, ``{randint: [lo, hi]}`` (both ends included), ``{choice: [...]}``
+    or ``{grid: [...]}``. ``mode: grid`` runs every combination of the ``grid`` values once;
+    ``random`` draws ``num_samples`` configurations (crossed with any ``grid`` entries). ASHA
+    stops poor trials on val AUROC after ``grace_period`` epochs. Each trial trains one worker
+    with ``cpus_per_trial`` CPUs and ``gpus_per_trial`` of a GPU (0: CPU only).
+    """
+
+    finetune_config: str = "configs/finetune_butppg.yaml"
+    mode: str = "random"
+    num_samples: int = 8
+    max_epochs: int = 12
+    grace_period: int = 3
+    reduction_factor: int = 2
+    cpus_per_trial: float = 0.5
+    gpus_per_trial: float = 0.0
+    max_concurrent_trials: int = 2
+    seed: int = 0
+    search: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.mode not in ("random", "grid"):
+            raise ValueError(f"mode must be random or grid, got {self.mode!r}")
+        if min(self.num_samples, self.max_epochs, self.grace_period, self.max_concurrent_trials) < 1:
+            raise ValueError("num_samples, max_epochs, grace_period and max_concurrent_trials must be >= 1")
+        if self.reduction_factor < 2 or self.cpus_per_trial <= 0 or not 0 <= self.gpus_per_trial <= 1:
+            raise ValueError("need reduction_factor >= 2, cpus_per_trial > 0, 0 <= gpus_per_trial <= 1")
+        fields = {f.name for f in dataclasses.fields(FinetuneConfig)} - {"channels", "pretrain_channels", "epochs"}
+        for key, spec in self.search.items():
+            if key not in fields:
+                raise ValueError(f"search: unknown key {key!r} (searchable: {', '.join(sorted(fields))})")
+            if not (isinstance(spec, dict) and len(spec) == 1 and next(iter(spec)) in SEARCH_KINDS
+                    and isinstance(next(iter(spec.values())), list)):
+                raise ValueError(f"search.{key}: expected one of {{{', '.join(SEARCH_KINDS)}}}: [values], got {spec!r}")
+            kind, values = next(iter(spec.items()))
+            if kind in ("loguniform", "uniform", "randint") and len(values) != 2:
+                raise ValueError(f"search.{key}: {kind} takes [low, high], got {values}")
+            if self.mode == "grid" and kind not in ("grid", "choice"):
+                raise ValueError(f"search.{key}: mode grid needs grid or choice lists, got {kind}")

@@ -205,8 +205,9 @@ def _check_case_id(case_id: str) -> str:
 class Progress:
     """One progress line per stage for people: cases done / total, windows kept, rate."""
 
-    def __init__(self, stage: str, total: int, every_s: float = 5.0):
+    def __init__(self, stage: str, total: int, every_s: float = 5.0, units: tuple[str, str] = ("cases", "windows")):
         self.stage, self.total, self.every_s = stage, total, every_s
+        self.units = units
         self.done = self.skipped = self.windows = 0
         self.t0 = self.last = time.perf_counter()
 
@@ -218,8 +219,9 @@ class Progress:
         if now - self.last >= self.every_s or self.done == self.total:
             self.last = now
             rate = self.windows / max(now - self.t0, 1e-9)
-            print(f"[{self.stage}] {self.done}/{self.total} cases ({self.skipped} skipped), "
-                  f"{self.windows} windows kept, {rate:.0f} windows/s", flush=True)
+            items, kept = self.units
+            print(f"[{self.stage}] {self.done}/{self.total} {items} ({self.skipped} skipped), "
+                  f"{self.windows} {kept} kept, {rate:.0f} {kept}/s", flush=True)
 
 
 def _process_row(row: dict, **kwargs) -> dict:
@@ -500,7 +502,7 @@ def build_butppg(raw_dir: str | Path, outdir: str | Path, channels: dict[str, Ch
             outcomes[rid] = {"record_id": rid, "status": "skipped", "code": "no_subject_info",
                              "reason": "not listed in subject-info.csv"}
     todo = [r for r in records if r not in outcomes]
-    progress = Progress("prepare-butppg", len(todo))
+    progress = Progress("prepare-butppg", len(todo), units=("records", "rows"))
     t0 = time.perf_counter()
     rows = {}
     if todo:

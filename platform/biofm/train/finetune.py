@@ -25,7 +25,7 @@ from biofm.model.classifier import Classifier, inflate_encoder
 from biofm.model.ssl import Encoder, ttm_config
 from biofm.train import checkpoint
 from biofm.train.metrics import choose_threshold, classification_metrics
-from biofm.train.ray_run import check_run_dir, fit
+from biofm.train.ray_run import RUN_NAME, check_run_dir, fit
 
 def read_split(split_dir: Path) -> dict[str, np.ndarray]:
     """A BUT-PPG split read whole (they are small): ``signal [N, C, T]``, ``present [N, C]``,
@@ -243,14 +243,15 @@ def _train_dataset(split_dir: Path, class_balance: str, labels: np.ndarray):
 
 
 def finetune(cfg: FinetuneConfig, pretrained: str | Path | None, data_dir: str | Path, output_dir: str | Path,
-             address: str | None = None, resume: bool = False) -> dict:
-    """Fine-tune and write the artifacts to ``output_dir``; returns the test metrics."""
+             address: str | None = None, resume: bool = False, run_name: str = RUN_NAME, callbacks=()) -> dict:
+    """Fine-tune and write the artifacts to ``output_dir``; returns the test metrics.
+    ``run_name`` and ``callbacks``: for a run inside a Ray Tune trial."""
     import ray.data
 
     from biofm.preprocess import ensure_ray, read_data_spec, same_data
 
     data_dir, output_dir = Path(data_dir), Path(output_dir).resolve()
-    storage = check_run_dir(output_dir, resume, "fine-tuning")
+    storage = check_run_dir(output_dir, resume, "fine-tuning", run_name)
     for split in ("train", "val", "test"):
         if not any((data_dir / split).glob("*.parquet")):
             raise BiofmError(f"no BUT-PPG records in {data_dir / split}: run `biofm prepare-butppg` first")
@@ -271,7 +272,7 @@ def finetune(cfg: FinetuneConfig, pretrained: str | Path | None, data_dir: str |
     # BUT-PPG is small (3,888 records, ~100 MB): read once into the object store, not every epoch
     datasets = {"train": _train_dataset(data_dir / "train", cfg.class_balance, train_labels).materialize(),
                 "val": ray.data.read_parquet(str(data_dir / "val"), columns=["signal", "present", "label"]).materialize()}
-    best, history = fit(train_loop, loop_config, datasets, cfg, storage, "val_auroc", "max")
+    best, history = fit(train_loop, loop_config, datasets, cfg, storage, "val_auroc", "max", run_name, callbacks)
     return write_artifacts(output_dir, best, history, cfg, data_dir, pretrained)
 
 

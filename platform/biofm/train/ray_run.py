@@ -14,13 +14,13 @@ from biofm.train import checkpoint
 RUN_NAME = "ray_train"
 
 
-def check_run_dir(output_dir: Path, resume: bool, what: str) -> Path:
+def check_run_dir(output_dir: Path, resume: bool, what: str, name: str = RUN_NAME) -> Path:
     """The Ray storage folder of ``output_dir``; refuses to overwrite a run, or to resume none."""
     storage = output_dir / "ray"
-    if (storage / RUN_NAME).exists() and not resume:
+    if (storage / name).exists() and not resume:
         raise BiofmError(f"{output_dir} already holds a {what} run: pass --resume to continue it, "
                          "or choose another --output-dir")
-    if resume and not (storage / RUN_NAME).exists():
+    if resume and not (storage / name).exists():
         raise BiofmError(f"nothing to resume in {output_dir}")
     return storage
 
@@ -35,23 +35,26 @@ def worker_cpus(requested: float, num_workers: int, cluster_cpus: float) -> floa
     return min(requested, free / num_workers)
 
 
-def fit(train_loop, loop_config: dict, datasets: dict, cfg, storage: Path, metric: str, mode: str) -> tuple[dict, list[dict]]:
+def fit(train_loop, loop_config: dict, datasets: dict, cfg, storage: Path, metric: str, mode: str,
+        name: str = RUN_NAME, callbacks=()) -> tuple[dict, list[dict]]:
     """Run ``train_loop`` on a ``TorchTrainer`` with ``cfg``'s ``num_workers``, ``cpus_per_worker``,
-    ``use_gpu`` (None: when the cluster has GPUs) and ``max_failures``. Returns the best
-    checkpoint by ``metric`` (``mode`` ``min`` or ``max``) as a loaded blob, and the per-epoch
-    history of the last checkpoint."""
+    ``gpus_per_worker`` (when it has one), ``use_gpu`` (None: when the cluster has GPUs) and
+    ``max_failures``, as run ``name`` under ``storage`` (the same name resumes it). Returns the
+    best checkpoint by ``metric`` (``mode`` ``min`` or ``max``) as a loaded blob, and the
+    per-epoch history of the last checkpoint. ``callbacks``: Ray Train callbacks (Tune's)."""
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     use_gpu = cfg.use_gpu if cfg.use_gpu is not None else ray.cluster_resources().get("GPU", 0) > 0
     cpus = worker_cpus(cfg.cpus_per_worker, cfg.num_workers, ray.cluster_resources().get("CPU", 0))
+    gpus = getattr(cfg, "gpus_per_worker", 1)
     trainer = TorchTrainer(
         train_loop,
         train_loop_config=loop_config,
         scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=use_gpu,
-                                     resources_per_worker={"CPU": cpus, **({"GPU": 1} if use_gpu else {})}),
-        run_config=RunConfig(name=RUN_NAME, storage_path=str(storage),
+                                     resources_per_worker={"CPU": cpus, **({"GPU": gpus} if use_gpu else {})}),
+        run_config=RunConfig(name=name, storage_path=str(storage), callbacks=list(callbacks),
                              failure_config=FailureConfig(max_failures=cfg.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=2, checkpoint_score_attribute=metric,
                                                                 checkpoint_score_order=mode)),

@@ -39,6 +39,7 @@ def compare_variants(cfg: FinetuneConfig, pretrained, data_dir: Path, output_dir
     for v in variants:
         out = output_dir if v == "finetuned" else output_dir / "baselines" / v
         report[v] = finetune(variant_config(cfg, v), pretrained, data_dir, out, address=address)["test"]
+    output_dir.mkdir(parents=True, exist_ok=True)
     (output_dir / "report.json").write_text(json.dumps(report, indent=1))
     print(format_report({v: {k: [m[k]] for k in REPORTED} for v, m in report.items()}))
     return report

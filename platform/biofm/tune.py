@@ -1,0 +1,243 @@
+"""Ray Tune over fine-tuning schedules, and the analysis of an experiment folder.
+
+:func:`run_search` launches one Ray Train fine-tuning run per trial (the documented
+Train-inside-Tune pattern: :func:`biofm.train.finetune.finetune` with Tune's report callback),
+stops poor schedules early with ASHA on val AUROC, and resumes an interrupted experiment.
+:func:`analyse` reads an experiment folder with plain files only (no Ray), so it works on a
+folder copied from a cluster: a sorted table of trials, the best config as a YAML that
+``biofm finetune --config`` accepts, and PNGs.
+
+    <output_dir>/<name>/                     Tune's experiment folder
+        biofm_search.json                    the search config and the base fine-tuning config
+        <trial folders>/params.json, result.json, error.txt   written by Tune
+        trials/<trial_id>/                   the trial's fine-tuning run and artifacts
+        trials.csv, best_config.yaml, val_auroc_by_epoch.png, val_auroc_vs_hyperparameters.png
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import re
+from pathlib import Path
+
+import yaml
+
+from biofm.config import FinetuneConfig, TuneSearchConfig, from_dict, to_jsonable
+from biofm.errors import BiofmError
+
+STATE = "biofm_search.json"
+
+
+def param_space(search: dict) -> dict:
+    """``search`` (see :class:`~biofm.config.TuneSearchConfig`) as Ray Tune samplers."""
+    from ray import tune
+
+    make = {"loguniform": lambda v: tune.loguniform(*v), "uniform": lambda v: tune.uniform(*v),
+            "randint": lambda v: tune.randint(v[0], v[1] + 1), "choice": tune.choice, "grid": tune.grid_search}
+    space = {}
+    for key, spec in search.items():
+        kind, values = next(iter(spec.items()))
+        space[key] = make[kind](values)
+    return space
+
+
+def _grid_mode(search: dict) -> dict:
+    return {k: {"grid": next(iter(v.values()))} for k, v in search.items()}
+
+
+def trial_config(base: dict, params: dict) -> FinetuneConfig:
+    """The fine-tuning config of a trial: the base config with the trial's values."""
+    return from_dict(FinetuneConfig, {**base, **params}, where="trial config")
+
+
+def finetune_trial(params: dict, base: dict, pretrained: str, data_dir: str, trials_dir: str) -> None:
+    """One trial: the same fine-tuning run as ``biofm finetune``, its epochs reported to Tune."""
+    import ray.tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from biofm.train.finetune import finetune
+
+    trial_id = ray.tune.get_context().get_trial_id()
+    out = Path(trials_dir) / trial_id
+    run_name = f"train-trial_id={trial_id}"  # fixed per trial, so a restarted trial resumes its run
+    finetune(trial_config(base, params), pretrained, data_dir, out, resume=(out / "ray" / run_name).exists(),
+             run_name=run_name, callbacks=[TuneReportCallback()])
+
+
+def run_search(tcfg: TuneSearchConfig, base: FinetuneConfig, pretrained: str | Path, data_dir: str | Path,
+               output_dir: str | Path, name: str = "finetune_schedules", resume: bool = False,
+               address: str | None = None) -> Path:
+    """Run (or with ``resume``, finish) the search; returns the experiment folder, analysed."""
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+    from ray.tune.search.basic_variant import BasicVariantGenerator
+
+    from biofm.preprocess import ensure_ray
+
+    exp_dir = Path(output_dir).resolve() / name
+    if resume and not (exp_dir / STATE).is_file():
+        raise BiofmError(f"nothing to resume in {exp_dir}")
+    if not resume and exp_dir.exists():
+        raise BiofmError(f"{exp_dir} already holds an experiment: pass --resume to finish it, or choose "
+                         "another --output-dir / --name")
+    if not Path(pretrained).is_file():
+        raise BiofmError(f"pretrained checkpoint not found: {pretrained}")
+    if not (Path(data_dir) / "train").is_dir():
+        raise BiofmError(f"no BUT-PPG records in {data_dir}: run `biofm prepare-butppg` first")
+    # checked per trial, once the trial's values are in (head_epochs may exceed max_epochs alone)
+    base_dict = {**to_jsonable(base), "epochs": tcfg.max_epochs, "cpus_per_worker": tcfg.cpus_per_trial,
+                 "use_gpu": tcfg.gpus_per_trial > 0, "gpus_per_worker": tcfg.gpus_per_trial or 1.0}
+    if not resume:
+        exp_dir.mkdir(parents=True)
+        (exp_dir / STATE).write_text(json.dumps({"search": to_jsonable(tcfg), "base": base_dict,
+                                                 "pretrained": str(pretrained), "data_dir": str(data_dir)}, indent=1))
+    # Tune saves the experiment state (which trials finished) at most every 5 s, and copies it to
+    # the experiment folder at most every sync_period (below): an interruption loses at most that
+    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "5")
+    ensure_ray(address)
+    trainable = tune.with_resources(
+        tune.with_parameters(finetune_trial, base=base_dict, pretrained=str(Path(pretrained).resolve()),
+                             data_dir=str(Path(data_dir).resolve()), trials_dir=str(exp_dir / "trials")),
+        {"CPU": 0.01})  # the trial's driver only waits; its training worker asks for cpus_per_trial
+    search = _grid_mode(tcfg.search) if tcfg.mode == "grid" else tcfg.search
+    if resume:
+        tuner = tune.Tuner.restore(str(exp_dir), trainable=trainable, resume_unfinished=True, resume_errored=False)
+    else:
+        tuner = tune.Tuner(
+            trainable,
+            param_space=param_space(search),
+            tune_config=tune.TuneConfig(
+                metric="val_auroc", mode="max", num_samples=1 if tcfg.mode == "grid" else tcfg.num_samples,
+                # stop_last_trials=False: a trial reaching max_epochs ends by itself, after writing
+                # its artifacts (test metrics, best model), instead of being stopped at its last report
+                scheduler=ASHAScheduler(max_t=tcfg.max_epochs, grace_period=tcfg.grace_period,
+                                        reduction_factor=tcfg.reduction_factor, stop_last_trials=False),
+                search_alg=BasicVariantGenerator(random_state=tcfg.seed, max_concurrent=tcfg.max_concurrent_trials)),
+            run_config=tune.RunConfig(name=name, storage_path=str(exp_dir.parent),
+                                      failure_config=tune.FailureConfig(max_failures=0),
+                                      sync_config=tune.SyncConfig(sync_period=5)),
+        )
+    results = tuner.fit()
+    for result in results:
+        if result.error:
+            print(f"[tune] trial {result.metrics.get('trial_id', '?')} failed: {str(result.error).splitlines()[-1]}",
+                  flush=True)
+    analyse(exp_dir)
+    return exp_dir
+
+
+def load_trials(exp_dir: Path) -> tuple[dict, list[dict]]:
+    """The search state and every trial of ``exp_dir``: params, per-epoch results, status
+    (``completed``, ``stopped early`` by ASHA or an interruption, ``error``), error text."""
+    state_file = exp_dir / STATE
+    if not state_file.is_file():
+        raise BiofmError(f"{exp_dir} is not a biofm tune experiment (no {STATE})")
+    state = json.loads(state_file.read_text())
+    max_epochs = state["search"]["max_epochs"]
+    trials = []
+    for params_file in sorted(exp_dir.glob("*/params.json")):
+        folder = params_file.parent
+        results = [json.loads(line) for line in (folder / "result.json").read_text().splitlines() if line.strip()] \
+            if (folder / "result.json").is_file() else []
+        results = [r for r in results if "val_auroc" in r]
+        error = (folder / "error.txt").read_text().strip() if (folder / "error.txt").is_file() else ""
+        epochs = max((r["epoch"] for r in results), default=0)
+        status = "error" if error else "completed" if epochs >= max_epochs else "stopped early"
+        best = max(results, key=lambda r: r["val_auroc"], default=None)
+        trials.append({
+            "trial": results[0]["trial_id"] if results else _trial_id(folder.name), "folder": folder.name,
+            "params": json.loads(params_file.read_text()),
+            "status": status, "epochs": epochs, "best_val_auroc": best["val_auroc"] if best else float("nan"),
+            "best_epoch": best["epoch"] if best else 0, "history": [(r["epoch"], r["val_auroc"]) for r in results],
+            "error": error.splitlines()[-1] if error else ""})
+    trials.sort(key=lambda t: (t["status"] == "error", -t["best_val_auroc"] if t["epochs"] else 1.0))
+    return state, trials
+
+
+def _trial_id(folder_name: str) -> str:
+    """Tune names trial folders ``<trainable>_<experiment>_<index>_<params>_<date>``."""
+    found = re.search(r"_([0-9a-f]{5}_\d{5})_", folder_name)
+    return found.group(1) if found else folder_name
+
+
+def analyse(exp_dir: str | Path) -> dict:
+    """Table, ``best_config.yaml``, ``trials.csv`` and PNGs for ``exp_dir``; returns a summary."""
+    exp_dir = Path(exp_dir)
+    state, trials = load_trials(exp_dir)
+    if not trials:
+        raise BiofmError(f"{exp_dir} holds no trials yet")
+    keys = sorted({k for t in trials for k in t["params"]})
+    print(format_table(trials, keys))
+    with open(exp_dir / "trials.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["trial", "status", "epochs", "best_val_auroc", "best_epoch", *keys, "error"])
+        for t in trials:
+            w.writerow([t["trial"], t["status"], t["epochs"], t["best_val_auroc"], t["best_epoch"],
+                        *[t["params"].get(k) for k in keys], t["error"]])
+    ok = [t for t in trials if t["status"] != "error" and t["epochs"] > 0]
+    summary = {"trials": len(trials), "completed": sum(t["status"] == "completed" for t in trials),
+               "stopped_early": sum(t["status"] == "stopped early" for t in trials),
+               "errors": sum(t["status"] == "error" for t in trials)}
+    if ok:
+        best = ok[0]
+        config = to_jsonable(trial_config(state["base"], best["params"]))
+        header = (f"# Best schedule of {exp_dir.name}: trial {best['trial']}, val AUROC {best['best_val_auroc']:.4f} "
+                  f"at epoch {best['best_epoch']}.\n# Use it with: biofm finetune --config <this file>\n")
+        (exp_dir / "best_config.yaml").write_text(header + yaml.safe_dump(config, sort_keys=False))
+        summary.update(best_trial=best["trial"], best_val_auroc=best["best_val_auroc"], best_params=best["params"])
+        _plots(exp_dir, ok, keys)
+    return summary
+
+
+def format_table(trials: list[dict], keys: list[str]) -> str:
+    def show(v):
+        return f"{v:.3g}" if isinstance(v, float) else str(v)
+
+    rows = [["trial", "status", "epochs", "best val AUROC", *keys]]
+    rows += [[t["trial"], t["status"], str(t["epochs"]),
+              f"{t['best_val_auroc']:.4f}" if t["epochs"] else "-", *[show(t["params"].get(k)) for k in keys]]
+             for t in trials]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
+    lines += [f"{t['trial']}: {t['error']}" for t in trials if t["error"]]
+    return "\n".join(lines)
+
+
+def _plots(exp_dir: Path, trials: list[dict], keys: list[str]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for t in trials:
+        epochs, auroc = zip(*t["history"])
+        line, = ax.plot(epochs, auroc, marker=".", label=f"{t['trial']} ({t['status']})")
+        if t["status"] == "stopped early":
+            ax.plot(epochs[-1], auroc[-1], "x", color=line.get_color(), ms=9)
+    ax.set(xlabel="epoch", ylabel="val AUROC", title="val AUROC per trial (x: stopped early)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(exp_dir / "val_auroc_by_epoch.png", dpi=100)
+    plt.close(fig)
+
+    fig, axes = plt.subplots(1, max(1, len(keys)), figsize=(3.2 * max(1, len(keys)), 3.2), squeeze=False)
+    for ax, key in zip(axes[0], keys):
+        values = [t["params"][key] for t in trials]
+        y = [t["best_val_auroc"] for t in trials]
+        if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+            ax.scatter(values, y)
+            if key in ("lr", "head_lr", "weight_decay") and min(values) > 0:
+                ax.set_xscale("log")
+        else:
+            labels = sorted({str(v) for v in values})
+            ax.scatter([labels.index(str(v)) for v in values], y)
+            ax.set_xticks(range(len(labels)), labels, rotation=30, fontsize=8)
+        ax.set(xlabel=key, ylabel="best val AUROC")
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(exp_dir / "val_auroc_vs_hyperparameters.png", dpi=100)
+    plt.close(fig)

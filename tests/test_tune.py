@@ -1,0 +1,123 @@
+"""Ray Tune over fine-tuning schedules: config checks, an interrupted search that resumes, and
+the report read from a copied experiment folder without Ray."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+import psutil
+import pytest
+import yaml
+
+from biofm.cli import main
+from biofm.config import FinetuneConfig, TuneSearchConfig, from_dict, load_config
+from biofm.errors import BiofmError, ConfigError
+from biofm.tune import param_space, run_search, trial_config
+from conftest import REAL_BUTPPG, ROOT, requires_realdata, write_pretrained
+
+
+def test_search_config_is_checked(tmp_path):
+    cases = {
+        "search: {learning_rate: {loguniform: [1.0e-5, 1.0e-3]}}": "unknown key 'learning_rate'",
+        "search: {lr: {normal: [0, 1]}}": "expected one of",
+        "search: {lr: {loguniform: [1.0e-5]}}": "loguniform takes",
+        "mode: grid\nsearch: {lr: {loguniform: [1.0e-5, 1.0e-3]}}": "mode grid needs",
+        "max_trials: 3": "unknown key 'max_trials'",
+    }
+    for text, message in cases.items():
+        (tmp_path / "t.yaml").write_text(text)
+        with pytest.raises(ConfigError, match=message):
+            load_config(TuneSearchConfig, tmp_path / "t.yaml")
+    shipped = load_config(TuneSearchConfig, ROOT / "configs/tune_finetune.yaml")
+    assert set(shipped.search) == {"lr", "head_epochs", "unfreeze_last_n", "weight_decay", "inflation",
+                                   "class_balance", "batch_size"}
+    space = param_space(shipped.search)
+    assert space["unfreeze_last_n"].lower == 0 and space["unfreeze_last_n"].upper == 5  # 0..4 inclusive
+    assert space["lr"].lower == 1e-5 and set(space["inflation"].categories) == {"preserve", "mean", "random"}
+
+
+def test_trial_config_applies_the_sampled_values_and_checks_them():
+    base = json.loads(json.dumps(FinetuneConfig().__dict__, default=list))
+    cfg = trial_config(base, {"lr": 3e-4, "unfreeze_last_n": 0, "inflation": "mean"})
+    assert (cfg.lr, cfg.unfreeze_last_n, cfg.inflation, cfg.channels) == (3e-4, 0, "mean", FinetuneConfig().channels)
+    with pytest.raises(ConfigError, match="head_epochs"):
+        trial_config(base, {"head_epochs": 40})
+
+
+def _kill_tree(proc):
+    """SIGKILL a process and everything it started (its Ray cluster included)."""
+    try:
+        family = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+    except psutil.NoSuchProcess:
+        family = []
+    for p in family:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    proc.wait(timeout=60)
+
+
+@pytest.mark.timeout(600)
+@requires_realdata(REAL_BUTPPG)
+def test_interrupted_search_resumes_without_rerunning_finished_trials(butppg_data, tmp_path):
+    pretrained = write_pretrained(tmp_path / "foundation.pt")
+    config = tmp_path / "tune.yaml"
+    config.write_text(yaml.safe_dump({
+        "finetune_config": str(ROOT / "configs/finetune_butppg.yaml"), "mode": "grid", "max_epochs": 2,
+        "grace_period": 1, "max_concurrent_trials": 1, "cpus_per_trial": 0.5,
+        # head_epochs 3 > max_epochs 2: those trials fail, and must not stop the others
+        "search": {"init": {"grid": ["pretrained", "scratch"]}, "head_epochs": {"grid": [1, 3]},
+                   "batch_size": {"grid": [16]}}}))
+    args = ["tune", "--config", str(config), "--pretrained", str(pretrained), "--data-dir", str(butppg_data),
+            "--output-dir", str(tmp_path / "tune")]
+    exp = tmp_path / "tune" / "finetune_schedules"
+    env = {**os.environ, "RAY_DATA_DISABLE_PROGRESS_BARS": "1"}
+    env.pop("RAY_ADDRESS", None)
+    log = open(tmp_path / "first_run.log", "w")
+    proc = subprocess.Popen([sys.executable, "-m", "biofm.cli", *args], cwd=ROOT, env=env, start_new_session=True,
+                            stdout=log, stderr=subprocess.STDOUT)
+    deadline, finished = time.time() + 420, None
+    try:
+        while time.time() < deadline and finished is None and proc.poll() is None:
+            done = sorted(exp.glob("trials/*/test_metrics.json"))
+            states = "".join(p.read_text() for p in exp.glob("experiment_state-*.json"))
+            if done and "TERMINATED" in states:  # Tune has recorded the finished trial
+                finished = done[0]
+            time.sleep(1)
+    finally:
+        _kill_tree(proc)
+    log.close()
+    assert finished is not None, f"no trial finished in time: {(tmp_path / 'first_run.log').read_text()[-3000:]}"
+    stamp = finished.stat().st_mtime_ns
+
+    assert main(args + ["--resume"]) == 0
+    assert finished.stat().st_mtime_ns == stamp  # the finished trial was not run again
+    assert len(list(exp.glob("trials/*/test_metrics.json"))) == 2
+    with pytest.raises(BiofmError, match="--resume"):
+        run_search(load_config(TuneSearchConfig, config), FinetuneConfig(), pretrained, butppg_data, tmp_path / "tune")
+
+    copied = tmp_path / "copied"
+    shutil.copytree(exp, copied)
+    report = subprocess.run(
+        [sys.executable, "-c", "import sys; from biofm.cli import main; code = main(sys.argv[1:]); "
+         "assert 'ray' not in sys.modules, 'tune-report imported ray'; sys.exit(code)", "tune-report", str(copied)],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert report.returncode == 0, report.stderr[-2000:]
+    assert "4 trials: 2 completed, 0 stopped early, 2 failed" in report.stdout
+    assert report.stdout.count("head_epochs <= epochs, got 2, 3") == 2  # each failure with its reason
+    rows = report.stdout.splitlines()
+    assert rows[1].split()[1] == "completed" and rows[3].split()[1] == "error"
+    for png in ("val_auroc_by_epoch.png", "val_auroc_vs_hyperparameters.png"):
+        assert (copied / png).stat().st_size > 5_000
+    best_id = rows[1].split()[0]
+    params = json.loads(next(p for p in copied.glob(f"*{best_id}*/params.json")).read_text())
+    best = load_config(FinetuneConfig, copied / "best_config.yaml")  # what `biofm finetune --config` reads
+    state = json.loads((copied / "biofm_search.json").read_text())
+    assert best == from_dict(FinetuneConfig, {**state["base"], **params}, "trial")
+    assert (best.init, best.head_epochs, best.batch_size, best.epochs) == (params["init"], 1, 16, 2)
