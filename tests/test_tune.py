@@ -3,6 +3,7 @@ the report read from a copied experiment folder without Ray."""
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import shutil
@@ -17,7 +18,7 @@ import yaml
 from biofm.cli import main
 from biofm.config import FinetuneConfig, TuneSearchConfig, from_dict, load_config
 from biofm.errors import BiofmError, ConfigError
-from biofm.tune import param_space, run_search, trial_config
+from biofm.tune import analyse, param_space, run_search, trial_config
 from conftest import REAL_BUTPPG, ROOT, requires_realdata, write_pretrained
 
 
@@ -121,3 +122,31 @@ def test_interrupted_search_resumes_without_rerunning_finished_trials(butppg_dat
     state = json.loads((copied / "biofm_search.json").read_text())
     assert best == from_dict(FinetuneConfig, {**state["base"], **params}, "trial")
     assert (best.init, best.head_epochs, best.batch_size, best.epochs) == (params["init"], 1, 16, 2)
+
+
+def test_report_shows_where_each_trial_stopped(tmp_path):
+    """An experiment folder as Tune leaves it (params.json, result.json, error.txt per trial)."""
+    exp = tmp_path / "exp"
+    base = json.loads(json.dumps(FinetuneConfig().__dict__, default=list))
+    (exp).mkdir()
+    (exp / "biofm_search.json").write_text(json.dumps({"search": {"max_epochs": 3}, "base": base}))
+    trials = {"aaaaa_00000": ([0.6, 0.7, 0.75], {"lr": 1e-4}, ""),
+              "aaaaa_00001": ([0.55], {"lr": 1e-3}, ""),  # ASHA stopped it at its first rung
+              "aaaaa_00002": ([], {"lr": 0.0}, "Traceback ...\nConfigError: lr must be positive")}
+    for i, (tid, (aurocs, params, error)) in enumerate(trials.items()):
+        folder = exp / f"finetune_trial_{tid}_{i}_lr={params['lr']}_2026-11-27_10-00-00"
+        folder.mkdir()
+        (folder / "params.json").write_text(json.dumps(params))
+        (folder / "result.json").write_text("".join(
+            json.dumps({"epoch": e, "val_auroc": a, "trial_id": tid}) + "\n" for e, a in enumerate(aurocs, 1)))
+        if error:
+            (folder / "error.txt").write_text(error)
+    summary = analyse(exp)
+    assert summary == {"trials": 3, "completed": 1, "stopped_early": 1, "errors": 1, "best_trial": "aaaaa_00000",
+                       "best_val_auroc": 0.75, "best_params": {"lr": 1e-4}}
+    rows = list(csv.reader((exp / "trials.csv").read_text().splitlines()))
+    assert [r[:3] for r in rows[1:]] == [["aaaaa_00000", "completed", "3"], ["aaaaa_00001", "stopped early", "1"],
+                                         ["aaaaa_00002", "error", "0"]]
+    assert rows[3][-1] == "ConfigError: lr must be positive"
+    assert load_config(FinetuneConfig, exp / "best_config.yaml") == FinetuneConfig(lr=1e-4)
+    assert (exp / "val_auroc_by_epoch.png").stat().st_size > 5_000
