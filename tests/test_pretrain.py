@@ -54,7 +54,7 @@ def _kill_a_worker_after_first_checkpoint(out, deadline_s=240):
 
 def test_pretrain_survives_a_killed_worker_writes_artifacts_and_resumes(windows, tmp_path):
     out = tmp_path / "fm"
-    cfg = dataclasses.replace(TINY, epochs=3)
+    cfg = TINY  # 2 epochs
     result = {}
     thread = threading.Thread(target=lambda: result.update(final=pretrain(cfg, windows, out)))
     thread.start()
@@ -62,13 +62,13 @@ def test_pretrain_survives_a_killed_worker_writes_artifacts_and_resumes(windows,
     thread.join(timeout=600)
     assert killed and not thread.is_alive()
     history = json.loads((out / "training_history.json").read_text())
-    assert [h["epoch"] for h in history] == [1, 2, 3] and result["final"] == history[-1]
+    assert [h["epoch"] for h in history] == [1, 2] and result["final"] == history[-1]
     for key in ("train_loss", "train_mse", "train_stft", "val_loss", "val_masked_mse", "windows_per_s", "lr"):
         assert all(torch.isfinite(torch.tensor(h[key])) for h in history), key
     assert history[0]["bad_steps"] == 0 and history[0]["windows_per_s"] > 0
     assert 0 <= history[-1]["data_wait_fraction"] <= 1 and history[-1]["first_batch_wait_s"] <= history[-1]["train_s"]
     config = json.loads((out / "training_config.json").read_text())
-    assert config["mask_ratio"] == 0.4 and config["num_layers"] == 2 and config["best_epoch"] in (1, 2, 3)
+    assert config["mask_ratio"] == 0.4 and config["num_layers"] == 2 and config["best_epoch"] in (1, 2)
     blob = checkpoint.load(out / "best_model.pt")
     assert blob["description"]["channels"] == ["PPG", "ECG"]
     assert blob["description"]["data_spec"]["sample_rate_hz"] == 125
@@ -80,9 +80,9 @@ def test_pretrain_survives_a_killed_worker_writes_artifacts_and_resumes(windows,
 
     with pytest.raises(BiofmError, match="--resume"):
         pretrain(cfg, windows, out)
-    resumed = pretrain(dataclasses.replace(cfg, epochs=4), windows, out, resume=True)
+    resumed = pretrain(dataclasses.replace(cfg, epochs=3), windows, out, resume=True)
     again = json.loads((out / "training_history.json").read_text())
-    assert [h["epoch"] for h in again] == [1, 2, 3, 4] and again[:3] == history and resumed["epoch"] == 4
+    assert [h["epoch"] for h in again] == [1, 2, 3] and again[:2] == history and resumed["epoch"] == 3
 
 
 def test_smoke_on_real_windows(windows, tmp_path, capsys):

@@ -227,7 +227,7 @@ def _train_dataset(split_dir: Path, class_balance: str, labels: np.ndarray):
     so both classes are seen about equally often per epoch."""
     import ray.data
 
-    ds = ray.data.read_parquet(str(split_dir), columns=["signal", "present", "label"])
+    ds = ray.data.read_parquet(str(split_dir)).select_columns(["signal", "present", "label"])
     if class_balance != "sampler":
         return ds
     counts = np.bincount(labels, minlength=2)
@@ -271,7 +271,7 @@ def finetune(cfg: FinetuneConfig, pretrained: str | Path | None, data_dir: str |
                    "class_weights": weights}
     # BUT-PPG is small (3,888 records, ~100 MB): read once into the object store, not every epoch
     datasets = {"train": _train_dataset(data_dir / "train", cfg.class_balance, train_labels).materialize(),
-                "val": ray.data.read_parquet(str(data_dir / "val"), columns=["signal", "present", "label"]).materialize()}
+                "val": ray.data.read_parquet(str(data_dir / "val")).select_columns(["signal", "present", "label"]).materialize()}
     best, history = fit(train_loop, loop_config, datasets, cfg, storage, "val_auroc", "max", run_name, callbacks)
     return write_artifacts(output_dir, best, history, cfg, data_dir, pretrained)
 

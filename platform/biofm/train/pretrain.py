@@ -180,7 +180,7 @@ def windows_dataset(split_dir: Path, channels: tuple[str, ...]):
     if missing:
         raise ConfigError(f"{split_dir} has channels {spec['channels']}, not {missing}")
     index = [spec["channels"].index(c) for c in channels]
-    ds = ray.data.read_parquet(str(split_dir), columns=["signal", "case_id", "window_idx"])
+    ds = ray.data.read_parquet(str(split_dir)).select_columns(["signal", "case_id", "window_idx"])
     if index != list(range(len(spec["channels"]))):
         ds = ds.map_batches(lambda b: {**b, "signal": b["signal"][:, index]}, batch_format="numpy")
     return ds, {**spec, "channels": list(channels), "filters": {c: spec["filters"][c] for c in channels}}
