@@ -80,6 +80,8 @@ def test_subject_wise_cross_validation_runs_staged_fine_tuning(butppg_data, tmp_
         assert (out / name).stat().st_size > 0, name
     history = json.loads((out / "training_history.json").read_text())
     assert [h["stage"] for h in history] == [1, 2]
+    n_val = len(read_split(data / "val")["label"])
+    assert all(sum(map(sum, h["val_confusion"])) == n_val for h in history)
     head = 192 * 2 + 2
     assert history[0]["trainable_params"] == head and history[1]["trainable_params"] > 10 * head
     metrics = json.loads((out / "test_metrics.json").read_text())

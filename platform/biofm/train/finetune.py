@@ -209,7 +209,7 @@ def train_loop(config: dict) -> None:
                    "val_accuracy": val["accuracy"], "records_per_s": n / max(train_s, 1e-9),
                    "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad)}
         state.update(epoch=epoch + 1, stage=stage)
-        state["history"].append(metrics)
+        state["history"].append({**metrics, "val_confusion": val["confusion"]})  # [[tn, fp], [fn, tp]]
         with tempfile.TemporaryDirectory() as d:
             ckpt = None
             if rank == 0:
