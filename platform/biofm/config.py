@@ -175,7 +175,9 @@ class PretrainConfig:
     """Masked signal modeling on the TTM encoder (``configs/ssl_pretrain.yaml``).
 
     ``warmup_epochs`` of linear warm-up, then cosine decay to zero. ``cpus_per_worker`` is
-    lowered at run time so one CPU stays free for Ray Data's reads.
+    lowered at run time so one CPU stays free for Ray Data's reads. A split whose Parquet files
+    total at most ``cache_mb`` MB is read once into Ray's object store (which spills to disk
+    under pressure) instead of streamed again each epoch; larger ones stream (0: always stream).
     """
 
     channels: tuple[str, ...] = ("PPG", "ECG")
@@ -200,6 +202,7 @@ class PretrainConfig:
     use_gpu: bool | None = None
     max_failures: int = 2
     max_bad_steps: int = 20
+    cache_mb: float = 256.0
 
     def __post_init__(self):
         if not 0 < self.mask_ratio < 1:
@@ -208,6 +211,8 @@ class PretrainConfig:
             raise ValueError("epochs, batch_size and num_workers must be >= 1")
         if self.lr <= 0 or self.cpus_per_worker <= 0:
             raise ValueError("lr and cpus_per_worker must be positive")
+        if self.cache_mb < 0:
+            raise ValueError(f"cache_mb must be >= 0, got {self.cache_mb}")
         if not self.channels:
             raise ValueError("channels must not be empty")
 
