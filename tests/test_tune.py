@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import psutil
 import pytest
 import yaml
@@ -18,7 +19,7 @@ import yaml
 from biofm.cli import main
 from biofm.config import FinetuneConfig, TuneSearchConfig, from_dict, load_config
 from biofm.errors import BiofmError, ConfigError
-from biofm.tune import analyse, param_space, run_search, trial_config
+from biofm.tune import analyse, load_trials, param_space, run_search, trial_config
 from conftest import REAL_BUTPPG, ROOT, requires_realdata, write_pretrained
 
 
@@ -29,6 +30,7 @@ def test_search_config_is_checked(tmp_path):
         "search: {lr: {loguniform: [1.0e-5]}}": "loguniform takes",
         "mode: grid\nsearch: {lr: {loguniform: [1.0e-5, 1.0e-3]}}": "mode grid needs",
         "max_trials: 3": "unknown key 'max_trials'",
+        "max_epochs: 3\ngrace_period: 3": "grace_period \\(3\\) must be below max_epochs \\(3\\)",
     }
     for text, message in cases.items():
         (tmp_path / "t.yaml").write_text(text)
@@ -66,15 +68,19 @@ def _kill_tree(proc):
 
 @pytest.mark.timeout(600)
 @requires_realdata(REAL_BUTPPG)
-def test_interrupted_search_resumes_without_rerunning_finished_trials(butppg_data, ray_session, tmp_path):
+def test_interrupted_search_resumes_and_asha_stops_a_worse_schedule(butppg_data, ray_session, tmp_path):
+    """Four trials, one at a time: pretrained, scratch, pretrained, and one with a bad value. The
+    search is killed once the first has finished, then resumed. The rung is epoch 1 of 2 (keep the
+    better half). Ray Tune rebuilds the scheduler empty on resume, so ASHA's decisions are replayed
+    from the trials run after it; the random-weight "pretrained" encoder scores 0.5 at epoch 1 and
+    the scratch model, trained whole, scores above it, so the second pretrained trial is stopped."""
     pretrained = write_pretrained(tmp_path / "foundation.pt")
     config = tmp_path / "tune.yaml"
     config.write_text(yaml.safe_dump({
-        "finetune_config": str(ROOT / "configs/finetune_butppg.yaml"), "mode": "grid", "max_epochs": 1,
-        "grace_period": 1, "max_concurrent_trials": 1, "cpus_per_trial": 0.5,
-        # head_epochs 2 > max_epochs 1: those trials fail, and must not stop the others
-        "search": {"init": {"grid": ["pretrained", "scratch"]}, "head_epochs": {"grid": [1, 2]},
-                   "batch_size": {"grid": [16]}}}))
+        "finetune_config": str(ROOT / "configs/finetune_butppg.yaml"), "mode": "grid", "max_epochs": 2,
+        "grace_period": 1, "reduction_factor": 2, "max_concurrent_trials": 1, "cpus_per_trial": 0.5,
+        "search": {"init": {"grid": ["pretrained", "scratch", "pretrained", "imagenet"]},
+                   "head_epochs": {"grid": [1]}, "batch_size": {"grid": [16]}}}))
     args = ["tune", "--config", str(config), "--pretrained", str(pretrained), "--data-dir", str(butppg_data),
             "--output-dir", str(tmp_path / "tune")]
     exp = tmp_path / "tune" / "finetune_schedules"
@@ -83,7 +89,7 @@ def test_interrupted_search_resumes_without_rerunning_finished_trials(butppg_dat
     log = open(tmp_path / "first_run.log", "w")
     proc = subprocess.Popen([sys.executable, "-m", "biofm.cli", *args], cwd=ROOT, env=env, start_new_session=True,
                             stdout=log, stderr=subprocess.STDOUT)
-    deadline, finished = time.time() + 420, None
+    deadline, finished = time.time() + 300, None
     try:
         while time.time() < deadline and finished is None and proc.poll() is None:
             done = sorted(exp.glob("trials/*/test_metrics.json"))
@@ -99,7 +105,7 @@ def test_interrupted_search_resumes_without_rerunning_finished_trials(butppg_dat
 
     assert main(args + ["--resume"]) == 0
     assert finished.stat().st_mtime_ns == stamp  # the finished trial was not run again
-    assert len(list(exp.glob("trials/*/test_metrics.json"))) == 2
+    assert len(list(exp.glob("trials/*/test_metrics.json"))) == 2  # the stopped trial has none
     with pytest.raises(BiofmError, match="--resume"):
         run_search(load_config(TuneSearchConfig, config), FinetuneConfig(), pretrained, butppg_data, tmp_path / "tune")
 
@@ -110,10 +116,19 @@ def test_interrupted_search_resumes_without_rerunning_finished_trials(butppg_dat
          "assert 'ray' not in sys.modules, 'tune-report imported ray'; sys.exit(code)", "tune-report", str(copied)],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert report.returncode == 0, report.stderr[-2000:]
-    assert "4 trials: 2 completed, 0 stopped early, 2 failed" in report.stdout
-    assert report.stdout.count("head_epochs <= epochs, got 1, 2") == 2  # each failure with its reason
+    assert "4 trials: 2 completed, 1 stopped early, 1 failed" in report.stdout, report.stdout
+    assert "init must be one of pretrained, scratch, got 'imagenet'" in report.stdout  # the failure, with its reason
+    _, trials = load_trials(copied)
+    by_index = sorted((t for t in trials if t["epochs"]), key=lambda t: t["trial"])
+    recorded, replayed = [], []
+    for t in by_index[1:]:  # after the resume, in the order they ran
+        value = t["history"][0][1]
+        replayed.append(bool(recorded) and value < float(np.percentile(recorded, 50)))
+        recorded.append(value)
+    assert [t["status"] == "stopped early" for t in by_index[1:]] == replayed == [False, True], by_index
+    assert by_index[2]["epochs"] == 1 and all(t["epochs"] == 2 for t in trials if t["status"] == "completed")
     rows = report.stdout.splitlines()
-    assert rows[1].split()[1] == "completed" and rows[3].split()[1] == "error"
+    assert rows[1].split()[1] == "completed" and rows[4].split()[1] == "error"
     for png in ("val_auroc_by_epoch.png", "val_auroc_vs_hyperparameters.png"):
         assert (copied / png).stat().st_size > 5_000
     best_id = rows[1].split()[0]
@@ -121,7 +136,7 @@ def test_interrupted_search_resumes_without_rerunning_finished_trials(butppg_dat
     best = load_config(FinetuneConfig, copied / "best_config.yaml")  # what `biofm finetune --config` reads
     state = json.loads((copied / "biofm_search.json").read_text())
     assert best == from_dict(FinetuneConfig, {**state["base"], **params}, "trial")
-    assert (best.init, best.head_epochs, best.batch_size, best.epochs) == (params["init"], 1, 16, 1)
+    assert (best.init, best.head_epochs, best.batch_size, best.epochs) == (params["init"], 1, 16, 2)
 
 
 def test_report_shows_where_each_trial_stopped(tmp_path):

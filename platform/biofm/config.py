@@ -316,6 +316,9 @@ class TuneSearchConfig:
             raise ValueError(f"mode must be random or grid, got {self.mode!r}")
         if min(self.num_samples, self.max_epochs, self.grace_period, self.max_concurrent_trials) < 1:
             raise ValueError("num_samples, max_epochs, grace_period and max_concurrent_trials must be >= 1")
+        if self.grace_period >= self.max_epochs:
+            raise ValueError(f"grace_period ({self.grace_period}) must be below max_epochs ({self.max_epochs}), "
+                             "or ASHA can stop no trial")
         if self.reduction_factor < 2 or self.cpus_per_trial <= 0 or not 0 <= self.gpus_per_trial <= 1:
             raise ValueError("need reduction_factor >= 2, cpus_per_trial > 0, 0 <= gpus_per_trial <= 1")
         fields = {f.name for f in dataclasses.fields(FinetuneConfig)} - {"channels", "pretrain_channels", "epochs"}

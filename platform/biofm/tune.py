@@ -110,9 +110,12 @@ def run_search(tcfg: TuneSearchConfig, base: FinetuneConfig, pretrained: str | P
             param_space=param_space(search),
             tune_config=tune.TuneConfig(
                 metric="val_auroc", mode="max", num_samples=1 if tcfg.mode == "grid" else tcfg.num_samples,
-                # stop_last_trials=False: a trial reaching max_epochs ends by itself, after writing
-                # its artifacts (test metrics, best model), instead of being stopped at its last report
-                scheduler=ASHAScheduler(max_t=tcfg.max_epochs, grace_period=tcfg.grace_period,
+                # ASHA puts a rung at max_t when max_t / grace_period is a power of the reduction
+                # factor; a trial stopped there, at its last epoch, would never write its artifacts.
+                # max_t = max_epochs - 1 keeps every rung before the last epoch, and
+                # stop_last_trials=False lets a trial past max_t finish by itself.
+                # time_attr epoch: a trial resumed from its checkpoint keeps counting its epochs.
+                scheduler=ASHAScheduler(time_attr="epoch", max_t=tcfg.max_epochs - 1, grace_period=tcfg.grace_period,
                                         reduction_factor=tcfg.reduction_factor, stop_last_trials=False),
                 search_alg=BasicVariantGenerator(random_state=tcfg.seed, max_concurrent=tcfg.max_concurrent_trials)),
             run_config=tune.RunConfig(name=name, storage_path=str(exp_dir.parent),
