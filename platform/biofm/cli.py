@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from biofm.errors import BiofmError
+from biofm.errors import BiofmError, ConfigError
 
 
 def _prepare_splits(args) -> int:
@@ -49,8 +49,6 @@ def _pretrain_config(args):
     try:
         return dataclasses.replace(cfg, **{k: v for k, v in overrides.items() if v is not None})
     except ValueError as e:
-        from biofm.errors import ConfigError
-
         raise ConfigError(f"{args.config} with command-line overrides: {e}") from None
 
 
@@ -108,7 +106,6 @@ def _finetune_config(args):
     import dataclasses
 
     from biofm.config import FinetuneConfig, load_config
-    from biofm.errors import ConfigError
 
     cfg = load_config(FinetuneConfig, args.config)
     overrides = {"pretrain_channels": args.pretrain_channels, "unfreeze_last_n": args.unfreeze_last_n,
@@ -173,6 +170,28 @@ def _tune_report(args) -> int:
           f"{summary['stopped_early']} stopped early, {summary['errors']} failed"
           + (f"; best {summary['best_trial']} (val AUROC {summary['best_val_auroc']:.4f}) -> "
              f"{args.experiment}/best_config.yaml" if "best_trial" in summary else ""))
+    return 0
+
+
+def _pipeline(args) -> int:
+    import dataclasses
+
+    import yaml
+
+    from biofm.config import PipelineConfig, from_dict, load_config, to_jsonable
+    from biofm.pipeline import run_pipeline
+
+    cfg = load_config(PipelineConfig, args.config)
+    overrides = {}
+    for item in args.set:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ConfigError(f"--set takes KEY=VALUE, got {item!r}")
+        overrides[key] = yaml.safe_load(value)
+    cfg = from_dict(PipelineConfig, {**to_jsonable(cfg), **overrides}, f"{args.config} with --set")
+    if args.output_dir:
+        cfg = dataclasses.replace(cfg, output_dir=args.output_dir)
+    run_pipeline(cfg, force=tuple(args.force), address=args.address)
     return 0
 
 
@@ -308,6 +327,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true")
     p.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS or local)")
     p.set_defaults(func=_tune)
+
+    p = sub.add_parser("pipeline", help="every stage from one config: splits, windows, pretrain, BUT-PPG, finetune, tune",
+                       description="Runs prepare-splits, build-windows (train, val), pretrain, prepare-butppg, "
+                                   "finetune and, with a tune section, tune. A stage whose output was made "
+                                   "from the same settings is skipped; an interrupted one continues.")
+    p.add_argument("--config", default="configs/pipeline.yaml")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a pipeline config key (value in YAML), e.g. --set vital_source=/data/vital")
+    p.add_argument("--output-dir", default=None, help="where every stage writes (default: the config's output_dir)")
+    p.add_argument("--force", nargs="+", default=[], metavar="STAGE",
+                   help="rerun these stages even if up to date: splits windows pretrain butppg finetune tune")
+    p.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS or local)")
+    p.set_defaults(func=_pipeline)
 
     p = sub.add_parser("tune-report", help="analyse a tune experiment folder (no Ray needed)",
                        description="Table of trials, best_config.yaml (for finetune --config), PNGs.")

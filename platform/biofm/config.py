@@ -333,3 +333,53 @@ class TuneSearchConfig:
                 raise ValueError(f"search.{key}: {kind} takes [low, high], got {values}")
             if self.mode == "grid" and kind not in ("grid", "choice"):
                 raise ValueError(f"search.{key}: mode grid needs grid or choice lists, got {kind}")
+
+
+STAGES = ("splits", "windows", "pretrain", "butppg", "finetune", "tune")
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    """The end-to-end pipeline (``configs/pipeline.yaml``, ``configs/smoke.yaml``).
+
+    Every stage writes under ``output_dir``. VitalDB: ``case_set`` (a vitaldb case set, a case
+    list file or a folder of .vital files) split by ``split_mode``; the first ``max_cases``
+    ``{split: n}`` of each split are windowed from ``vital_source`` (``api``, a folder, or a
+    cloud URI). BUT-PPG: read from ``butppg_raw_dir``, downloaded there first from PhysioNet (or
+    ``physionet_url``) when ``butppg_download`` and the folder holds no RECORDS. ``pretrain``,
+    ``finetune`` and ``tune`` override fields of the YAML configs they name; ``tune: null``
+    leaves the search out. Relative paths are relative to the working directory.
+    """
+
+    output_dir: str = "runs/quick"
+    channels_yaml: str = "configs/channels.yaml"
+    windows_yaml: str = "configs/windows.yaml"
+    case_set: str = "bis"
+    split_mode: str = "fasttrack"
+    split_seed: int = 0
+    split_ratios: tuple[float, float, float] = (0.7, 0.15, 0.15)
+    max_cases: dict[str, int] = dataclasses.field(default_factory=lambda: {"train": 6, "val": 2})
+    vital_source: str = "api"
+    api_url: str | None = None
+    pretrain_config: str = "configs/ssl_pretrain.yaml"
+    pretrain: dict[str, Any] = dataclasses.field(default_factory=dict)
+    butppg_config: str = "configs/butppg.yaml"
+    butppg_raw_dir: str = "data/but_ppg_raw"
+    butppg_download: bool = True
+    physionet_url: str | None = None
+    finetune_config: str = "configs/finetune_butppg.yaml"
+    finetune: dict[str, Any] = dataclasses.field(default_factory=dict)
+    tune_config: str = "configs/tune_finetune.yaml"
+    tune: dict[str, Any] | None = None
+
+    def __post_init__(self):
+        if self.split_mode not in ("fasttrack", "full"):
+            raise ValueError(f"split_mode must be fasttrack or full, got {self.split_mode!r}")
+        for split, n in self.max_cases.items():
+            if split not in ("train", "val") or n < 1:
+                raise ValueError(f"max_cases: expected {{train: n, val: n}} with n >= 1, got {dict(self.max_cases)}")
+
+
+def with_overrides(cls: type, path: str | Path, overrides: dict, where: str):
+    """``cls`` loaded from ``path``, then ``overrides`` (field: value) applied and checked."""
+    return from_dict(cls, {**to_jsonable(load_config(cls, path)), **overrides}, f"{where} (over {path})")

@@ -12,6 +12,7 @@ A record id is six digits; its first three are the subject.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import os
 from dataclasses import dataclass
@@ -149,16 +150,36 @@ def read_record(raw_dir: Path, record_id: str, ppg_signal: int = 0) -> dict[str,
     return out
 
 
-def download(raw_dir: Path, index_url: str | None = None) -> None:
-    """Fetch BUT-PPG from PhysioNet (``index_url``: another WFDB index, e.g. a mirror) with
-    ``wfdb``'s downloader; files already there at full size are kept."""
+@contextlib.contextmanager
+def _physionet(index_url: str | None):
+    """wfdb's downloader pointed at ``index_url`` (default PhysioNet), its errors made clear."""
     from wfdb.io import download as dl
     from wfdb.io._url import NetFileError
 
     base = (index_url or dl.PN_INDEX_URL).rstrip("/") + "/"
-    db = f"{DATABASE}/{VERSION}"
     dl.set_db_index_url(base)
     try:
+        yield dl, base
+    except (OSError, ValueError, NetFileError) as e:
+        raise SourceUnreachable(f"cannot download BUT-PPG from {base}{DATABASE}/{VERSION} ({type(e).__name__}: {e}). "
+                                "Offline? Download it elsewhere (https://physionet.org/content/butppg/) "
+                                "and pass its folder with --raw-dir") from e
+    finally:
+        dl.set_db_index_url()
+
+
+def check_reachable(index_url: str | None = None) -> int:
+    """The number of BUT-PPG records PhysioNet (or the mirror at ``index_url``) lists; raises
+    :class:`SourceUnreachable` when it cannot be reached."""
+    with _physionet(index_url) as (dl, _):
+        return len([r for r in dl.get_record_list(f"{DATABASE}/{VERSION}") if r.strip()])
+
+
+def download(raw_dir: Path, index_url: str | None = None) -> None:
+    """Fetch BUT-PPG from PhysioNet (``index_url``: another WFDB index, e.g. a mirror) with
+    ``wfdb``'s downloader; files already there at full size are kept."""
+    db = f"{DATABASE}/{VERSION}"
+    with _physionet(index_url) as (dl, base):
         records = [r for r in dl.get_record_list(db) if r.strip()]
         files = ["RECORDS", "quality-hr-ann.csv", "subject-info.csv"]
         for rec in records:
@@ -172,9 +193,3 @@ def download(raw_dir: Path, index_url: str | None = None) -> None:
         dl.make_local_dirs(str(raw_dir), inputs, True)
         for args in inputs:
             dl.dl_pn_file(args)
-    except (OSError, ValueError, NetFileError) as e:
-        raise SourceUnreachable(f"cannot download BUT-PPG from {base}{db} ({type(e).__name__}: {e}). "
-                                "Offline? Download it elsewhere (https://physionet.org/content/butppg/) "
-                                "and pass its folder with --raw-dir") from e
-    finally:
-        dl.set_db_index_url()

@@ -1,0 +1,164 @@
+"""The end-to-end pipeline from one config: prepare-splits -> build-windows (train, val) ->
+pretrain -> prepare-butppg -> finetune [-> tune], each stage the same library call as its
+``biofm`` command.
+
+A stage records what it was made from in ``<its folder>/pipeline_stage.json`` (a hash of its
+resolved settings and of the stages it reads). A rerun skips a stage whose record says ``done``
+with the same hash, continues one that was interrupted with the same hash, and rebuilds one whose
+settings changed; ``force`` reruns the named stages.
+
+    <output_dir>/splits/splits_<mode>.json
+    <output_dir>/vitaldb_windows/{train,val}/     manifest.json
+    <output_dir>/foundation_model/                best_model.pt, ...
+    <output_dir>/but_ppg/{train,val,test}/        manifest.json
+    <output_dir>/but_ppg_finetuned/               best_model.pt, test_metrics.json, ...
+    <output_dir>/tune/finetune_schedules/         (with a tune section)
+    <output_dir>/pipeline.json                    per stage: ran or skipped, hash, seconds
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import time
+from pathlib import Path
+
+from biofm.config import (
+    STAGES, ButppgConfig, ChannelsConfig, FinetuneConfig, PipelineConfig, PretrainConfig, TuneSearchConfig,
+    WindowsConfig, load_config, to_jsonable, with_overrides,
+)
+from biofm.errors import BiofmError, ConfigError, SourceUnreachable
+
+MARKER = "pipeline_stage.json"
+
+
+def settings_hash(settings: dict) -> str:
+    return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def check_sources(cfg: PipelineConfig) -> None:
+    """Stop before any work when a remote source the pipeline needs cannot be reached."""
+    from biofm.sources import butppg
+    from biofm.sources.vitaldb import open_source
+
+    try:
+        open_source(cfg.vital_source, cfg.api_url).check_reachable()
+    except SourceUnreachable as e:
+        raise SourceUnreachable(f"{e} In the pipeline: --set vital_source=<folder of .vital files>") from None
+    raw = Path(cfg.butppg_raw_dir)
+    if not (raw / "RECORDS").is_file():
+        if not cfg.butppg_download:
+            raise BiofmError(f"no BUT-PPG in {raw} (no RECORDS file): --set butppg_raw_dir=<its folder>, "
+                             "or butppg_download: true")
+        try:
+            butppg.check_reachable(cfg.physionet_url)
+        except SourceUnreachable as e:
+            raise SourceUnreachable(f"{e} In the pipeline: --set butppg_raw_dir=<its folder>") from None
+
+
+def run_stage(name: str, folder: Path, settings: dict, force: bool, run) -> dict:
+    """Run ``run(resume: bool)`` for stage ``name`` unless ``folder`` already holds its output
+    made from ``settings``. Returns ``{"stage", "hash", "status": ran|skipped, "seconds"}``."""
+    digest = settings_hash(settings)
+    marker = folder / MARKER
+    previous = json.loads(marker.read_text()) if marker.is_file() else None
+    if previous and previous["hash"] == digest and previous["status"] == "done" and not force:
+        print(f"[pipeline] {name}: up to date ({digest}), skipped", flush=True)
+        return {"stage": name, "hash": digest, "status": "skipped", "seconds": 0.0}
+    if folder.exists() and any(folder.iterdir()) and previous is None:
+        raise BiofmError(f"{folder} exists and was not made by the pipeline: move it away or choose another "
+                         "output_dir (the pipeline does not delete what it did not write)")
+    resume = bool(previous and previous["hash"] == digest and not force)
+    if folder.exists() and not resume:
+        why = "forced" if force else "its settings changed"
+        print(f"[pipeline] {name}: {why}, rebuilding {folder}", flush=True)
+        shutil.rmtree(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    record = {"stage": name, "hash": digest, "settings": settings}
+    marker.write_text(json.dumps({**record, "status": "running"}, indent=1, default=str))
+    print(f"[pipeline] {name}: {'continuing' if resume else 'running'} ({digest})", flush=True)
+    t0 = time.perf_counter()
+    run(resume)
+    seconds = round(time.perf_counter() - t0, 1)
+    marker.write_text(json.dumps({**record, "status": "done", "seconds": seconds}, indent=1, default=str))
+    print(f"[pipeline] {name}: done in {seconds:.0f} s", flush=True)
+    return {"stage": name, "hash": digest, "status": "ran", "seconds": seconds}
+
+
+def run_pipeline(cfg: PipelineConfig, force: tuple[str, ...] = (), address: str | None = None) -> list[dict]:
+    """Run every stage of ``cfg`` in order (see the module docstring); returns the stage records."""
+    from biofm.preprocess import build_butppg, build_windows, ensure_ray
+    from biofm.sources.butppg import download
+    from biofm.sources.vitaldb import open_source
+    from biofm.splits import load_split, prepare_splits
+    from biofm.train.finetune import finetune
+    from biofm.train.pretrain import pretrain
+    from biofm.train.ray_run import RUN_NAME
+    from biofm.tune import STATE, run_search
+
+    unknown = [s for s in force if s not in STAGES]
+    if unknown:
+        raise ConfigError(f"--force: unknown stage(s) {unknown} (stages: {', '.join(STAGES)})")
+    out = Path(cfg.output_dir).resolve()
+    channels = load_config(ChannelsConfig, cfg.channels_yaml)
+    windows = load_config(WindowsConfig, cfg.windows_yaml)
+    pre = with_overrides(PretrainConfig, cfg.pretrain_config, cfg.pretrain, "pipeline pretrain")
+    but = load_config(ButppgConfig, cfg.butppg_config)
+    fine = with_overrides(FinetuneConfig, cfg.finetune_config, cfg.finetune, "pipeline finetune")
+    search = None if cfg.tune is None else with_overrides(TuneSearchConfig, cfg.tune_config, cfg.tune, "pipeline tune")
+    check_sources(cfg)
+    ensure_ray(address)
+
+    records, hashes = [], {}
+
+    def stage(name, folder, settings, run, after=()):
+        settings = {**settings, "after": {a: hashes[a] for a in after}}
+        records.append(run_stage(name, folder, settings, name in force, run))
+        hashes[name] = records[-1]["hash"]
+
+    split_file = out / "splits" / f"splits_{cfg.split_mode}.json"
+    stage("splits", out / "splits",
+          {"case_set": cfg.case_set, "mode": cfg.split_mode, "seed": cfg.split_seed, "ratios": cfg.split_ratios},
+          lambda resume: prepare_splits(cfg.split_mode, cfg.case_set, out / "splits", cfg.split_seed,
+                                        cfg.split_ratios))
+
+    def build(resume):
+        selected = channels.select(pre.channels)
+        for split in ("train", "val"):
+            cases = load_split(split_file, split)[:cfg.max_cases.get(split)]
+            build_windows(cases, open_source(cfg.vital_source, cfg.api_url), selected, windows,
+                          out / "vitaldb_windows", split, inputs={"pipeline": str(out), "source": cfg.vital_source})
+
+    stage("windows", out / "vitaldb_windows",
+          {"channels": to_jsonable(channels), "windows": to_jsonable(windows), "source": cfg.vital_source,
+           "api_url": cfg.api_url, "max_cases": cfg.max_cases, "channels_used": pre.channels}, build, after=["splits"])
+    stage("pretrain", out / "foundation_model", to_jsonable(pre),
+          lambda resume: pretrain(pre, out / "vitaldb_windows", out / "foundation_model",
+                                  resume=resume and (out / "foundation_model" / "ray" / RUN_NAME).exists()),
+          after=["windows"])
+
+    def prepare_butppg(resume):
+        raw = Path(cfg.butppg_raw_dir)
+        if not (raw / "RECORDS").is_file():
+            download(raw, cfg.physionet_url)
+        build_butppg(raw, out / "but_ppg", channels.select(but.channels), windows, but)
+
+    stage("butppg", out / "but_ppg",
+          {"butppg": to_jsonable(but), "channels": to_jsonable(channels), "windows": to_jsonable(windows),
+           "raw_dir": str(Path(cfg.butppg_raw_dir).resolve())}, prepare_butppg)
+    pretrained = out / "foundation_model" / "best_model.pt"
+    stage("finetune", out / "but_ppg_finetuned", to_jsonable(fine),
+          lambda resume: finetune(fine, pretrained, out / "but_ppg", out / "but_ppg_finetuned",
+                                  resume=resume and (out / "but_ppg_finetuned" / "ray" / RUN_NAME).exists()),
+          after=["pretrain", "butppg"])
+    if search is not None:
+        stage("tune", out / "tune", {"search": to_jsonable(search), "base": to_jsonable(fine)},
+              lambda resume: run_search(search, fine, pretrained, out / "but_ppg", out / "tune",
+                                        resume=resume and (out / "tune" / "finetune_schedules" / STATE).is_file()),
+              after=["pretrain", "butppg"])
+    (out / "pipeline.json").write_text(json.dumps({"config": to_jsonable(cfg), "stages": records}, indent=1))
+    ran = [r["stage"] for r in records if r["status"] == "ran"]
+    print(f"[pipeline] done: ran {', '.join(ran) or 'nothing'}; skipped "
+          f"{', '.join(r['stage'] for r in records if r['status'] == 'skipped') or 'nothing'} -> {out}", flush=True)
+    return records

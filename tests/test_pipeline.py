@@ -1,0 +1,207 @@
+"""The end-to-end pipeline: stage skipping, offline failure, the cluster launcher config, and the
+smoke pipeline submitted with `ray job submit` to a real head on 127.0.0.1."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import yaml
+
+from biofm.cli import main
+from biofm.config import FinetuneConfig
+from biofm.errors import BiofmError
+from biofm.pipeline import MARKER, run_stage
+from biofm.preprocess import read_data_spec, read_manifest
+from biofm.train.finetune import finetune, load_classifier, predict, read_split
+from conftest import REAL_BUTPPG, REAL_VITAL, ROOT, requires_realdata
+
+
+def test_a_stage_is_skipped_continued_or_rebuilt_by_its_settings(tmp_path, capsys):
+    calls = []
+
+    def run(resume):
+        calls.append(resume)
+        (folder / "out.txt").write_text(str(len(calls)))
+        if len(calls) == 3:
+            raise KeyboardInterrupt  # interrupted midway
+
+    folder = tmp_path / "stage"
+    assert run_stage("s", folder, {"a": 1}, False, run)["status"] == "ran"
+    assert run_stage("s", folder, {"a": 1}, False, run)["status"] == "skipped" and calls == [False]
+    assert run_stage("s", folder, {"a": 1}, True, run)["status"] == "ran" and calls == [False, False]  # forced
+    with pytest.raises(KeyboardInterrupt):
+        run_stage("s", folder, {"a": 2}, False, run)  # settings changed: rebuilt, then interrupted
+    assert json.loads((folder / MARKER).read_text())["status"] == "running"
+    assert run_stage("s", folder, {"a": 2}, False, run)["status"] == "ran" and calls[-1] is True  # continued
+    assert "its settings changed, rebuilding" in capsys.readouterr().out
+    foreign = tmp_path / "mine"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("keep me")
+    with pytest.raises(BiofmError, match="was not made by the pipeline"):
+        run_stage("s", foreign, {"a": 1}, False, run)
+    assert (foreign / "notes.txt").read_text() == "keep me"
+
+
+def test_pipeline_stops_at_once_when_a_source_is_unreachable(dead_url, tmp_path, capsys):
+    base = ["pipeline", "--config", str(ROOT / "configs/pipeline.yaml"), "--output-dir", str(tmp_path / "run")]
+    t0 = time.perf_counter()
+    assert main(base + ["--set", f"api_url={dead_url}"]) == 2
+    err = capsys.readouterr().err
+    assert f"cannot reach the VitalDB API at {dead_url}" in err and "--set vital_source=" in err
+    assert main(base + ["--set", f"vital_source={tmp_path}", "--set", f"physionet_url={dead_url}",
+                        "--set", f"butppg_raw_dir={tmp_path / 'none'}"]) == 2
+    err = capsys.readouterr().err
+    assert "cannot download BUT-PPG" in err and "--set butppg_raw_dir=" in err
+    assert time.perf_counter() - t0 < 30 and not (tmp_path / "run").exists()  # nothing was started
+    assert main(base + ["--set", "max_epochs=3"]) == 2
+    assert "unknown key 'max_epochs'" in capsys.readouterr().err
+    assert main(base + ["--set", "pretrain={epoch: 3}", "--set", f"vital_source={tmp_path}"]) == 2
+    assert "pipeline pretrain (over configs/ssl_pretrain.yaml): unknown key 'epoch'" in capsys.readouterr().err
+    assert main(base + ["--force", "training"]) == 2
+    assert "unknown stage(s) ['training']" in capsys.readouterr().err
+
+
+def test_cluster_yaml_passes_rays_own_validation():
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    raw = yaml.safe_load((ROOT / "cluster.yaml").read_text())
+    config = prepare_config(raw)  # what `ray up` does before its cloud calls
+    validate_config(config)
+    nodes = config["available_node_types"]
+    assert nodes["head"]["resources"] == {"CPU": 0} and config["head_node_type"] == "head"
+    assert nodes["gpu_workers"]["resources"]["GPU"] == 1 and nodes["gpu_workers"]["min_workers"] == 0
+    assert nodes["cpu_workers"]["resources"]["CPU"] >= 8 and "GPU" not in nodes["cpu_workers"]["resources"]
+    assert "--dashboard-host=127.0.0.1" in " ".join(config["head_start_ray_commands"])
+    opened = [p["FromPort"] for p in raw["provider"]["security_group"]["IpPermissions"]]
+    assert opened == [22]  # SSH only: the dashboard is reached through the tunnel
+    assert any("pip install" in c and "biofm" in c for c in config["setup_commands"])
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def ray_head():
+    """A real Ray head (`ray start --head --block`) on 127.0.0.1 with its own temp dir, so no
+    other Ray in this session sees it; stopped with everything it started."""
+    temp = tempfile.mkdtemp(prefix="rh", dir="/tmp")  # short: Ray's socket paths must stay < 108 chars
+    port, dash, agent, agent_grpc, metrics, env_agent, client = (_free_port() for _ in range(7))
+    env = {**os.environ, "RAY_DATA_DISABLE_PROGRESS_BARS": "1", "RAY_USAGE_STATS_ENABLED": "0"}
+    env.pop("RAY_ADDRESS", None)
+    ray_bin = Path(sys.executable).parent / "ray"
+    head = subprocess.Popen([str(ray_bin), "start", "--head", "--block", "--node-ip-address=127.0.0.1",
+                             f"--port={port}", f"--dashboard-port={dash}", "--dashboard-host=127.0.0.1",
+                             # fixed default ports would collide with the session's own Ray
+                             f"--dashboard-agent-listen-port={agent}", f"--dashboard-agent-grpc-port={agent_grpc}",
+                             f"--metrics-export-port={metrics}", f"--runtime-env-agent-port={env_agent}",
+                             f"--ray-client-server-port={client}",
+                             "--num-cpus=2", "--object-store-memory=400000000", f"--temp-dir={temp}",
+                             "--include-dashboard=true"],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    url = f"http://127.0.0.1:{dash}"
+    try:
+        yield url, env, ray_bin
+    finally:
+        family = [head, *psutil.Process(head.pid).children(recursive=True)] if head.poll() is None else []
+        head.send_signal(signal.SIGTERM)
+        try:
+            head.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            pass
+        for p in family:
+            try:
+                p.kill()
+            except (psutil.NoSuchProcess, ProcessLookupError):
+                pass
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+@pytest.mark.timeout(600)
+@requires_realdata(REAL_VITAL)
+@requires_realdata(REAL_BUTPPG)
+def test_smoke_pipeline_submitted_as_a_ray_job(ray_head, ray_session, tmp_path, capsys):
+    url, env, ray_bin = ray_head
+    out = tmp_path / "smoke"
+    entrypoint = ["python", "jobs/pipeline.py", "--config", "configs/smoke.yaml", "--output-dir", str(out),
+                  "--set", f"case_set={REAL_VITAL}", "--set", f"vital_source={REAL_VITAL}",
+                  "--set", f"butppg_raw_dir={REAL_BUTPPG}"]
+
+    def ray(*args, timeout=120):
+        return subprocess.run([str(ray_bin), *args], cwd=ROOT, env=env, capture_output=True, text=True,
+                              timeout=timeout)
+
+    def said(*args, timeout=60):  # the job CLI prints some answers on stderr
+        done = ray(*args, timeout=timeout)
+        return done.stdout + done.stderr
+
+    deadline = time.time() + 90
+    while True:  # the job API answers once the head's dashboard and its agent are up
+        submitted = ray("job", "submit", "--address", url, "--working-dir", ".", "--runtime-env",
+                        "configs/runtime_env.yaml", "--no-wait", "--", *entrypoint)
+        if submitted.returncode == 0 or time.time() > deadline:
+            break
+        time.sleep(2)
+    assert submitted.returncode == 0, submitted.stderr[-2000:]
+    job_id = next(w.strip("'") for w in (submitted.stdout + submitted.stderr).split() if "raysubmit_" in w)
+    deadline, status = time.time() + 420, ""
+    while time.time() < deadline and not any(s in status for s in ("succeeded", "failed", "stopped")):
+        time.sleep(3)
+        status = said("job", "status", "--address", url, job_id).lower()  # "Job '...' succeeded"
+    logs = said("job", "logs", "--address", url, job_id)
+    if "succeeded" not in status:
+        ray("job", "stop", "--address", url, job_id, timeout=60)
+    assert f"job '{job_id.lower()}' succeeded" in status, f"{status}\n{logs[-4000:]}"
+
+    assert "[pipeline] done: ran splits, windows, pretrain, butppg, finetune" in logs
+    report = json.loads((out / "pipeline.json").read_text())
+    assert [s["stage"] for s in report["stages"]] == ["splits", "windows", "pretrain", "butppg", "finetune"]
+    splits = json.loads((out / "splits" / "splits_fasttrack.json").read_text())
+    train, val = (read_manifest(out / "vitaldb_windows", s) for s in ("train", "val"))
+    assert train["cases_in"] == 2 and val["cases_in"] == 1 and train["windows_kept"] > 0
+    assert set(train["cases"]) == set(splits["train"][:2]) and set(val["cases"]) == set(splits["val"][:1])
+    assert json.loads((out / "foundation_model" / "training_history.json").read_text())[-1]["epoch"] == 1
+    assert json.loads((out / "but_ppg" / "manifest.json").read_text())["records_ok"] == 51
+    _check_staged_fine_tuning(out / "but_ppg_finetuned", out / "but_ppg", out / "foundation_model" / "best_model.pt")
+
+    # the same command again, here: every stage is up to date
+    assert main(["pipeline", *entrypoint[2:4], "--output-dir", str(out), *entrypoint[6:]]) == 0
+    assert "[pipeline] done: ran nothing; skipped splits, windows, pretrain, butppg, finetune" in capsys.readouterr().out
+
+
+def _check_staged_fine_tuning(out: Path, data: Path, pretrained: Path) -> None:
+    """The fine-tuning stage's whole path: inflation, stage 1 (head) then stage 2, best epoch by
+    val AUROC, threshold from val, test metrics and every artifact."""
+    for name in ("best_model.pt", "training_history.json", "training_config.json", "test_metrics.json",
+                 "roc_curve.png", "learning_curves.png"):
+        assert (out / name).stat().st_size > 0, name
+    history = json.loads((out / "training_history.json").read_text())
+    assert [h["stage"] for h in history] == [1, 2]
+    n_val = len(read_split(data / "val")["label"])
+    assert all(sum(map(sum, h["val_confusion"])) == n_val for h in history)
+    head = 192 * 2 + 2
+    assert history[0]["trainable_params"] == head and history[1]["trainable_params"] > 10 * head
+    metrics = json.loads((out / "test_metrics.json").read_text())
+    test = read_split(data / "test")
+    assert metrics["test"]["n"] == len(test["label"]) == sum(map(sum, metrics["test"]["confusion"]))
+    model, desc = load_classifier(out / "best_model.pt")
+    assert desc["channels"] == ["ACC_X", "ACC_Y", "ACC_Z", "PPG", "ECG"] and desc["init"] == "pretrained"
+    assert desc["threshold"] == metrics["test"]["threshold"] and desc["data_spec"] == read_data_spec(data / "train")
+    predicted = (predict(model, test["signal"], test["present"]) >= desc["threshold"]).astype(int)
+    confusion = metrics["test"]["confusion"]
+    assert int((predicted == test["label"]).sum()) == confusion[0][0] + confusion[1][1]
+    with pytest.raises(BiofmError, match="--resume"):
+        finetune(FinetuneConfig(), pretrained, data, out)
