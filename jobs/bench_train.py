@@ -5,7 +5,8 @@ recordings of ../shared/realdata/vital tiled to an hour (as in bench_preprocess)
 biofm.preprocess. Throughput is windows/s over the epochs after the first (warm-up excluded);
 "waiting" is the share of training time spent waiting for the next batch; "1st batch" the seconds
 until an epoch's first batch arrives (Ray Data starts its streaming execution anew each epoch),
-and "steady" the waiting share once it has.
+and "steady" the waiting share once it has. (b) and (c) read the split as configured (cached in
+the object store below ``cache_mb``); (d) streams it from Parquet every epoch.
 
     python jobs/bench_train.py --epochs 3 --batch-size 128 --cases 12
 """
@@ -120,6 +121,9 @@ def main() -> None:
     for workers in (1, 2):
         runs[f"({'bc'[workers - 1]}) Ray Train, {workers} worker{'s' * (workers > 1)}"] = ray_train(
             dataclasses.replace(cfg, num_workers=workers), data, workdir / f"train_out_{workers}")
+    # the same split streamed from Parquet every epoch instead of cached (cache_mb: 0)
+    runs["(d) Ray Train, 1, streamed"] = ray_train(
+        dataclasses.replace(cfg, num_workers=1, cache_mb=0.0), data, workdir / "train_out_streamed")
     base = runs["(a) plain PyTorch loop"]["windows_per_s"]
     print(f"\n{'run':28s} {'windows/s':>10s} {'vs (a)':>7s} {'waiting':>8s} {'1st batch':>10s} {'steady':>7s}")
     for name, r in runs.items():
