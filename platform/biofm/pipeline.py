@@ -88,15 +88,6 @@ def run_stage(name: str, folder: Path, settings: dict, force: bool, run) -> dict
 
 def run_pipeline(cfg: PipelineConfig, force: tuple[str, ...] = (), address: str | None = None) -> list[dict]:
     """Run every stage of ``cfg`` in order (see the module docstring); returns the stage records."""
-    from biofm.preprocess import build_butppg, build_windows, ensure_ray
-    from biofm.sources.butppg import download
-    from biofm.sources.vitaldb import open_source
-    from biofm.splits import load_split, prepare_splits
-    from biofm.train.finetune import finetune
-    from biofm.train.pretrain import pretrain
-    from biofm.train.ray_run import RUN_NAME
-    from biofm.tune import STATE, run_search
-
     unknown = [s for s in force if s not in STAGES]
     if unknown:
         raise ConfigError(f"--force: unknown stage(s) {unknown} (stages: {', '.join(STAGES)})")
@@ -107,7 +98,17 @@ def run_pipeline(cfg: PipelineConfig, force: tuple[str, ...] = (), address: str 
     but = load_config(ButppgConfig, cfg.butppg_config)
     fine = with_overrides(FinetuneConfig, cfg.finetune_config, cfg.finetune, "pipeline finetune")
     search = None if cfg.tune is None else with_overrides(TuneSearchConfig, cfg.tune_config, cfg.tune, "pipeline tune")
-    check_sources(cfg)
+    check_sources(cfg)  # before the heavy imports below: offline, it answers in a second
+
+    from biofm.preprocess import build_butppg, build_windows, ensure_ray
+    from biofm.sources.butppg import download
+    from biofm.sources.vitaldb import open_source
+    from biofm.splits import load_split, prepare_splits
+    from biofm.train.finetune import finetune
+    from biofm.train.pretrain import pretrain
+    from biofm.train.ray_run import RUN_NAME
+    from biofm.tune import STATE, run_search
+
     ensure_ray(address)
 
     records, hashes = [], {}
