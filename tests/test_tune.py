@@ -4,6 +4,7 @@ the report read from a copied experiment folder without Ray."""
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import os
 import shutil
@@ -19,7 +20,7 @@ import yaml
 from biofm.cli import main
 from biofm.config import FinetuneConfig, TuneSearchConfig, from_dict, load_config
 from biofm.errors import BiofmError, ConfigError
-from biofm.tune import analyse, load_trials, param_space, run_search, trial_config
+from biofm.tune import analyse, load_trials, param_space, run_search, trial_base, trial_config
 from conftest import REAL_BUTPPG, ROOT, requires_realdata, write_pretrained
 
 
@@ -50,6 +51,20 @@ def test_trial_config_applies_the_sampled_values_and_checks_them():
     assert (cfg.lr, cfg.unfreeze_last_n, cfg.inflation, cfg.channels) == (3e-4, 0, "mean", FinetuneConfig().channels)
     with pytest.raises(ConfigError, match="head_epochs"):
         trial_config(base, {"head_epochs": 40})
+
+
+def test_a_trial_asks_for_its_cpus_and_gpu_share():
+    """gpus_per_trial 0.5: each trial's training worker asks Ray for half a GPU, so two trials
+    share one; 0: CPU only, even on a cluster with GPUs."""
+    from biofm.train.ray_run import scaling_config
+
+    tcfg = TuneSearchConfig(cpus_per_trial=0.5, gpus_per_trial=0.5, max_epochs=8, grace_period=1)
+    shared = scaling_config(trial_config(trial_base(tcfg, FinetuneConfig()), {"lr": 1e-4}), {"CPU": 8, "GPU": 1})
+    assert shared.use_gpu and shared.num_workers == 1 and shared.resources_per_worker == {"CPU": 0.5, "GPU": 0.5}
+    cpu_only = dataclasses.replace(tcfg, gpus_per_trial=0.0)
+    plain = scaling_config(trial_config(trial_base(cpu_only, FinetuneConfig()), {}), {"CPU": 8, "GPU": 1})
+    assert not plain.use_gpu and plain.resources_per_worker == {"CPU": 0.5}
+    assert trial_config(trial_base(tcfg, FinetuneConfig()), {}).epochs == 8
 
 
 def _kill_tree(proc):

@@ -47,6 +47,14 @@ def _grid_mode(search: dict) -> dict:
     return {k: {"grid": next(iter(v.values()))} for k, v in search.items()}
 
 
+def trial_base(tcfg: TuneSearchConfig, base: FinetuneConfig) -> dict:
+    """What every trial starts from: ``base`` with the search's epochs and per-trial resources
+    (its training worker gets ``cpus_per_trial`` CPUs and ``gpus_per_trial`` of a GPU). Checked
+    per trial, once the trial's values are in (head_epochs may exceed max_epochs alone)."""
+    return {**to_jsonable(base), "epochs": tcfg.max_epochs, "cpus_per_worker": tcfg.cpus_per_trial,
+            "use_gpu": tcfg.gpus_per_trial > 0, "gpus_per_worker": tcfg.gpus_per_trial or 1.0}
+
+
 def trial_config(base: dict, params: dict) -> FinetuneConfig:
     """The fine-tuning config of a trial: the base config with the trial's values."""
     return from_dict(FinetuneConfig, {**base, **params}, where="trial config")
@@ -86,9 +94,7 @@ def run_search(tcfg: TuneSearchConfig, base: FinetuneConfig, pretrained: str | P
         raise BiofmError(f"pretrained checkpoint not found: {pretrained}")
     if not (Path(data_dir) / "train").is_dir():
         raise BiofmError(f"no BUT-PPG records in {data_dir}: run `biofm prepare-butppg` first")
-    # checked per trial, once the trial's values are in (head_epochs may exceed max_epochs alone)
-    base_dict = {**to_jsonable(base), "epochs": tcfg.max_epochs, "cpus_per_worker": tcfg.cpus_per_trial,
-                 "use_gpu": tcfg.gpus_per_trial > 0, "gpus_per_worker": tcfg.gpus_per_trial or 1.0}
+    base_dict = trial_base(tcfg, base)
     if not resume:
         exp_dir.mkdir(parents=True)
         (exp_dir / STATE).write_text(json.dumps({"search": to_jsonable(tcfg), "base": base_dict,

@@ -35,25 +35,33 @@ def worker_cpus(requested: float, num_workers: int, cluster_cpus: float) -> floa
     return min(requested, free / num_workers)
 
 
+def scaling_config(cfg, cluster: dict):
+    """Ray Train's ``ScalingConfig`` for ``cfg`` (``num_workers``, ``cpus_per_worker``,
+    ``gpus_per_worker`` when it has one, ``use_gpu``: None means when ``cluster`` has GPUs) on a
+    cluster with the resources ``cluster`` (``{"CPU": n, "GPU": n}``)."""
+    from ray.train import ScalingConfig
+
+    use_gpu = cfg.use_gpu if cfg.use_gpu is not None else cluster.get("GPU", 0) > 0
+    cpus = worker_cpus(cfg.cpus_per_worker, cfg.num_workers, cluster.get("CPU", 0))
+    gpus = getattr(cfg, "gpus_per_worker", 1)
+    return ScalingConfig(num_workers=cfg.num_workers, use_gpu=use_gpu,
+                         resources_per_worker={"CPU": cpus, **({"GPU": gpus} if use_gpu else {})})
+
+
 def fit(train_loop, loop_config: dict, datasets: dict, cfg, storage: Path, metric: str, mode: str,
         name: str = RUN_NAME, callbacks=()) -> tuple[dict, list[dict]]:
-    """Run ``train_loop`` on a ``TorchTrainer`` with ``cfg``'s ``num_workers``, ``cpus_per_worker``,
-    ``gpus_per_worker`` (when it has one), ``use_gpu`` (None: when the cluster has GPUs) and
+    """Run ``train_loop`` on a ``TorchTrainer`` scaled by :func:`scaling_config`, with ``cfg``'s
     ``max_failures``, as run ``name`` under ``storage`` (the same name resumes it). Returns the
     best checkpoint by ``metric`` (``mode`` ``min`` or ``max``) as a loaded blob, and the
     per-epoch history of the last checkpoint. ``callbacks``: Ray Train callbacks (Tune's)."""
     import ray
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig
     from ray.train.torch import TorchTrainer
 
-    use_gpu = cfg.use_gpu if cfg.use_gpu is not None else ray.cluster_resources().get("GPU", 0) > 0
-    cpus = worker_cpus(cfg.cpus_per_worker, cfg.num_workers, ray.cluster_resources().get("CPU", 0))
-    gpus = getattr(cfg, "gpus_per_worker", 1)
     trainer = TorchTrainer(
         train_loop,
         train_loop_config=loop_config,
-        scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=use_gpu,
-                                     resources_per_worker={"CPU": cpus, **({"GPU": gpus} if use_gpu else {})}),
+        scaling_config=scaling_config(cfg, ray.cluster_resources()),
         run_config=RunConfig(name=name, storage_path=str(storage), callbacks=list(callbacks),
                              failure_config=FailureConfig(max_failures=cfg.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=2, checkpoint_score_attribute=metric,
