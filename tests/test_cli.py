@@ -17,6 +17,11 @@ from conftest import ROOT, write_case
     [BIOFM, "build-windows", "--help"],
     [sys.executable, str(ROOT / "jobs/build_windows.py"), "--help"],
     [sys.executable, str(ROOT / "jobs/prepare_splits.py"), "--help"],
+    [BIOFM, "tune", "--help"],
+    [sys.executable, str(ROOT / "jobs/tune_finetune.py"), "--help"],
+    [BIOFM, "tune-report", "--help"],
+    [BIOFM, "pipeline", "--help"],
+    [sys.executable, str(ROOT / "jobs/pipeline.py"), "--help"],
 ])
 def test_every_command_has_help(cmd):
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
@@ -25,6 +30,12 @@ def test_every_command_has_help(cmd):
     if "build-windows" in cmd or str(ROOT / "jobs/build_windows.py") in cmd:
         for flag in ("--channels-yaml", "--windows-yaml", "--split-file", "--split", "--outdir",
                      "--source", "--api-url", "--overwrite", "--address"):
+            assert flag in out.stdout
+    if "tune" in cmd or str(ROOT / "jobs/tune_finetune.py") in cmd:
+        for flag in ("--config", "--pretrained", "--data-dir", "--output-dir", "--num-samples", "--resume"):
+            assert flag in out.stdout
+    if "pipeline" in cmd or str(ROOT / "jobs/pipeline.py") in cmd:
+        for flag in ("--config", "--set", "--output-dir", "--force", "--address"):
             assert flag in out.stdout
 
 
@@ -76,3 +87,25 @@ def test_build_windows_from_folder(ray_session, tmp_path, capsys):
     assert "[build-windows train] 2/2 cases (0 skipped), 6 windows kept" in out
     assert "2/2 cases ok, 6 windows" in out
     assert sorted(p.name for p in (tmp_path / "out" / "train").glob("*.parquet")) == ["101.parquet", "102.parquet"]
+
+
+def test_command_line_flags_override_the_config_and_are_checked(monkeypatch, capsys):
+    from biofm import cli
+
+    parse = cli.build_parser().parse_args
+    cfg = cli._pretrain_config(parse(["pretrain", "--epochs", "3", "--channels", "PPG", "--no-amp"]))
+    assert (cfg.epochs, cfg.channels, cfg.amp, cfg.batch_size) == (3, ("PPG",), False, 128)  # rest from the YAML
+    cfg = cli._finetune_config(parse(["finetune", "--head-epochs", "1", "--init", "scratch"]))
+    assert (cfg.head_epochs, cfg.init, cfg.epochs) == (1, "scratch", 30)
+    seen = {}
+    monkeypatch.setattr("biofm.tune.run_search", lambda tcfg, base, *a, **k: seen.update(tcfg=tcfg, base=base))
+    assert main(["tune", "--num-samples", "3"]) == 0
+    assert seen["tcfg"].num_samples == 3 and seen["base"].head_epochs == 5
+
+    bad = {("pretrain", "--mask-ratio", "1.5"): "mask_ratio must be in (0, 1)",
+           ("finetune", "--head-epochs", "9", "--epochs", "3"): "head_epochs <= epochs, got 3, 9",
+           ("tune", "--num-samples", "0"): "num_samples, max_epochs, grace_period and max_concurrent_trials must be >= 1"}
+    for argv, message in bad.items():
+        assert main(list(argv)) == 2
+        err = capsys.readouterr().err
+        assert "command-line flags (over configs/" in err and message in err, err

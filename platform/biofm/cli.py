@@ -37,19 +37,18 @@ def _build_windows(args) -> int:
     return 0
 
 
+def _flags(**values) -> dict:
+    """The command-line flags that were given (argparse leaves the others None)."""
+    return {k: v for k, v in values.items() if v is not None}
+
+
 def _pretrain_config(args):
-    import dataclasses
+    from biofm.config import PretrainConfig, with_overrides
 
-    from biofm.config import PretrainConfig, load_config
-
-    cfg = load_config(PretrainConfig, args.config)
-    overrides = {"channels": tuple(args.channels) if args.channels else None, "mask_ratio": args.mask_ratio,
-                 "epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr,
-                 "num_workers": args.num_workers, "use_gpu": args.use_gpu, "amp": False if args.no_amp else None}
-    try:
-        return dataclasses.replace(cfg, **{k: v for k, v in overrides.items() if v is not None})
-    except ValueError as e:
-        raise ConfigError(f"{args.config} with command-line overrides: {e}") from None
+    return with_overrides(PretrainConfig, args.config, _flags(
+        channels=args.channels, mask_ratio=args.mask_ratio, epochs=args.epochs, batch_size=args.batch_size,
+        lr=args.lr, num_workers=args.num_workers, use_gpu=args.use_gpu, amp=False if args.no_amp else None),
+        "command-line flags")
 
 
 def _pretrain(args) -> int:
@@ -103,19 +102,13 @@ def _prepare_butppg(args) -> int:
 
 
 def _finetune_config(args):
-    import dataclasses
+    from biofm.config import FinetuneConfig, with_overrides
 
-    from biofm.config import FinetuneConfig, load_config
-
-    cfg = load_config(FinetuneConfig, args.config)
-    overrides = {"pretrain_channels": args.pretrain_channels, "unfreeze_last_n": args.unfreeze_last_n,
-                 "epochs": args.epochs, "head_epochs": args.head_epochs, "lr": args.lr, "batch_size": args.batch_size,
-                 "init": args.init, "inflation": args.inflation, "num_workers": args.num_workers,
-                 "use_gpu": args.use_gpu, "amp": False if args.no_amp else None}
-    try:
-        cfg = dataclasses.replace(cfg, **{k: v for k, v in overrides.items() if v is not None})
-    except ValueError as e:
-        raise ConfigError(f"{args.config} with command-line overrides: {e}") from None
+    cfg = with_overrides(FinetuneConfig, args.config, _flags(
+        pretrain_channels=args.pretrain_channels, unfreeze_last_n=args.unfreeze_last_n, epochs=args.epochs,
+        head_epochs=args.head_epochs, lr=args.lr, batch_size=args.batch_size, init=args.init,
+        inflation=args.inflation, num_workers=args.num_workers, use_gpu=args.use_gpu,
+        amp=False if args.no_amp else None), "command-line flags")
     if args.finetune_channels is not None and args.finetune_channels != len(cfg.channels):
         raise ConfigError(f"--finetune-channels {args.finetune_channels}, but the config lists "
                           f"{len(cfg.channels)} channels {list(cfg.channels)}")
@@ -147,14 +140,10 @@ def _finetune_cv(args) -> int:
 
 
 def _tune(args) -> int:
-    import dataclasses
-
-    from biofm.config import FinetuneConfig, TuneSearchConfig, load_config
+    from biofm.config import FinetuneConfig, TuneSearchConfig, load_config, with_overrides
     from biofm.tune import run_search
 
-    tcfg = load_config(TuneSearchConfig, args.config)
-    if args.num_samples is not None:
-        tcfg = dataclasses.replace(tcfg, num_samples=args.num_samples)
+    tcfg = with_overrides(TuneSearchConfig, args.config, _flags(num_samples=args.num_samples), "command-line flags")
     base = load_config(FinetuneConfig, args.finetune_config or tcfg.finetune_config)
     exp = run_search(tcfg, base, args.pretrained, args.data_dir, args.output_dir, name=args.name,
                      resume=args.resume, address=args.address)
@@ -174,23 +163,18 @@ def _tune_report(args) -> int:
 
 
 def _pipeline(args) -> int:
-    import dataclasses
-
     import yaml
 
-    from biofm.config import PipelineConfig, from_dict, load_config, to_jsonable
+    from biofm.config import PipelineConfig, with_overrides
     from biofm.pipeline import run_pipeline
 
-    cfg = load_config(PipelineConfig, args.config)
     overrides = {}
     for item in args.set:
         key, sep, value = item.partition("=")
         if not sep:
             raise ConfigError(f"--set takes KEY=VALUE, got {item!r}")
         overrides[key] = yaml.safe_load(value)
-    cfg = from_dict(PipelineConfig, {**to_jsonable(cfg), **overrides}, f"{args.config} with --set")
-    if args.output_dir:
-        cfg = dataclasses.replace(cfg, output_dir=args.output_dir)
+    cfg = with_overrides(PipelineConfig, args.config, {**overrides, **_flags(output_dir=args.output_dir)}, "--set")
     run_pipeline(cfg, force=tuple(args.force), address=args.address)
     return 0
 

@@ -2,7 +2,8 @@
 
 One loader for every config: :func:`load_config` reads YAML into a frozen dataclass, rejects
 unknown keys (naming the key and the file), checks types and values, and
-:func:`dataclasses.replace` applies CLI overrides on top.
+:func:`with_overrides` applies command-line flags or a pipeline's overrides on top, checked the
+same way.
 """
 
 from __future__ import annotations
@@ -381,5 +382,6 @@ class PipelineConfig:
 
 
 def with_overrides(cls: type, path: str | Path, overrides: dict, where: str):
-    """``cls`` loaded from ``path``, then ``overrides`` (field: value) applied and checked."""
+    """``cls`` loaded from ``path``, then ``overrides`` (field: value, from YAML or command-line
+    flags) applied and checked like the file's own keys; errors name ``where`` and ``path``."""
     return from_dict(cls, {**to_jsonable(load_config(cls, path)), **overrides}, f"{where} (over {path})")
