@@ -177,9 +177,28 @@ def test_smoke_pipeline_submitted_as_a_ray_job(ray_head, ray_session, tmp_path, 
     assert json.loads((out / "but_ppg" / "manifest.json").read_text())["records_ok"] == 51
     _check_staged_fine_tuning(out / "but_ppg_finetuned", out / "but_ppg", out / "foundation_model" / "best_model.pt")
 
-    # the same command again, here: every stage is up to date
-    assert main(["pipeline", *entrypoint[2:4], "--output-dir", str(out), *entrypoint[6:]]) == 0
-    assert "[pipeline] done: ran nothing; skipped splits, windows, pretrain, butppg, finetune" in capsys.readouterr().out
+    # the same command again, here, with a tune section: the five stages are up to date, and the
+    # search runs two trials at once (half a CPU each on this session's 2-CPU Ray)
+    tune = "{mode: grid, max_epochs: 2, grace_period: 1, max_concurrent_trials: 2, cpus_per_trial: 0.5, " \
+           "search: {init: {grid: [pretrained, scratch]}, head_epochs: {grid: [1]}, batch_size: {grid: [32]}}}"
+    assert main(["pipeline", *entrypoint[2:4], "--output-dir", str(out), *entrypoint[6:], "--set", f"tune={tune}"]) == 0
+    said = capsys.readouterr().out
+    assert "[pipeline] done: ran tune; skipped splits, windows, pretrain, butppg, finetune" in said, said[-3000:]
+    spans = _trial_spans(out / "tune" / "finetune_schedules")
+    overlap = min(end for _, end in spans) - max(start for start, _ in spans)
+    assert len(spans) == 2 and overlap > 5, f"the trials ran one after the other: {spans}"
+    assert (out / "tune" / "finetune_schedules" / "best_config.yaml").is_file()
+
+
+def _trial_spans(exp: Path) -> list[tuple[float, float]]:
+    """Per trial of a Tune experiment, (start, last report) in seconds since the epoch, from
+    Tune's result.json: the first report's timestamp less the time the trial had run by then."""
+    spans = []
+    for result_file in sorted(exp.glob("*/result.json")):
+        rows = [json.loads(line) for line in result_file.read_text().splitlines() if line.strip()]
+        assert [r["epoch"] for r in rows] in ([1], [1, 2]), result_file  # ASHA may stop one at epoch 1
+        spans.append((rows[0]["timestamp"] - rows[0]["time_total_s"], rows[-1]["timestamp"]))
+    return spans
 
 
 def _check_staged_fine_tuning(out: Path, data: Path, pretrained: Path) -> None:
