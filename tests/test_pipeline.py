@@ -167,6 +167,8 @@ def test_smoke_pipeline_submitted_as_a_ray_job(ray_head, ray_session, tmp_path, 
     assert f"job '{job_id.lower()}' succeeded" in status, f"{status}\n{logs[-4000:]}"
 
     assert "[pipeline] done: ran splits, windows, pretrain, butppg, finetune" in logs
+    # each worker's progress line once (Ray Train's print patch used to double them)
+    assert logs.count("[pretrain] epoch 1/1 ") == 1 and logs.count("[finetune] epoch 2/2 ") == 1, logs[-4000:]
     report = json.loads((out / "pipeline.json").read_text())
     assert [s["stage"] for s in report["stages"]] == ["splits", "windows", "pretrain", "butppg", "finetune"]
     splits = json.loads((out / "splits" / "splits_fasttrack.json").read_text())

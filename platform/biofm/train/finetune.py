@@ -25,7 +25,7 @@ from biofm.model.classifier import Classifier, inflate_encoder
 from biofm.model.ssl import Encoder, ttm_config
 from biofm.train import checkpoint
 from biofm.train.metrics import choose_threshold, classification_metrics
-from biofm.train.ray_run import RUN_NAME, check_run_dir, fit
+from biofm.train.ray_run import RUN_NAME, check_run_dir, fit, worker_print
 
 def read_split(split_dir: Path) -> dict[str, np.ndarray]:
     """A BUT-PPG split read whole (they are small): ``signal [N, C, T]``, ``present [N, C]``,
@@ -218,8 +218,8 @@ def train_loop(config: dict) -> None:
                 ckpt = ray.train.Checkpoint.from_directory(d)
             ray.train.report(metrics, checkpoint=ckpt)
         if rank == 0:
-            print(f"[finetune] epoch {epoch + 1}/{cfg.epochs} stage {stage} train loss {metrics['train_loss']:.4f} "
-                  f"val AUROC {auroc:.3f} balanced acc {val['balanced_accuracy']:.3f}", flush=True)
+            worker_print(f"[finetune] epoch {epoch + 1}/{cfg.epochs} stage {stage} train loss "
+                         f"{metrics['train_loss']:.4f} val AUROC {auroc:.3f} balanced acc {val['balanced_accuracy']:.3f}")
 
 
 def _train_dataset(split_dir: Path, class_balance: str, labels: np.ndarray):

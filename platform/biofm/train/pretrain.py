@@ -24,7 +24,7 @@ from biofm.config import PretrainConfig, to_jsonable
 from biofm.errors import BiofmError, ConfigError
 from biofm.model.ssl import MaskedSignalModel, MultiResolutionSTFTLoss, masked_mse, random_mask, ttm_config
 from biofm.train import checkpoint
-from biofm.train.ray_run import check_run_dir, fit
+from biofm.train.ray_run import check_run_dir, fit, worker_print
 
 def window_masks(case_ids, window_idx, channels: int, patches: int, ratio: float, seed: int,
                  same_across_channels: bool = False) -> torch.Tensor:
@@ -162,9 +162,9 @@ def train_loop(config: dict) -> None:
                 ckpt = ray.train.Checkpoint.from_directory(d)
             ray.train.report(metrics, checkpoint=ckpt)
         if rank == 0:
-            print(f"[pretrain] epoch {epoch + 1}/{cfg.epochs} train {metrics['train_loss']:.4f} "
-                  f"val {metrics['val_loss']:.4f} (masked MSE {metrics['val_masked_mse']:.4f}) "
-                  f"{metrics['windows_per_s']:.0f} windows/s", flush=True)
+            worker_print(f"[pretrain] epoch {epoch + 1}/{cfg.epochs} train {metrics['train_loss']:.4f} "
+                         f"val {metrics['val_loss']:.4f} (masked MSE {metrics['val_masked_mse']:.4f}) "
+                         f"{metrics['windows_per_s']:.0f} windows/s")
 
 
 def windows_dataset(split_dir: Path, channels: tuple[str, ...], cache_mb: float = 0.0):

@@ -6,6 +6,7 @@ last one there; a failed worker restarts from the last; rerunning with ``resume`
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 from biofm.errors import BiofmError
@@ -23,6 +24,12 @@ def check_run_dir(output_dir: Path, resume: bool, what: str, name: str = RUN_NAM
     if resume and not (storage / name).exists():
         raise BiofmError(f"nothing to resume in {output_dir}")
     return storage
+
+
+def worker_print(line: str) -> None:
+    """Print a progress line once from a Ray Train worker. Ray Train patches ``print`` to log the
+    line and, on a worker whose stdout Ray has wrapped, to print it too: every line came out twice."""
+    print(line, file=sys.__stdout__, flush=True)
 
 
 def worker_cpus(requested: float, num_workers: int, cluster_cpus: float) -> float:
