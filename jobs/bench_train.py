@@ -116,7 +116,8 @@ def main() -> None:
     n = sum(1 for _ in data.joinpath("train").glob("*.parquet"))
     print(f"{n} one-hour cases of windows, batch {cfg.batch_size}, {cfg.epochs} epochs, "
           f"torch threads {torch.get_num_threads()}, {cfg.num_layers} TTM layers")
-    runs = {"(a) plain PyTorch loop": plain_loop(cfg, data)}
+    first = plain_loop(cfg, data)
+    runs = {"(a) plain PyTorch loop": first}
     ray.init(num_cpus=2)
     for workers in (1, 2):
         runs[f"({'bc'[workers - 1]}) Ray Train, {workers} worker{'s' * (workers > 1)}"] = ray_train(
@@ -124,6 +125,10 @@ def main() -> None:
     # the same split streamed from Parquet every epoch instead of cached (cache_mb: 0)
     runs["(d) Ray Train, 1, streamed"] = ray_train(
         dataclasses.replace(cfg, num_workers=1, cache_mb=0.0), data, workdir / "train_out_streamed")
+    ray.shutdown()
+    again = plain_loop(cfg, data)  # the machine drifts: the baseline is the mean of a run before and after
+    runs["(a) plain PyTorch loop"] = {k: (v + again[k]) / 2 for k, v in runs["(a) plain PyTorch loop"].items()}
+    print(f"(a) before Ray: {first['windows_per_s']:.1f} windows/s, after: {again['windows_per_s']:.1f}")
     base = runs["(a) plain PyTorch loop"]["windows_per_s"]
     print(f"\n{'run':28s} {'windows/s':>10s} {'vs (a)':>7s} {'waiting':>8s} {'1st batch':>10s} {'steady':>7s}")
     for name, r in runs.items():
