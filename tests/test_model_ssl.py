@@ -9,7 +9,7 @@ from biofm.model.ssl import (Encoder, MaskedSignalModel, MultiResolutionSTFTLoss
 from biofm.train import checkpoint
 from biofm.train.evaluate import interpolate_masked
 from biofm.train.pretrain import _lr_factor, window_masks
-from biofm.train.ray_run import worker_cpus
+from biofm.train.ray_run import mixed_precision, worker_cpus
 
 
 @pytest.fixture(scope="module")
@@ -117,3 +117,16 @@ def test_training_workers_leave_a_cpu_for_data_loading():
     assert worker_cpus(1.0, 4, 64) == 1.0     # a big cluster keeps what was asked
     with pytest.raises(BiofmError, match="at least 2 CPUs"):
         worker_cpus(1.0, 1, 1)
+
+
+def test_mixed_precision_is_off_on_the_cpu_and_picks_bf16_or_fp16_on_a_gpu(monkeypatch):
+    autocast, scaler = mixed_precision(True, torch.device("cpu"))
+    with autocast():
+        y = torch.nn.Linear(4, 2)(torch.ones(3, 4))
+    assert y.dtype == torch.float32 and not scaler.is_enabled()
+    for bf16, dtype in ((True, torch.bfloat16), (False, torch.float16)):
+        monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: bf16)
+        autocast, _ = mixed_precision(True, torch.device("cuda"))
+        assert autocast.keywords == {"dtype": dtype, "enabled": True} and autocast.args == ("cuda",)
+    autocast, _ = mixed_precision(False, torch.device("cuda"))  # --no-amp
+    assert autocast.keywords["enabled"] is False

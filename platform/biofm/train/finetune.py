@@ -25,7 +25,7 @@ from biofm.model.classifier import Classifier, inflate_encoder
 from biofm.model.ssl import Encoder, ttm_config
 from biofm.train import checkpoint
 from biofm.train.metrics import choose_threshold, classification_metrics
-from biofm.train.ray_run import RUN_NAME, check_run_dir, fit, worker_print
+from biofm.train.ray_run import RUN_NAME, check_run_dir, fit, mixed_precision, worker_print
 
 def read_split(split_dir: Path) -> dict[str, np.ndarray]:
     """A BUT-PPG split read whole (they are small): ``signal [N, C, T]``, ``present [N, C]``,
@@ -153,9 +153,7 @@ def train_loop(config: dict) -> None:
         saved_optimizer = blob["training"]["optimizer"]
     model.to(device)
     criterion = torch.nn.CrossEntropyLoss(weight=torch.tensor(config["class_weights"], dtype=torch.float32, device=device))
-    use_amp = cfg.amp and device.type == "cuda"
-    amp_dtype = torch.bfloat16 if use_amp and torch.cuda.is_bf16_supported() else torch.float16
-    scaler = torch.amp.GradScaler("cuda", enabled=use_amp and amp_dtype == torch.float16)
+    autocast, scaler = mixed_precision(cfg.amp, device)
     optimizer, ddp, stage = None, None, None
 
     for epoch in range(state["epoch"], cfg.epochs):
@@ -177,7 +175,7 @@ def train_loop(config: dict) -> None:
             x = torch.from_numpy(batch["signal"]).float().to(device)
             m = torch.from_numpy(_present(batch["present"])).to(device)
             y = torch.from_numpy(batch["label"].astype(np.int64)).to(device)
-            with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
+            with autocast():
                 logits = ddp(x, m)
             loss = criterion(logits.float(), y)
             optimizer.zero_grad(set_to_none=True)

@@ -24,7 +24,7 @@ from biofm.config import PretrainConfig, to_jsonable
 from biofm.errors import BiofmError, ConfigError
 from biofm.model.ssl import MaskedSignalModel, MultiResolutionSTFTLoss, masked_mse, random_mask, ttm_config
 from biofm.train import checkpoint
-from biofm.train.ray_run import check_run_dir, fit, worker_print
+from biofm.train.ray_run import check_run_dir, fit, mixed_precision, worker_print
 
 def window_masks(case_ids, window_idx, channels: int, patches: int, ratio: float, seed: int,
                  same_across_channels: bool = False) -> torch.Tensor:
@@ -77,15 +77,13 @@ def train_loop(config: dict) -> None:
     model = ray.train.torch.prepare_model(model)
     core = model.module if hasattr(model, "module") else model
     stft = MultiResolutionSTFTLoss(cfg.stft_ffts).to(device)
-    use_amp = cfg.amp and device.type == "cuda"
-    amp_dtype = torch.bfloat16 if use_amp and torch.cuda.is_bf16_supported() else torch.float16
-    scaler = torch.amp.GradScaler("cuda", enabled=use_amp and amp_dtype == torch.float16)
+    autocast, scaler = mixed_precision(cfg.amp, device)
     channels, patches, patch = len(cfg.channels), core.encoder.config.num_patches, core.patch
     total_steps = cfg.epochs * config["steps_per_epoch"]
     warmup = max(1, int(cfg.warmup_epochs * config["steps_per_epoch"]))
 
     def losses(x, mask):
-        with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
+        with autocast():
             recon, _ = model(x, mask)
         recon = recon.float()
         mse, spec = masked_mse(recon, x, mask, patch), stft(recon, x)

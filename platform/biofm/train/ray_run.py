@@ -32,6 +32,20 @@ def worker_print(line: str) -> None:
     print(line, file=sys.__stdout__, flush=True)
 
 
+def mixed_precision(amp: bool, device):
+    """AMP on a CUDA ``device`` when ``amp``: bf16 where the GPU supports it, else fp16 with
+    gradient scaling; off on the CPU. Returns ``(autocast, scaler)``: ``with autocast():``
+    around the forward pass, and ``scaler`` (a no-op when disabled) for the backward pass."""
+    import functools
+
+    import torch
+
+    on = amp and device.type == "cuda"
+    dtype = torch.bfloat16 if on and torch.cuda.is_bf16_supported() else torch.float16
+    scaler = torch.amp.GradScaler("cuda", enabled=on and dtype == torch.float16)
+    return functools.partial(torch.autocast, device.type, dtype=dtype, enabled=on), scaler
+
+
 def worker_cpus(requested: float, num_workers: int, cluster_cpus: float) -> float:
     """CPUs per training worker: ``requested``, lowered so one CPU stays free for Ray Data's
     read tasks (which need a whole CPU each). Workers holding every CPU hang the run."""
