@@ -169,14 +169,42 @@ def test_download_offline_fails_clearly(tmp_path, dead_url):
 
 
 def test_download_from_a_mirror(tmp_path):
+    """Every file arrives intact, several at a time (the mirror answers each after 0.2 s); a
+    second run fetches only the file that was cut short."""
     import threading
+    import time
+
+    in_flight, most, gets = [0], [0], []
+    lock = threading.Lock()
+
+    class Slow(SimpleHTTPRequestHandler):
+        def do_GET(self):
+            with lock:
+                gets.append(self.path)
+                in_flight[0] += 1
+                most[0] = max(most[0], in_flight[0])
+            time.sleep(0.2)
+            try:
+                super().do_GET()
+            finally:
+                with lock:
+                    in_flight[0] -= 1
+
+        def log_message(self, *args):
+            pass
 
     mirror = tmp_path / "mirror"
     src = write_butppg(mirror / "butppg" / "2.0.0", {"111001": 1, "112001": 0})
-    server = _Server(("127.0.0.1", 0), partial(SimpleHTTPRequestHandler, directory=str(mirror)))
+    server = _Server(("127.0.0.1", 0), partial(Slow, directory=str(mirror)))
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
-        butppg.download(tmp_path / "raw", f"http://127.0.0.1:{server.server_address[1]}/")
+        url = f"http://127.0.0.1:{server.server_address[1]}/"
+        butppg.download(tmp_path / "raw", url, threads=4)
+        assert most[0] == 4 and len(gets) == 13  # 13 files, 4 at a time
+        cut = tmp_path / "raw" / "111001" / "111001_PPG.dat"
+        cut.write_bytes(cut.read_bytes()[:10])
+        butppg.download(tmp_path / "raw", url, threads=4)
+        assert gets[13:] == ["/butppg/2.0.0/111001/111001_PPG.dat"]
     finally:
         server.shutdown()
         server.server_close()

@@ -270,7 +270,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--raw-dir", required=True, help="the BUT-PPG 2.0.0 folder (with RECORDS)")
     p.add_argument("--outdir", default="data/but_ppg")
     p.add_argument("--download", action="store_true", help="first fetch the dataset from PhysioNet into --raw-dir")
-    p.add_argument("--physionet-url", default=None, help="WFDB index URL of PhysioNet or a mirror (with --download)")
+    p.add_argument("--physionet-url", default=None, help="PhysioNet's files URL (default https://physionet.org/files/) or a mirror laid "
+                   "out like it (with --download)")
     p.add_argument("--config", default="configs/butppg.yaml")
     p.add_argument("--channels-yaml", default="configs/channels.yaml")
     p.add_argument("--windows-yaml", default="configs/windows.yaml")

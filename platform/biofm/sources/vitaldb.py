@@ -11,10 +11,8 @@ import contextlib
 import io
 import os
 import tempfile
-import time
 import urllib.error
 import urllib.parse
-import urllib.request
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -25,6 +23,7 @@ import vitaldb
 
 from biofm.config import ChannelSpec
 from biofm.errors import CaseSkipped, SourceUnreachable
+from biofm.sources import http
 
 DEFAULT_API_URL = f"{vitaldb.dataset.api_url}/{vitaldb.dataset.DATASET_VERSION}"
 
@@ -69,7 +68,7 @@ class ApiSource:
     def check_reachable(self) -> None:
         """Raise :class:`SourceUnreachable` when no HTTP server answers at ``base_url``."""
         try:
-            self._get(self.base_url.rstrip("/") + "/", attempts=2)
+            http.get(self.base_url.rstrip("/") + "/", 2, self.timeout_s, self.backoff_s)
         except urllib.error.HTTPError:
             return  # the server answered (a 403/404 for the folder itself is fine)
         except OSError as e:
@@ -83,7 +82,7 @@ class ApiSource:
     def local_file(self, case_id: str) -> Iterator[Path]:
         url = self.url(case_id)
         try:
-            response = self._get(url, attempts=self.retries + 1)
+            response = http.get(url, self.retries + 1, self.timeout_s, self.backoff_s)
         except urllib.error.HTTPError as e:
             if e.code == 404:
                 raise CaseSkipped("not_found", f"{url} answered 404 Not Found") from None
@@ -98,18 +97,6 @@ class ApiSource:
             yield path
         finally:
             path.unlink(missing_ok=True)
-
-    def _get(self, url: str, attempts: int):
-        for attempt in range(attempts):
-            try:
-                return urllib.request.urlopen(url, timeout=self.timeout_s)
-            except urllib.error.HTTPError as e:
-                if e.code < 500 or attempt == attempts - 1:
-                    raise
-            except OSError:
-                if attempt == attempts - 1:
-                    raise
-            time.sleep(self.backoff_s * 2 ** attempt)
 
 
 def _reason(e: OSError) -> str:
