@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from functools import partial
 from http.server import SimpleHTTPRequestHandler
 
@@ -170,7 +171,8 @@ def test_download_offline_fails_clearly(tmp_path, dead_url):
 
 def test_download_from_a_mirror(tmp_path):
     """Every file arrives intact, several at a time (the mirror answers each after 0.2 s); a
-    second run fetches only the file that was cut short."""
+    download that fails leaves no RECORDS (the folder reads as unfinished); a rerun fetches only
+    what is missing or cut short."""
     import threading
     import time
 
@@ -199,12 +201,23 @@ def test_download_from_a_mirror(tmp_path):
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
         url = f"http://127.0.0.1:{server.server_address[1]}/"
+        held_back = src / "112001" / "112001_ACC.dat"
+        held_back.rename(held_back.with_suffix(".away"))
+        with pytest.raises(SourceUnreachable, match="404"):
+            butppg.download(tmp_path / "raw", url, threads=4)
+        assert not (tmp_path / "raw" / "RECORDS").exists() and (tmp_path / "raw" / "111001" / "111001_ECG.dat").is_file()
+        held_back.with_suffix(".away").rename(held_back)
+        gets.clear()
+        butppg.download(tmp_path / "raw", url, threads=4)
+        assert gets[1:] == ["/butppg/2.0.0/112001/112001_ACC.dat"]  # after RECORDS, only what was missing
+        shutil.rmtree(tmp_path / "raw")
+        gets.clear()
         butppg.download(tmp_path / "raw", url, threads=4)
         assert most[0] == 4 and len(gets) == 13  # 13 files, 4 at a time
         cut = tmp_path / "raw" / "111001" / "111001_PPG.dat"
         cut.write_bytes(cut.read_bytes()[:10])
         butppg.download(tmp_path / "raw", url, threads=4)
-        assert gets[13:] == ["/butppg/2.0.0/111001/111001_PPG.dat"]
+        assert gets[13:] == ["/butppg/2.0.0/RECORDS", "/butppg/2.0.0/111001/111001_PPG.dat"]
     finally:
         server.shutdown()
         server.server_close()

@@ -190,13 +190,16 @@ def _fetch(url: str, dest: Path) -> None:
 def download(raw_dir: Path, index_url: str | None = None, threads: int = 8) -> None:
     """Fetch BUT-PPG from PhysioNet (``index_url``: a mirror laid out like it), ``threads``
     files at a time: about 17,000 small files, whose round trips one at a time take most of an
-    hour. Files already there at full size are kept, so an interrupted download continues."""
+    hour. Files already there at full size are kept, so an interrupted download continues.
+    ``RECORDS`` is written last: a folder without it is an unfinished download."""
     base = _base(index_url)
     raw_dir.mkdir(parents=True, exist_ok=True)
     try:
-        for name in ("RECORDS", "quality-hr-ann.csv", "subject-info.csv"):
+        with http.get(base + "RECORDS") as r:
+            listing = r.read()
+        for name in ("quality-hr-ann.csv", "subject-info.csv"):
             _fetch(base + name, raw_dir / name)
-        records = [r.split("/")[0] for r in (raw_dir / "RECORDS").read_text().splitlines() if r.strip()]
+        records = [r.split("/")[0] for r in listing.decode().splitlines() if r.strip()]
         files = []
         for rid in records:
             if not rid.isdigit():  # ids name folders here
@@ -211,5 +214,6 @@ def download(raw_dir: Path, index_url: str | None = None, threads: int = 8) -> N
             for i, _ in enumerate(pool.map(lambda f: _fetch(base + f, raw_dir / f), files), 1):
                 if i % 2000 == 0 or i == len(files):
                     print(f"[prepare-butppg] {i}/{len(files)} files in {time.perf_counter() - t0:.0f} s", flush=True)
+        (raw_dir / "RECORDS").write_bytes(listing)
     except OSError as e:
         raise _unreachable(base, e) from None
