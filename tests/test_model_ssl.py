@@ -95,8 +95,9 @@ def test_checkpoint_round_trip_and_bad_files(tmp_path, model):
     assert blob["description"] == {"channels": ["PPG", "ECG"]} and blob["training"]["epoch"] == 3
     assert torch.equal(blob["model"]["decoder.weight"], model.state_dict()["decoder.weight"])
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
-    with pytest.raises(BiofmError, match="is not a biofm checkpoint"):
+    with pytest.raises(BiofmError, match="junk.pt is not a biofm checkpoint: torch.load cannot read it") as e:
         checkpoint.load(tmp_path / "junk.pt")
+    assert "weights_only" not in str(e.value)  # torch's advice to load unsafely is not passed on
     with pytest.raises(BiofmError, match="checkpoint not found"):
         checkpoint.load(tmp_path / "missing.pt")
 

@@ -37,7 +37,9 @@ def load(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
     try:
         blob = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # torch raises several types for corrupt or foreign files
-        raise BiofmError(f"{path} is not a biofm checkpoint ({type(e).__name__}: {e})") from None
+        # not torch's own text: it suggests weights_only=False, which would run pickled code
+        raise BiofmError(f"{path} is not a biofm checkpoint: torch.load cannot read it as tensors and "
+                         f"plain data ({type(e).__name__})") from None
     if not isinstance(blob, dict) or not {"model", "description"} <= set(blob):
         raise BiofmError(f"{path} is not a biofm checkpoint (no model/description)")
     return blob

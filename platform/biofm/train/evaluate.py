@@ -11,6 +11,7 @@ import pyarrow.parquet as pq
 import torch
 
 from biofm.errors import BiofmError
+from biofm.train import checkpoint
 
 
 def iter_windows(split_dir: Path, channels, batch_size: int = 256):
@@ -58,7 +59,7 @@ def evaluate_ssl(checkpoint_path: str | Path, data_dir: str | Path, split: str =
     from biofm.train.pretrain import load_pretrained, window_masks
 
     model = load_pretrained(checkpoint_path)
-    desc = torch.load(Path(checkpoint_path), weights_only=True)["description"]
+    desc = checkpoint.load(checkpoint_path)["description"]
     cfg, channels = desc["pretrain_config"], desc["channels"]
     split_dir = Path(data_dir) / split
     check_data_spec(desc["data_spec"], read_data_spec(split_dir), str(split_dir))
@@ -97,7 +98,6 @@ def smoke(data_dir: str | Path, output_dir: str | Path, max_windows: int = 64, b
     from biofm.config import PretrainConfig, to_jsonable
     from biofm.model.ssl import MaskedSignalModel, MultiResolutionSTFTLoss, masked_mse, random_mask, ttm_config
     from biofm.preprocess import read_data_spec
-    from biofm.train import checkpoint
 
     t0 = time.perf_counter()
     torch.manual_seed(seed)
