@@ -368,14 +368,27 @@ def read_manifest(outdir: str | Path, split: str) -> dict:
 
 
 def read_data_spec(split_dir: str | Path) -> dict:
-    """The data spec stored in a windows split's Parquet schema metadata."""
+    """The data spec stored in a windows split's Parquet schema metadata. Every file's footer is
+    read: a file that is not Parquet, or that was made with other settings, is an error naming it
+    (not a failure deep inside a Ray Data read)."""
     files = sorted(Path(split_dir).glob("*.parquet"))
     if not files:
         raise NothingProduced(f"no windows in {split_dir}: build them first with `biofm build-windows`")
-    metadata = pq.read_schema(files[0]).metadata or {}
-    if SCHEMA_KEY not in metadata:
-        raise ConfigError(f"{files[0]} was not written by biofm build-windows (no data spec)")
-    return json.loads(metadata[SCHEMA_KEY])
+    specs = {}
+    for f in files:
+        try:
+            metadata = pq.read_schema(f).metadata or {}
+        except (pa.ArrowException, OSError) as e:
+            raise ConfigError(f"{f} is not a readable Parquet file ({type(e).__name__}: {e}); remove it, "
+                              "or rebuild the split with --overwrite") from None
+        if SCHEMA_KEY not in metadata:
+            raise ConfigError(f"{f} was not written by biofm build-windows (no data spec)")
+        specs.setdefault(metadata[SCHEMA_KEY], f)
+    if len(specs) > 1:
+        a, b = list(specs.values())[:2]
+        raise ConfigError(f"{split_dir} mixes windows made with different settings ({a.name} and {b.name}): "
+                          "rebuild the split with --overwrite")
+    return json.loads(next(iter(specs)))
 
 
 def same_data(a: dict, b: dict) -> bool:
