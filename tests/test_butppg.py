@@ -169,6 +169,13 @@ def test_download_offline_fails_clearly(tmp_path, dead_url):
         butppg.download(tmp_path / "raw", dead_url)
 
 
+def test_download_refuses_a_record_list_that_names_other_folders(tmp_path, http_server):
+    http_server.routes["/butppg/2.0.0/RECORDS"] = [(200, b"111001\n../elsewhere\n")]
+    with pytest.raises(ConfigError, match="RECORDS lists '..', which is not a BUT-PPG record id"):
+        butppg.download(tmp_path / "raw", http_server.url)
+    assert list((tmp_path / "raw").iterdir()) == []  # nothing fetched, nothing written
+
+
 def test_download_from_a_mirror(tmp_path):
     """Every file arrives intact, several at a time (the mirror answers each after 0.2 s); a
     download that fails leaves no RECORDS (the folder reads as unfinished); a rerun fetches only
@@ -201,15 +208,18 @@ def test_download_from_a_mirror(tmp_path):
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
         url = f"http://127.0.0.1:{server.server_address[1]}/"
-        held_back = src / "112001" / "112001_ACC.dat"
+        held_back = src / "111001" / "111001_PPG.hea"  # the first record file asked for
         held_back.rename(held_back.with_suffix(".away"))
         with pytest.raises(SourceUnreachable, match="404"):
-            butppg.download(tmp_path / "raw", url, threads=4)
-        assert not (tmp_path / "raw" / "RECORDS").exists() and (tmp_path / "raw" / "111001" / "111001_ECG.dat").is_file()
+            butppg.download(tmp_path / "raw", url, threads=1)
+        # it stopped there (RECORDS, the two CSVs, the 404, at most one already started), left no RECORDS
+        assert 4 <= len(gets) <= 5 and not (tmp_path / "raw" / "RECORDS").exists()
         held_back.with_suffix(".away").rename(held_back)
+        missing = sorted(f"/butppg/2.0.0/{p.relative_to(src).as_posix()}" for p in src.rglob("*")
+                         if p.is_file() and p.name != "RECORDS" and not (tmp_path / "raw" / p.relative_to(src)).is_file())
         gets.clear()
         butppg.download(tmp_path / "raw", url, threads=4)
-        assert gets[1:] == ["/butppg/2.0.0/112001/112001_ACC.dat"]  # after RECORDS, only what was missing
+        assert gets[0] == "/butppg/2.0.0/RECORDS" and sorted(gets[1:]) == missing and len(missing) >= 8
         shutil.rmtree(tmp_path / "raw")
         gets.clear()
         butppg.download(tmp_path / "raw", url, threads=4)

@@ -197,20 +197,21 @@ def download(raw_dir: Path, index_url: str | None = None, threads: int = 8) -> N
     try:
         with http.get(base + "RECORDS") as r:
             listing = r.read()
+        records = [r.split("/")[0] for r in listing.decode().splitlines() if r.strip()]
+        bad = [rid for rid in records if not rid.isdigit()]  # ids name folders here
+        if bad:
+            raise ConfigError(f"{base}RECORDS lists {bad[0]!r}, which is not a BUT-PPG record id")
         for name in ("quality-hr-ann.csv", "subject-info.csv"):
             _fetch(base + name, raw_dir / name)
-        records = [r.split("/")[0] for r in listing.decode().splitlines() if r.strip()]
         files = []
         for rid in records:
-            if not rid.isdigit():  # ids name folders here
-                raise ConfigError(f"{base}RECORDS lists {rid!r}, which is not a BUT-PPG record id")
             (raw_dir / rid).mkdir(exist_ok=True)
             files += [f"{rid}/{rid}_{m}.{ext}" for m in ("PPG", "ECG") for ext in ("hea", "dat")]
             if int(rid) >= ACC_FROM:
                 files += [f"{rid}/{rid}_ACC.{ext}" for ext in ("hea", "dat")]
         print(f"[prepare-butppg] downloading {len(records)} records ({len(files)} files) from {base}", flush=True)
         t0 = time.perf_counter()
-        with ThreadPoolExecutor(threads) as pool:
+        with ThreadPoolExecutor(threads) as pool:  # map cancels the queued files at the first failure
             for i, _ in enumerate(pool.map(lambda f: _fetch(base + f, raw_dir / f), files), 1):
                 if i % 2000 == 0 or i == len(files):
                     print(f"[prepare-butppg] {i}/{len(files)} files in {time.perf_counter() - t0:.0f} s", flush=True)
