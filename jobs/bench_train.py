@@ -127,7 +127,7 @@ def main() -> None:
         dataclasses.replace(cfg, num_workers=1, cache_mb=0.0), data, workdir / "train_out_streamed")
     ray.shutdown()
     again = plain_loop(cfg, data)  # the machine drifts: the baseline is the mean of a run before and after
-    runs["(a) plain PyTorch loop"] = {k: (v + again[k]) / 2 for k, v in runs["(a) plain PyTorch loop"].items()}
+    runs["(a) plain PyTorch loop"] = {k: (first[k] + again[k]) / 2 for k in first}
     print(f"(a) before Ray: {first['windows_per_s']:.1f} windows/s, after: {again['windows_per_s']:.1f}")
     base = runs["(a) plain PyTorch loop"]["windows_per_s"]
     print(f"\n{'run':28s} {'windows/s':>10s} {'vs (a)':>7s} {'waiting':>8s} {'1st batch':>10s} {'steady':>7s}")

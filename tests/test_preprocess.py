@@ -215,18 +215,17 @@ def test_a_split_with_a_corrupt_or_foreign_file_is_refused_by_name(tmp_path):
 
     for i in range(3):
         write_case(tmp_path / "vital", str(i + 1), duration_s=40.0, seed=i)
-    channels, windows = CHANNELS, WINDOWS
     split = tmp_path / "train"
     (split / "_cases").mkdir(parents=True)
     source = DirectorySource(str(tmp_path / "vital"))
     for case in ("1", "2"):
-        assert process_case(case, source, channels, windows, split)["status"] == "ok"
-    assert read_data_spec(split) == data_spec(channels, windows)
+        assert process_case(case, source, CHANNELS, WINDOWS, split)["status"] == "ok"
+    assert read_data_spec(split) == data_spec(CHANNELS, WINDOWS)
     (split / "9.parquet").write_bytes(b"junk")
     with pytest.raises(ConfigError, match=r"9.parquet is not a readable Parquet file .*--overwrite"):
         read_data_spec(split)
     (split / "9.parquet").unlink()
-    other = {"PPG": dataclasses.replace(channels["PPG"], band_hz=(0.5, 8.0)), "ECG": channels["ECG"]}
-    process_case("3", source, other, windows, split)
+    other = {"PPG": dataclasses.replace(CHANNELS["PPG"], band_hz=(0.5, 8.0)), "ECG": CHANNELS["ECG"]}
+    process_case("3", source, other, WINDOWS, split)
     with pytest.raises(ConfigError, match=r"mixes windows made with different settings \(1.parquet and 3.parquet\)"):
         read_data_spec(split)
