@@ -1,8 +1,10 @@
-"""Shared fixtures: one local Ray per session, recordings in the real file formats, HTTP servers."""
+"""Shared fixtures: one local Ray per session, recordings in the real file formats, HTTP and S3
+servers on 127.0.0.1."""
 
 from __future__ import annotations
 
 import gzip
+import logging
 import os
 import socket
 import threading
@@ -26,12 +28,39 @@ def requires_realdata(path: Path):
 
 
 @pytest.fixture(scope="session")
-def ray_session():
-    """One local Ray instance for the whole test session (2 CPUs, no dashboard)."""
+def s3():
+    """An S3 server (moto) on 127.0.0.1 with an empty bucket ``biofm``, for the whole session.
+    Yields the environment that points pyarrow (and so biofm and Ray) at it; it is also set in
+    this process's environment, so a Ray head started from a test inherits it."""
+    import pyarrow.fs
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one log line per request otherwise
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    env = {"AWS_ENDPOINT_URL": f"http://{host}:{port}", "AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test",
+           "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"}
+    before = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    pyarrow.fs.FileSystem.from_uri("s3://biofm?allow_bucket_creation=true")[0].create_dir("biofm")
+    yield env
+    server.stop()
+    for k, v in before.items():
+        if v is None:
+            del os.environ[k]
+        else:
+            os.environ[k] = v
+
+
+@pytest.fixture(scope="session")
+def ray_session(s3):
+    """One local Ray instance for the whole test session (2 CPUs, no dashboard); its workers
+    reach the session's S3 server."""
     import ray
 
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": {"RAY_DATA_DISABLE_PROGRESS_BARS": "1"}})
+             runtime_env={"env_vars": {"RAY_DATA_DISABLE_PROGRESS_BARS": "1", **s3}})
     yield ray
     ray.shutdown()
 
