@@ -54,7 +54,7 @@ def test_baselines_are_the_same_fine_tuning_with_other_settings(tmp_path, monkey
     report = transfer.compare_variants(TINY, "fm.pt", tmp_path / "data", tmp_path / "out")
     assert list(report) == ["finetuned", "scratch", "linear_probe"]
     assert [(c.init, c.unfreeze_last_n) for c, _ in calls] == [("pretrained", 2), ("scratch", 2), ("pretrained", 0)]
-    assert [o.relative_to(tmp_path).as_posix() for _, o in calls] == [
+    assert [o.removeprefix(f"{tmp_path}/") for _, o in calls] == [
         "out", "out/baselines/scratch", "out/baselines/linear_probe"]
     assert json.loads((tmp_path / "out" / "report.json").read_text())["scratch"]["n"] == 3
 
@@ -68,7 +68,7 @@ def test_subject_wise_cross_validation(butppg_data, tmp_path, monkeypatch):
 
     def fake(cfg, pretrained, data_dir, out, address=None):
         runs.append((cfg, data_dir, out))
-        n = len(read_split(data_dir / "test")["label"])
+        n = len(read_split(f"{data_dir}/test")["label"])
         return {"test": {k: 0.5 for k in transfer.REPORTED} | {"n": n}}
 
     monkeypatch.setattr(transfer, "finetune", fake)
@@ -83,7 +83,7 @@ def test_subject_wise_cross_validation(butppg_data, tmp_path, monkeypatch):
         assert not (set(parts["train"]) & set(parts["test"]) or set(parts["val"]) & set(parts["test"]))
         assert not set(parts["train"]) & set(parts["val"])
     assert sum(f["finetuned"]["n"] for f in report["per_fold"]) == 51
-    assert [(c.init, c.unfreeze_last_n, o.relative_to(tmp_path).as_posix()) for c, _, o in runs[:3]] == [
+    assert [(c.init, c.unfreeze_last_n, o.removeprefix(f"{tmp_path}/")) for c, _, o in runs[:3]] == [
         ("pretrained", 2, "cv/fold_0/finetuned"), ("scratch", 2, "cv/fold_0/scratch"),
         ("pretrained", 0, "cv/fold_0/linear_probe")]
     assert len(runs) == 9 and report["summary"]["scratch"]["auroc"] == {"mean": 0.5, "std": 0.0}

@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import pytest
 
@@ -8,9 +9,9 @@ from conftest import REAL_VITAL, requires_realdata
 
 
 def test_fasttrack_is_deterministic_disjoint_and_sized(tmp_path):
-    a = json.loads(prepare_splits("fasttrack", "bis", tmp_path / "a").read_text())
-    b = json.loads(prepare_splits("fasttrack", "bis", tmp_path / "b").read_text())
-    c = json.loads(prepare_splits("fasttrack", "bis", tmp_path / "c", seed=1).read_text())
+    a = json.loads(Path(prepare_splits("fasttrack", "bis", tmp_path / "a")).read_text())
+    b = json.loads(Path(prepare_splits("fasttrack", "bis", tmp_path / "b")).read_text())
+    c = json.loads(Path(prepare_splits("fasttrack", "bis", tmp_path / "c", seed=1)).read_text())
     assert a == b
     assert [len(a[k]) for k in ("train", "val", "test")] == [49, 10, 11]
     ids = a["train"] + a["val"] + a["test"]
@@ -23,7 +24,7 @@ def test_fasttrack_is_deterministic_disjoint_and_sized(tmp_path):
 def test_full_mode_takes_every_case(tmp_path):
     ids, _ = read_case_list("bis")
     assert len(ids) > 1000
-    d = json.loads(prepare_splits("full", "bis", tmp_path, ratios=(0.8, 0.1, 0.1)).read_text())
+    d = json.loads(Path(prepare_splits("full", "bis", tmp_path, ratios=(0.8, 0.1, 0.1))).read_text())
     assert sorted(d["train"] + d["val"] + d["test"]) == sorted(ids)
     assert len(d["train"]) == round(0.8 * len(ids))
 

@@ -73,13 +73,13 @@ def _smoke(args) -> int:
 def _evaluate_ssl(args) -> int:
     import json
 
+    from biofm import storage
     from biofm.train.evaluate import evaluate_ssl, format_table
 
     result = evaluate_ssl(args.checkpoint, args.data_dir, args.split)
     print(format_table(result))
     if args.output:
-        with open(args.output, "w") as f:
-            json.dump(result, f, indent=1)
+        storage.write_text(args.output, json.dumps(result, indent=1))
     else:
         print(json.dumps(result, indent=1))
     return 0
@@ -116,25 +116,21 @@ def _finetune_config(args):
 
 
 def _finetune(args) -> int:
-    from pathlib import Path
-
     from biofm.train.finetune import finetune
     from biofm.train.transfer import compare_variants
 
     cfg = _finetune_config(args)
     if args.baselines:
-        compare_variants(cfg, args.pretrained, Path(args.data_dir), Path(args.output_dir), address=args.address)
+        compare_variants(cfg, args.pretrained, args.data_dir, args.output_dir, address=args.address)
     else:
         finetune(cfg, args.pretrained, args.data_dir, args.output_dir, address=args.address, resume=args.resume)
     return 0
 
 
 def _finetune_cv(args) -> int:
-    from pathlib import Path
-
     from biofm.train.transfer import cross_validate
 
-    cross_validate(_finetune_config(args), args.pretrained, Path(args.data_dir), Path(args.output_dir),
+    cross_validate(_finetune_config(args), args.pretrained, args.data_dir, args.output_dir,
                    folds=args.folds, variants=args.variants, seed=args.seed, address=args.address)
     return 0
 

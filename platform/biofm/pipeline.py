@@ -14,16 +14,18 @@ settings changed; ``force`` reruns the named stages.
     <output_dir>/but_ppg_finetuned/               best_model.pt, test_metrics.json, ...
     <output_dir>/tune/finetune_schedules/         (with a tune section)
     <output_dir>/pipeline.json                    per stage: ran or skipped, hash, seconds
+
+``output_dir`` is a local (or shared) path or a URI (``s3://bucket/prefix``, :mod:`biofm.storage`).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import shutil
 import time
 from pathlib import Path
 
+from biofm import storage
 from biofm.config import (
     STAGES, ButppgConfig, ChannelsConfig, FinetuneConfig, PipelineConfig, PretrainConfig, TuneSearchConfig,
     WindowsConfig, load_config, to_jsonable, with_overrides,
@@ -46,6 +48,9 @@ def check_sources(cfg: PipelineConfig) -> None:
         open_source(cfg.vital_source, cfg.api_url).check_reachable()
     except SourceUnreachable as e:
         raise SourceUnreachable(f"{e} In the pipeline: --set vital_source=<folder of .vital files>") from None
+    if storage.is_uri(cfg.butppg_raw_dir):
+        raise ConfigError(f"butppg_raw_dir {cfg.butppg_raw_dir}: the raw BUT-PPG records are read from a "
+                          "folder (local, or shared by every node), not a URI")
     raw = Path(cfg.butppg_raw_dir)
     if not (raw / "RECORDS").is_file():
         if not cfg.butppg_download:
@@ -57,31 +62,30 @@ def check_sources(cfg: PipelineConfig) -> None:
             raise SourceUnreachable(f"{e} In the pipeline: --set butppg_raw_dir=<its folder>") from None
 
 
-def run_stage(name: str, folder: Path, settings: dict, force: bool, run) -> dict:
+def run_stage(name: str, folder: str | Path, settings: dict, force: bool, run) -> dict:
     """Run ``run(resume: bool)`` for stage ``name`` unless ``folder`` already holds its output
     made from ``settings``. Returns ``{"stage", "hash", "status": ran|skipped, "seconds"}``."""
     digest = settings_hash(settings)
-    marker = folder / MARKER
-    previous = json.loads(marker.read_text()) if marker.is_file() else None
+    marker = storage.join(folder, MARKER)
+    previous = json.loads(storage.read_text(marker)) if storage.is_file(marker) else None
     if previous and previous["hash"] == digest and previous["status"] == "done" and not force:
         print(f"[pipeline] {name}: up to date ({digest}), skipped", flush=True)
         return {"stage": name, "hash": digest, "status": "skipped", "seconds": 0.0}
-    if folder.exists() and any(folder.iterdir()) and previous is None:
+    if previous is None and (storage.list_files(folder) or storage.list_dirs(folder)):
         raise BiofmError(f"{folder} exists and was not made by the pipeline: move it away or choose another "
                          "output_dir (the pipeline does not delete what it did not write)")
     resume = bool(previous and previous["hash"] == digest and not force)
-    if folder.exists() and not resume:
+    if previous and not resume:
         why = "forced" if force else "its settings changed"
-        print(f"[pipeline] {name}: {why}, rebuilding {folder}", flush=True)
-        shutil.rmtree(folder)
-    folder.mkdir(parents=True, exist_ok=True)
+        print(f"[pipeline] {name}: {why}, rebuilding {storage.normalize(folder)}", flush=True)
+        storage.remove_tree(folder)
     record = {"stage": name, "hash": digest, "settings": settings}
-    marker.write_text(json.dumps({**record, "status": "running"}, indent=1, default=str))
+    storage.write_text(marker, json.dumps({**record, "status": "running"}, indent=1, default=str))
     print(f"[pipeline] {name}: {'continuing' if resume else 'running'} ({digest})", flush=True)
     t0 = time.perf_counter()
     run(resume)
     seconds = round(time.perf_counter() - t0, 1)
-    marker.write_text(json.dumps({**record, "status": "done", "seconds": seconds}, indent=1, default=str))
+    storage.write_text(marker, json.dumps({**record, "status": "done", "seconds": seconds}, indent=1, default=str))
     print(f"[pipeline] {name}: done in {seconds:.0f} s", flush=True)
     return {"stage": name, "hash": digest, "status": "ran", "seconds": seconds}
 
@@ -91,7 +95,7 @@ def run_pipeline(cfg: PipelineConfig, force: tuple[str, ...] = (), address: str 
     unknown = [s for s in force if s not in STAGES]
     if unknown:
         raise ConfigError(f"--force: unknown stage(s) {unknown} (stages: {', '.join(STAGES)})")
-    out = Path(cfg.output_dir).resolve()
+    out = storage.normalize(cfg.output_dir)
     channels = load_config(ChannelsConfig, cfg.channels_yaml)
     windows = load_config(WindowsConfig, cfg.windows_yaml)
     pre = with_overrides(PretrainConfig, cfg.pretrain_config, cfg.pretrain, "pipeline pretrain")
@@ -99,6 +103,7 @@ def run_pipeline(cfg: PipelineConfig, force: tuple[str, ...] = (), address: str 
     fine = with_overrides(FinetuneConfig, cfg.finetune_config, cfg.finetune, "pipeline finetune")
     search = None if cfg.tune is None else with_overrides(TuneSearchConfig, cfg.tune_config, cfg.tune, "pipeline tune")
     check_sources(cfg)  # before the heavy imports below: offline, it answers in a second
+    storage.check_writable(out)
 
     from biofm.preprocess import build_butppg, build_windows, ensure_ray
     from biofm.sources.butppg import download
@@ -118,47 +123,49 @@ def run_pipeline(cfg: PipelineConfig, force: tuple[str, ...] = (), address: str 
         records.append(run_stage(name, folder, settings, name in force, run))
         hashes[name] = records[-1]["hash"]
 
-    split_file = out / "splits" / f"splits_{cfg.split_mode}.json"
-    stage("splits", out / "splits",
+    def at(*names):
+        return storage.join(out, *names)
+
+    stage("splits", at("splits"),
           {"case_set": cfg.case_set, "mode": cfg.split_mode, "seed": cfg.split_seed, "ratios": cfg.split_ratios},
-          lambda resume: prepare_splits(cfg.split_mode, cfg.case_set, out / "splits", cfg.split_seed,
+          lambda resume: prepare_splits(cfg.split_mode, cfg.case_set, at("splits"), cfg.split_seed,
                                         cfg.split_ratios))
 
     def build(resume):
         selected = channels.select(pre.channels)
         for split in ("train", "val"):
-            cases = load_split(split_file, split)[:cfg.max_cases.get(split)]
+            cases = load_split(at("splits", f"splits_{cfg.split_mode}.json"), split)[:cfg.max_cases.get(split)]
             build_windows(cases, open_source(cfg.vital_source, cfg.api_url), selected, windows,
-                          out / "vitaldb_windows", split, inputs={"pipeline": str(out), "source": cfg.vital_source})
+                          at("vitaldb_windows"), split, inputs={"pipeline": out, "source": cfg.vital_source})
 
-    stage("windows", out / "vitaldb_windows",
+    stage("windows", at("vitaldb_windows"),
           {"channels": to_jsonable(channels), "windows": to_jsonable(windows), "source": cfg.vital_source,
            "api_url": cfg.api_url, "max_cases": cfg.max_cases, "channels_used": pre.channels}, build, after=["splits"])
-    stage("pretrain", out / "foundation_model", to_jsonable(pre),
-          lambda resume: pretrain(pre, out / "vitaldb_windows", out / "foundation_model",
-                                  resume=resume and (out / "foundation_model" / "ray" / RUN_NAME).exists()),
+    stage("pretrain", at("foundation_model"), to_jsonable(pre),
+          lambda resume: pretrain(pre, at("vitaldb_windows"), at("foundation_model"),
+                                  resume=resume and storage.exists(at("foundation_model", "ray", RUN_NAME))),
           after=["windows"])
 
     def prepare_butppg(resume):
         raw = Path(cfg.butppg_raw_dir)
         if not (raw / "RECORDS").is_file():
             download(raw, cfg.physionet_url)
-        build_butppg(raw, out / "but_ppg", channels.select(but.channels), windows, but)
+        build_butppg(raw, at("but_ppg"), channels.select(but.channels), windows, but)
 
-    stage("butppg", out / "but_ppg",
+    stage("butppg", at("but_ppg"),
           {"butppg": to_jsonable(but), "channels": to_jsonable(channels), "windows": to_jsonable(windows),
            "raw_dir": str(Path(cfg.butppg_raw_dir).resolve())}, prepare_butppg)
-    pretrained = out / "foundation_model" / "best_model.pt"
-    stage("finetune", out / "but_ppg_finetuned", to_jsonable(fine),
-          lambda resume: finetune(fine, pretrained, out / "but_ppg", out / "but_ppg_finetuned",
-                                  resume=resume and (out / "but_ppg_finetuned" / "ray" / RUN_NAME).exists()),
+    pretrained = at("foundation_model", "best_model.pt")
+    stage("finetune", at("but_ppg_finetuned"), to_jsonable(fine),
+          lambda resume: finetune(fine, pretrained, at("but_ppg"), at("but_ppg_finetuned"),
+                                  resume=resume and storage.exists(at("but_ppg_finetuned", "ray", RUN_NAME))),
           after=["pretrain", "butppg"])
     if search is not None:
-        stage("tune", out / "tune", {"search": to_jsonable(search), "base": to_jsonable(fine)},
-              lambda resume: run_search(search, fine, pretrained, out / "but_ppg", out / "tune",
-                                        resume=resume and (out / "tune" / "finetune_schedules" / STATE).is_file()),
+        stage("tune", at("tune"), {"search": to_jsonable(search), "base": to_jsonable(fine)},
+              lambda resume: run_search(search, fine, pretrained, at("but_ppg"), at("tune"),
+                                        resume=resume and storage.is_file(at("tune", "finetune_schedules", STATE))),
               after=["pretrain", "butppg"])
-    (out / "pipeline.json").write_text(json.dumps({"config": to_jsonable(cfg), "stages": records}, indent=1))
+    storage.write_text(at("pipeline.json"), json.dumps({"config": to_jsonable(cfg), "stages": records}, indent=1))
     ran = [r["stage"] for r in records if r["status"] == "ran"]
     print(f"[pipeline] done: ran {', '.join(ran) or 'nothing'}; skipped "
           f"{', '.join(r['stage'] for r in records if r['status'] == 'skipped') or 'nothing'} -> {out}", flush=True)

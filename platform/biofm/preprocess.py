@@ -9,15 +9,16 @@ Layout (split folders hold only Parquet, so pandas/pyarrow/Ray read them as they
     <outdir>/<split>/<case_id>.parquet     kept windows of one case (written atomically)
     <outdir>/<split>/_cases/<case_id>.json outcome of one case: ok + counts, or skipped + reason
     <outdir>/manifest.json                 per split: config, per-case outcomes, totals, timings
+
+``outdir`` is a local path or a URI (:mod:`biofm.storage`): the tasks write their files directly.
 """
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
-import os
 import resource
-import shutil
 import subprocess
 import time
 from collections import Counter
@@ -27,7 +28,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from biofm import __version__, signals
+from biofm import __version__, signals, storage
 from biofm.config import ChannelSpec, WindowsConfig, config_hash, to_jsonable
 from biofm.errors import CaseSkipped, ConfigError, NothingProduced
 
@@ -143,12 +144,6 @@ def windows_table(case_id: str, columns: dict, spec: dict) -> pa.Table:
     return table.replace_schema_metadata({SCHEMA_KEY: json.dumps(spec).encode()})
 
 
-def _write_atomic(path: Path, write) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    write(tmp)
-    os.replace(tmp, path)
-
-
 def process_case(case_id: str, source, channels: dict[str, ChannelSpec], cfg: WindowsConfig,
                  split_dir: str | Path) -> dict:
     """Read, window, check and write one case. Never raises for a bad case: returns its outcome.
@@ -158,7 +153,6 @@ def process_case(case_id: str, source, channels: dict[str, ChannelSpec], cfg: Wi
     """
     from biofm.sources.vitaldb import read_tracks
 
-    split_dir = Path(split_dir)
     spec = data_spec(channels, cfg)
     timings = {s: 0.0 for s in STAGES}
     outcome = {"case_id": case_id, "config_hash": spec["config_hash"], "timings": timings}
@@ -178,8 +172,8 @@ def process_case(case_id: str, source, channels: dict[str, ChannelSpec], cfg: Wi
             top = ", ".join(f"{r} x{n}" for r, n in rejected.most_common(3))
             raise CaseSkipped("no_usable_windows", f"all {n_total} windows failed quality checks ({top})")
         t1 = time.perf_counter()
-        _write_atomic(split_dir / f"{case_id}.parquet",
-                      lambda p: pq.write_table(windows_table(case_id, columns, spec), p))
+        storage.write(storage.join(split_dir, f"{case_id}.parquet"),
+                      lambda f: pq.write_table(windows_table(case_id, columns, spec), f))
         timings["write"] = time.perf_counter() - t1
         outcome.update(status="ok", file=f"{case_id}.parquet")
     except CaseSkipped as e:
@@ -190,8 +184,7 @@ def process_case(case_id: str, source, channels: dict[str, ChannelSpec], cfg: Wi
     outcome.setdefault("windows_kept", 0)
     outcome["seconds"] = round(time.perf_counter() - t0, 4)
     outcome["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
-    _write_atomic(split_dir / "_cases" / f"{case_id}.json",
-                  lambda p: p.write_text(json.dumps(outcome)))
+    storage.write_text(storage.join(split_dir, "_cases", f"{case_id}.json"), json.dumps(outcome))
     return outcome
 
 
@@ -264,11 +257,9 @@ def _code_version() -> str:
     return f"{__version__}+{sha}" if sha else __version__
 
 
-def load_outcomes(split_dir: Path) -> dict[str, dict]:
-    cases_dir = split_dir / "_cases"
-    if not cases_dir.is_dir():
-        return {}
-    return {p.stem: json.loads(p.read_text()) for p in cases_dir.glob("*.json")}
+def load_outcomes(split_dir: str) -> dict[str, dict]:
+    return {storage.name(p).removesuffix(".json"): json.loads(storage.read_text(p))
+            for p in storage.list_files(storage.join(split_dir, "_cases"), ".json")}
 
 
 def build_windows(case_ids: list[str], source, channels: dict[str, ChannelSpec], cfg: WindowsConfig,
@@ -283,12 +274,10 @@ def build_windows(case_ids: list[str], source, channels: dict[str, ChannelSpec],
     case_ids = list(dict.fromkeys(_check_case_id(str(c)) for c in case_ids))
     if not case_ids:
         raise NothingProduced(f"no cases to process for split {split!r}: the case list is empty")
-    split_dir = Path(outdir) / split
-    if overwrite and split_dir.exists():
-        shutil.rmtree(split_dir)
-    (split_dir / "_cases").mkdir(parents=True, exist_ok=True)
-    for tmp in split_dir.rglob(".*.tmp"):
-        tmp.unlink()
+    split_dir = storage.join(outdir, split)
+    if overwrite:
+        storage.remove_tree(split_dir)
+    storage.remove_temporary(split_dir)
     spec = data_spec(channels, cfg)
 
     previous = load_outcomes(split_dir)
@@ -304,7 +293,7 @@ def build_windows(case_ids: list[str], source, channels: dict[str, ChannelSpec],
     if pending:
         source.check_reachable()
         ensure_ray(address)
-        run_cases(pending, progress, source=source, channels=channels, cfg=cfg, split_dir=str(split_dir))
+        run_cases(pending, progress, source=source, channels=channels, cfg=cfg, split_dir=split_dir)
     print(f"[build-windows {split}] {len(case_ids) - len(pending)} cases already done, "
           f"{len(pending)} processed in {time.perf_counter() - t0:.1f} s", flush=True)
 
@@ -318,7 +307,7 @@ def build_windows(case_ids: list[str], source, channels: dict[str, ChannelSpec],
     return manifest
 
 
-def write_manifest(split_dir: Path, case_ids: list[str], spec: dict, channels, cfg, source,
+def write_manifest(split_dir: str, case_ids: list[str], spec: dict, channels, cfg, source,
                    inputs: dict, wall_s: float) -> dict:
     """Gather the per-case outcomes of ``case_ids`` into the split's section of the manifest."""
     outcomes = load_outcomes(split_dir)
@@ -331,7 +320,7 @@ def write_manifest(split_dir: Path, case_ids: list[str], spec: dict, channels, c
         if o["status"] != "ok":
             skip_reasons[o["code"]] += 1
     manifest = {
-        "split": split_dir.name,
+        "split": storage.name(split_dir),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "code_version": _code_version(),
         "source": source.describe(),
@@ -349,19 +338,32 @@ def write_manifest(split_dir: Path, case_ids: list[str], spec: dict, channels, c
         "cases": cases,
     }
     assert manifest["cases_in"] == manifest["cases_ok"] + manifest["cases_skipped"]
-    path = split_dir.parent / "manifest.json"
-    with open(split_dir.parent / ".manifest.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # builds of other splits may update it concurrently
-        whole = json.loads(path.read_text()) if path.exists() else {"splits": {}}
-        whole["splits"][split_dir.name] = manifest
-        _write_atomic(path, lambda p: p.write_text(json.dumps(whole, indent=1)))
+    outdir = split_dir.rsplit("/", 1)[0]
+    path = storage.join(outdir, "manifest.json")
+    with _manifest_lock(outdir):
+        whole = json.loads(storage.read_text(path)) if storage.is_file(path) else {"splits": {}}
+        whole["splits"][manifest["split"]] = manifest
+        storage.write_text(path, json.dumps(whole, indent=1))
     return manifest
+
+
+@contextlib.contextmanager
+def _manifest_lock(outdir: str):
+    """Locally, builds of other splits may update the manifest at the same time: they take turns.
+    Object stores have no locks: build the splits of one URI one after the other (the pipeline does)."""
+    if storage.is_uri(outdir):
+        yield
+        return
+    Path(outdir).mkdir(parents=True, exist_ok=True)
+    with open(Path(outdir) / ".manifest.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
 
 
 def read_manifest(outdir: str | Path, split: str) -> dict:
     """The manifest section of ``split`` under ``outdir``."""
-    path = Path(outdir) / "manifest.json"
-    splits = json.loads(path.read_text())["splits"] if path.exists() else {}
+    path = storage.join(outdir, "manifest.json")
+    splits = json.loads(storage.read_text(path))["splits"] if storage.is_file(path) else {}
     if split not in splits:
         raise NothingProduced(f"{outdir} has no windows for split {split!r} (built: {sorted(splits) or 'none'})")
     return splits[split]
@@ -371,13 +373,13 @@ def read_data_spec(split_dir: str | Path) -> dict:
     """The data spec stored in a windows split's Parquet schema metadata. Every file's footer is
     read: a file that is not Parquet, or that was made with other settings, is an error naming it
     (not a failure deep inside a Ray Data read)."""
-    files = sorted(Path(split_dir).glob("*.parquet"))
+    files = list(storage.list_files(split_dir, ".parquet"))
     if not files:
         raise NothingProduced(f"no windows in {split_dir}: build them first with `biofm build-windows`")
     specs = {}
     for f in files:
         try:
-            metadata = pq.read_schema(f).metadata or {}
+            metadata = storage.read_schema(f).metadata or {}
         except (pa.ArrowException, OSError) as e:
             raise ConfigError(f"{f} is not a readable Parquet file ({type(e).__name__}: {e}); remove it, "
                               "or rebuild the split with --overwrite") from None
@@ -386,7 +388,7 @@ def read_data_spec(split_dir: str | Path) -> dict:
         specs.setdefault(metadata[SCHEMA_KEY], f)
     if len(specs) > 1:
         a, b = list(specs.values())[:2]
-        raise ConfigError(f"{split_dir} mixes windows made with different settings ({a.name} and {b.name}): "
+        raise ConfigError(f"{split_dir} mixes windows made with different settings ({storage.name(a)} and {storage.name(b)}): "
                           "rebuild the split with --overwrite")
     return json.loads(next(iter(specs)))
 
@@ -502,7 +504,7 @@ def build_butppg(raw_dir: str | Path, outdir: str | Path, channels: dict[str, Ch
     )
     from biofm.splits import SPLITS, split_groups
 
-    raw_dir, outdir = Path(raw_dir).resolve(), Path(outdir)
+    raw_dir, outdir = Path(raw_dir).resolve(), storage.normalize(outdir)
     records, labels, subjects = read_records(raw_dir), read_annotations(raw_dir), read_subjects(raw_dir)
     spec = {**data_spec(channels, cfg), "dataset": "but_ppg", "label": "1 = good PPG quality",
             "ppg_signal": butppg.ppg_signal, "zscore": "per record, per channel"}
@@ -543,17 +545,15 @@ def build_butppg(raw_dir: str | Path, outdir: str | Path, channels: dict[str, Ch
     split_of = {s: name for name, ids in split_groups(
         list(by_subject), butppg.split_ratios, butppg.seed,
         positive_rate={s: float(np.mean(v)) for s, v in by_subject.items()}).items() for s in ids}
-    if outdir.exists():
-        for name in SPLITS:
-            shutil.rmtree(outdir / name, ignore_errors=True)
+    for name in SPLITS:
+        storage.remove_tree(storage.join(outdir, name))
     summary = {}
     for name in SPLITS:
         part = [rows[r] for r in sorted(rows) if split_of[subject_of(r)] == name]
         summary[name] = {"records": len(part), "good": sum(r["label"] for r in part),
                          "subjects": sorted({r["subject_id"] for r in part})}
         if part:
-            (outdir / name).mkdir(parents=True, exist_ok=True)
-            _write_atomic(outdir / name / "but_ppg.parquet", lambda p: pq.write_table(butppg_table(part, spec), p))
+            storage.write(storage.join(outdir, name, "but_ppg.parquet"), lambda f: pq.write_table(butppg_table(part, spec), f))
     skipped = Counter(o["code"] for o in outcomes.values() if o["status"] != "ok")
     manifest = {
         "dataset": "but_ppg", "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "code_version": _code_version(),
@@ -564,8 +564,7 @@ def build_butppg(raw_dir: str | Path, outdir: str | Path, channels: dict[str, Ch
         "records": {r: {k: v for k, v in outcomes[r].items() if k != "record_id"} for r in records},
     }
     assert manifest["records_in"] == manifest["records_ok"] + manifest["records_skipped"]
-    outdir.mkdir(parents=True, exist_ok=True)
-    _write_atomic(outdir / "manifest.json", lambda p: p.write_text(json.dumps(manifest, indent=1)))
+    storage.write_text(storage.join(outdir, "manifest.json"), json.dumps(manifest, indent=1))
     print(f"[prepare-butppg] {len(rows)}/{len(records)} records usable; " + ", ".join(
         f"{n}: {s['records']} records ({s['good']} good), {len(s['subjects'])} subjects" for n, s in summary.items()),
         flush=True)

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
+from biofm import storage
 from biofm.errors import ConfigError
 
 SPLITS = ("train", "val", "test")
@@ -63,8 +64,8 @@ def read_case_list(spec: str) -> tuple[list[str], str]:
 
 
 def prepare_splits(mode: str, case_set: str, output: str | Path, seed: int = 0,
-                   ratios: tuple[float, float, float] = (0.7, 0.15, 0.15)) -> Path:
-    """Write ``<output>/splits_<mode>.json``: ``{"train": [...], "val": [...], "test": [...], "meta": {...}}``.
+                   ratios: tuple[float, float, float] = (0.7, 0.15, 0.15)) -> str:
+    """Write ``<output>/splits_<mode>.json`` (``output``: a local path or a URI): ``{"train": [...], "val": [...], "test": [...], "meta": {...}}``.
 
     ``mode="fasttrack"`` first draws a deterministic subset of 70 cases; ``"full"`` keeps all.
     """
@@ -79,19 +80,16 @@ def prepare_splits(mode: str, case_set: str, output: str | Path, seed: int = 0,
     splits = split_groups(ids, ratios, seed)
     meta = {"mode": mode, "case_set": case_set, "source": described, "seed": seed,
             "ratios": list(ratios), "n_cases": len(ids), "counts": {k: len(v) for k, v in splits.items()}}
-    out = Path(output) / f"splits_{mode}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({**splits, "meta": meta}, indent=1))
-    return out
+    return storage.write_text(storage.join(output, f"splits_{mode}.json"), json.dumps({**splits, "meta": meta}, indent=1))
 
 
 def load_split(split_file: str | Path, split: str) -> list[str]:
     """The case ids of ``split`` in a splits JSON file, as strings."""
-    path = Path(split_file)
-    if not path.is_file():
+    path = storage.normalize(split_file)
+    if not storage.is_file(path):
         raise ConfigError(f"split file not found: {path} (make one with `biofm prepare-splits`)")
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(storage.read_text(path))
     except json.JSONDecodeError as e:
         raise ConfigError(f"{path}: not valid JSON ({e})") from None
     if split not in data or split == "meta":

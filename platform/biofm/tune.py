@@ -4,7 +4,7 @@
 Train-inside-Tune pattern: :func:`biofm.train.finetune.finetune` with Tune's report callback),
 stops poor schedules early with ASHA on val AUROC, and resumes an interrupted experiment.
 :func:`analyse` reads an experiment folder with plain files only (no Ray), so it works on a
-folder copied from a cluster: a sorted table of trials, the best config as a YAML that
+folder copied from a cluster, or in place under a URI: a sorted table of trials, the best config as a YAML that
 ``biofm finetune --config`` accepts, and PNGs.
 
     <output_dir>/<name>/                     Tune's experiment folder
@@ -17,6 +17,7 @@ folder copied from a cluster: a sorted table of trials, the best config as a YAM
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
 import re
@@ -24,6 +25,7 @@ from pathlib import Path
 
 import yaml
 
+from biofm import storage
 from biofm.config import FinetuneConfig, TuneSearchConfig, from_dict, to_jsonable
 from biofm.errors import BiofmError
 
@@ -68,48 +70,48 @@ def finetune_trial(params: dict, base: dict, pretrained: str, data_dir: str, tri
     from biofm.train.finetune import finetune
 
     trial_id = ray.tune.get_context().get_trial_id()
-    out = Path(trials_dir) / trial_id
+    out = storage.join(trials_dir, trial_id)
     run_name = f"train-trial_id={trial_id}"  # fixed per trial, so a restarted trial resumes its run
-    finetune(trial_config(base, params), pretrained, data_dir, out, resume=(out / "ray" / run_name).exists(),
+    finetune(trial_config(base, params), pretrained, data_dir, out, resume=storage.exists(storage.join(out, "ray", run_name)),
              run_name=run_name, callbacks=[TuneReportCallback()])
 
 
 def run_search(tcfg: TuneSearchConfig, base: FinetuneConfig, pretrained: str | Path, data_dir: str | Path,
                output_dir: str | Path, name: str = "finetune_schedules", resume: bool = False,
-               address: str | None = None) -> Path:
-    """Run (or with ``resume``, finish) the search; returns the experiment folder, analysed."""
+               address: str | None = None) -> str:
+    """Run (or with ``resume``, finish) the search; returns the experiment folder, analysed.
+    ``output_dir``, ``pretrained`` and ``data_dir``: local paths or URIs."""
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
     from biofm.preprocess import ensure_ray
 
-    exp_dir = Path(output_dir).resolve() / name
-    if resume and not (exp_dir / STATE).is_file():
+    exp_dir, pretrained, data_dir = storage.join(output_dir, name), storage.normalize(pretrained), storage.normalize(data_dir)
+    if resume and not storage.is_file(storage.join(exp_dir, STATE)):
         raise BiofmError(f"nothing to resume in {exp_dir}")
-    if not resume and exp_dir.exists():
+    if not resume and storage.exists(exp_dir):
         raise BiofmError(f"{exp_dir} already holds an experiment: pass --resume to finish it, or choose "
                          "another --output-dir / --name")
-    if not Path(pretrained).is_file():
+    if not storage.is_file(pretrained):
         raise BiofmError(f"pretrained checkpoint not found: {pretrained}")
-    if not (Path(data_dir) / "train").is_dir():
+    if not storage.is_dir(storage.join(data_dir, "train")):
         raise BiofmError(f"no BUT-PPG records in {data_dir}: run `biofm prepare-butppg` first")
     base_dict = trial_base(tcfg, base)
     if not resume:
-        exp_dir.mkdir(parents=True)
-        (exp_dir / STATE).write_text(json.dumps({"search": to_jsonable(tcfg), "base": base_dict,
-                                                 "pretrained": str(pretrained), "data_dir": str(data_dir)}, indent=1))
+        storage.write_text(storage.join(exp_dir, STATE), json.dumps(
+            {"search": to_jsonable(tcfg), "base": base_dict, "pretrained": pretrained, "data_dir": data_dir}, indent=1))
     # Tune saves the experiment state (which trials finished) at most every 5 s, and copies it to
     # the experiment folder at most every sync_period (below): an interruption loses at most that
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "5")
     ensure_ray(address)
     trainable = tune.with_resources(
-        tune.with_parameters(finetune_trial, base=base_dict, pretrained=str(Path(pretrained).resolve()),
-                             data_dir=str(Path(data_dir).resolve()), trials_dir=str(exp_dir / "trials")),
+        tune.with_parameters(finetune_trial, base=base_dict, pretrained=pretrained, data_dir=data_dir,
+                             trials_dir=storage.join(exp_dir, "trials")),
         {"CPU": 0.01})  # the trial's driver only waits; its training worker asks for cpus_per_trial
     search = _grid_mode(tcfg.search) if tcfg.mode == "grid" else tcfg.search
     if resume:
-        tuner = tune.Tuner.restore(str(exp_dir), trainable=trainable, resume_unfinished=True, resume_errored=False)
+        tuner = tune.Tuner.restore(exp_dir, trainable=trainable, resume_unfinished=True, resume_errored=False)
     else:
         tuner = tune.Tuner(
             trainable,
@@ -124,7 +126,7 @@ def run_search(tcfg: TuneSearchConfig, base: FinetuneConfig, pretrained: str | P
                 scheduler=ASHAScheduler(time_attr="epoch", max_t=tcfg.max_epochs - 1, grace_period=tcfg.grace_period,
                                         reduction_factor=tcfg.reduction_factor, stop_last_trials=False),
                 search_alg=BasicVariantGenerator(random_state=tcfg.seed, max_concurrent=tcfg.max_concurrent_trials)),
-            run_config=tune.RunConfig(name=name, storage_path=str(exp_dir.parent),
+            run_config=tune.RunConfig(name=name, storage_path=storage.normalize(output_dir),
                                       failure_config=tune.FailureConfig(max_failures=0),
                                       sync_config=tune.SyncConfig(sync_period=5)),
         )
@@ -137,27 +139,32 @@ def run_search(tcfg: TuneSearchConfig, base: FinetuneConfig, pretrained: str | P
     return exp_dir
 
 
-def load_trials(exp_dir: Path) -> tuple[dict, list[dict]]:
+def load_trials(exp_dir: str) -> tuple[dict, list[dict]]:
     """The search state and every trial of ``exp_dir``: params, per-epoch results, status
     (``completed``, ``stopped early`` by ASHA or an interruption, ``error``), error text."""
-    state_file = exp_dir / STATE
-    if not state_file.is_file():
+    state_file = storage.join(exp_dir, STATE)
+    if not storage.is_file(state_file):
         raise BiofmError(f"{exp_dir} is not a biofm tune experiment (no {STATE})")
-    state = json.loads(state_file.read_text())
+    state = json.loads(storage.read_text(state_file))
     max_epochs = state["search"]["max_epochs"]
     trials = []
-    for params_file in sorted(exp_dir.glob("*/params.json")):
-        folder = params_file.parent
-        results = [json.loads(line) for line in (folder / "result.json").read_text().splitlines() if line.strip()] \
-            if (folder / "result.json").is_file() else []
+    for folder in storage.list_dirs(exp_dir):
+        files = {storage.name(f): f for f in storage.list_files(folder)}
+        if "params.json" not in files:
+            continue
+
+        def read(name: str) -> str:
+            return storage.read_text(files[name]) if name in files else ""
+
+        results = [json.loads(line) for line in read("result.json").splitlines() if line.strip()]
         results = [r for r in results if "val_auroc" in r]
-        error = (folder / "error.txt").read_text().strip() if (folder / "error.txt").is_file() else ""
+        error = read("error.txt").strip()
         epochs = max((r["epoch"] for r in results), default=0)
         status = "error" if error else "completed" if epochs >= max_epochs else "stopped early"
         best = max(results, key=lambda r: r["val_auroc"], default=None)
         trials.append({
-            "trial": results[0]["trial_id"] if results else _trial_id(folder.name), "folder": folder.name,
-            "params": json.loads(params_file.read_text()),
+            "trial": results[0]["trial_id"] if results else _trial_id(storage.name(folder)), "folder": storage.name(folder),
+            "params": json.loads(read("params.json")),
             "status": status, "epochs": epochs, "best_val_auroc": best["val_auroc"] if best else float("nan"),
             "best_epoch": best["epoch"] if best else 0, "history": [(r["epoch"], r["val_auroc"]) for r in results],
             "error": error.splitlines()[-1] if error else ""})
@@ -173,18 +180,19 @@ def _trial_id(folder_name: str) -> str:
 
 def analyse(exp_dir: str | Path) -> dict:
     """Table, ``best_config.yaml``, ``trials.csv`` and PNGs for ``exp_dir``; returns a summary."""
-    exp_dir = Path(exp_dir)
+    exp_dir = storage.normalize(exp_dir)
     state, trials = load_trials(exp_dir)
     if not trials:
         raise BiofmError(f"{exp_dir} holds no trials yet")
     keys = sorted({k for t in trials for k in t["params"]})
     print(format_table(trials, keys))
-    with open(exp_dir / "trials.csv", "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["trial", "status", "epochs", "best_val_auroc", "best_epoch", *keys, "error"])
-        for t in trials:
-            w.writerow([t["trial"], t["status"], t["epochs"], t["best_val_auroc"], t["best_epoch"],
-                        *[t["params"].get(k) for k in keys], t["error"]])
+    table = io.StringIO(newline="")
+    w = csv.writer(table)
+    w.writerow(["trial", "status", "epochs", "best_val_auroc", "best_epoch", *keys, "error"])
+    for t in trials:
+        w.writerow([t["trial"], t["status"], t["epochs"], t["best_val_auroc"], t["best_epoch"],
+                    *[t["params"].get(k) for k in keys], t["error"]])
+    storage.write_text(storage.join(exp_dir, "trials.csv"), table.getvalue())
     ok = [t for t in trials if t["status"] != "error" and t["epochs"] > 0]
     summary = {"trials": len(trials), "completed": sum(t["status"] == "completed" for t in trials),
                "stopped_early": sum(t["status"] == "stopped early" for t in trials),
@@ -192,9 +200,9 @@ def analyse(exp_dir: str | Path) -> dict:
     if ok:
         best = ok[0]
         config = to_jsonable(trial_config(state["base"], best["params"]))
-        header = (f"# Best schedule of {exp_dir.name}: trial {best['trial']}, val AUROC {best['best_val_auroc']:.4f} "
+        header = (f"# Best schedule of {storage.name(exp_dir)}: trial {best['trial']}, val AUROC {best['best_val_auroc']:.4f} "
                   f"at epoch {best['best_epoch']}.\n# Use it with: biofm finetune --config <this file>\n")
-        (exp_dir / "best_config.yaml").write_text(header + yaml.safe_dump(config, sort_keys=False))
+        storage.write_text(storage.join(exp_dir, "best_config.yaml"), header + yaml.safe_dump(config, sort_keys=False))
         summary.update(best_trial=best["trial"], best_val_auroc=best["best_val_auroc"], best_params=best["params"])
         _plots(exp_dir, ok, keys)
     return summary
@@ -214,11 +222,10 @@ def format_table(trials: list[dict], keys: list[str]) -> str:
     return "\n".join(lines)
 
 
-def _plots(exp_dir: Path, trials: list[dict], keys: list[str]) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
+def _plots(exp_dir: str, trials: list[dict], keys: list[str]) -> None:
     import matplotlib.pyplot as plt
+
+    from biofm.train.plots import save_png
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for t in trials:
@@ -230,8 +237,7 @@ def _plots(exp_dir: Path, trials: list[dict], keys: list[str]) -> None:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
-    fig.savefig(exp_dir / "val_auroc_by_epoch.png", dpi=100)
-    plt.close(fig)
+    save_png(fig, storage.join(exp_dir, "val_auroc_by_epoch.png"))
 
     fig, axes = plt.subplots(1, max(1, len(keys)), figsize=(3.2 * max(1, len(keys)), 3.2), squeeze=False)
     for ax, key in zip(axes[0], keys):
@@ -248,5 +254,4 @@ def _plots(exp_dir: Path, trials: list[dict], keys: list[str]) -> None:
         ax.set(xlabel=key, ylabel="best val AUROC")
         ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(exp_dir / "val_auroc_vs_hyperparameters.png", dpi=100)
-    plt.close(fig)
+    save_png(fig, storage.join(exp_dir, "val_auroc_vs_hyperparameters.png"))

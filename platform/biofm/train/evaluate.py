@@ -7,27 +7,27 @@ import time
 from pathlib import Path
 
 import numpy as np
-import pyarrow.parquet as pq
 import torch
 
+from biofm import storage
 from biofm.errors import BiofmError
 from biofm.train import checkpoint
 
 
-def iter_windows(split_dir: Path, channels, batch_size: int = 256):
+def iter_windows(split_dir: str | Path, channels, batch_size: int = 256):
     """Yield ``(signal [B, C, T] float32, case_ids, window_idx)`` in file order, file by file."""
     from biofm.preprocess import read_data_spec
 
     spec = read_data_spec(split_dir)
     index = [spec["channels"].index(c) for c in channels]
-    for path in sorted(Path(split_dir).glob("*.parquet")):
-        table = pq.read_table(path, columns=["signal", "case_id", "window_idx"])
+    for path in storage.list_files(split_dir, ".parquet"):
+        table = storage.read_table(path, columns=["signal", "case_id", "window_idx"])
         for batch in table.to_batches(max_chunksize=batch_size):
             signal = batch.column("signal").to_numpy_ndarray()[:, index].astype(np.float32)
             yield signal, batch.column("case_id").to_pylist(), batch.column("window_idx").to_pylist()
 
 
-def first_windows(split_dir: Path, channels, n: int):
+def first_windows(split_dir: str | Path, channels, n: int):
     """The first ``n`` windows of a split (deterministic: files by name, windows by index)."""
     xs, cases, idx = [], [], []
     for x, c, i in iter_windows(split_dir, channels):
@@ -61,7 +61,7 @@ def evaluate_ssl(checkpoint_path: str | Path, data_dir: str | Path, split: str =
     model = load_pretrained(checkpoint_path)
     desc = checkpoint.load(checkpoint_path)["description"]
     cfg, channels = desc["pretrain_config"], desc["channels"]
-    split_dir = Path(data_dir) / split
+    split_dir = storage.join(data_dir, split)
     check_data_spec(desc["data_spec"], read_data_spec(split_dir), str(split_dir))
     patch, patches = model.patch, model.encoder.config.num_patches
     sq = {k: np.zeros(len(channels)) for k in ("model", "zero", "linear_interp")}
@@ -102,7 +102,7 @@ def smoke(data_dir: str | Path, output_dir: str | Path, max_windows: int = 64, b
     t0 = time.perf_counter()
     torch.manual_seed(seed)
     cfg = PretrainConfig(batch_size=batch_size, epochs=1, lr=1e-3)
-    split_dir = Path(data_dir) / "train"
+    split_dir = storage.join(data_dir, "train")
     x, _, _ = first_windows(split_dir, cfg.channels, max_windows)
     if len(x) < batch_size:
         raise BiofmError(f"{split_dir} has {len(x)} windows; the smoke test needs at least {batch_size}")
@@ -148,15 +148,14 @@ def smoke(data_dir: str | Path, output_dir: str | Path, max_windows: int = 64, b
         "finite": bool(finite),
         "loss_decreased": after < before,
     }
-    out = Path(output_dir)
     spec = read_data_spec(split_dir)
     spec = {**spec, "channels": list(cfg.channels), "filters": {c: spec["filters"][c] for c in cfg.channels}}
-    checkpoint.save(out / "best_model.pt", model.state_dict(), {
+    checkpoint.save(storage.join(output_dir, "best_model.pt"), model.state_dict(), {
         "kind": "masked_signal_model", "channels": list(cfg.channels), "data_spec": spec,
         "ttm_config": json.loads(json.dumps(model.encoder.config.to_dict(), default=str)),
         "pretrain_config": to_jsonable(cfg)})
     metrics = {"windows": len(x), "batch_size": batch_size, "shapes": shapes, "loss_before": before,
                "loss_after": after, "step_losses": step_losses, "checks": checks,
                "passed": all(checks.values()), "runtime_s": round(time.perf_counter() - t0, 2)}
-    (out / "smoke_metrics.json").write_text(json.dumps(metrics, indent=1))
+    storage.write_text(storage.join(output_dir, "smoke_metrics.json"), json.dumps(metrics, indent=1))
     return metrics

@@ -10,15 +10,16 @@ head and the last N mixer layers.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
-import pyarrow.parquet as pq
 import torch
 
+from biofm import storage
 from biofm.config import FinetuneConfig, to_jsonable
 from biofm.errors import BiofmError, ConfigError
 from biofm.model.classifier import Classifier, inflate_encoder
@@ -27,13 +28,13 @@ from biofm.train import checkpoint
 from biofm.train.metrics import choose_threshold, classification_metrics
 from biofm.train.ray_run import RUN_NAME, check_run_dir, fit, mixed_precision, worker_print
 
-def read_split(split_dir: Path) -> dict[str, np.ndarray]:
+def read_split(split_dir: str | Path) -> dict[str, np.ndarray]:
     """A BUT-PPG split read whole (they are small): ``signal [N, C, T]``, ``present [N, C]``,
     ``label [N]``, ``record_id [N]``."""
-    files = sorted(Path(split_dir).glob("*.parquet"))
+    files = list(storage.list_files(split_dir, ".parquet"))
     if not files:
         raise BiofmError(f"no BUT-PPG records in {split_dir}: run `biofm prepare-butppg` first")
-    table = pq.read_table(files, columns=["record_id", "label", "signal", "present"])
+    table = storage.read_table(files, columns=["record_id", "label", "signal", "present"])
     return {"signal": table.column("signal").combine_chunks().to_numpy_ndarray().astype(np.float32),
             "present": _present(table.column("present").to_pylist()),
             "label": table.column("label").to_numpy().astype(np.int64),
@@ -220,12 +221,12 @@ def train_loop(config: dict) -> None:
                          f"{metrics['train_loss']:.4f} val AUROC {auroc:.3f} balanced acc {val['balanced_accuracy']:.3f}")
 
 
-def _train_dataset(split_dir: Path, class_balance: str, labels: np.ndarray):
+def _train_dataset(split_dir: str, class_balance: str, labels: np.ndarray):
     """Ray Dataset of the training records; ``sampler`` balance repeats minority-class records
     so both classes are seen about equally often per epoch."""
     import ray.data
 
-    ds = ray.data.read_parquet(str(split_dir)).select_columns(["signal", "present", "label"])
+    ds = ray.data.read_parquet(split_dir).select_columns(["signal", "present", "label"])
     if class_balance != "sampler":
         return ds
     counts = np.bincount(labels, minlength=2)
@@ -242,23 +243,25 @@ def _train_dataset(split_dir: Path, class_balance: str, labels: np.ndarray):
 
 def finetune(cfg: FinetuneConfig, pretrained: str | Path | None, data_dir: str | Path, output_dir: str | Path,
              address: str | None = None, resume: bool = False, run_name: str = RUN_NAME, callbacks=()) -> dict:
-    """Fine-tune and write the artifacts to ``output_dir``; returns the test metrics.
-    ``run_name`` and ``callbacks``: for a run inside a Ray Tune trial."""
+    """Fine-tune on ``<data_dir>/{train,val,test}`` and write the artifacts to ``output_dir``
+    (each a local path or a URI); returns the test metrics. ``run_name`` and ``callbacks``: for a
+    run inside a Ray Tune trial."""
     import ray.data
 
     from biofm.preprocess import ensure_ray, read_data_spec, same_data
 
-    data_dir, output_dir = Path(data_dir), Path(output_dir).resolve()
-    storage = check_run_dir(output_dir, resume, "fine-tuning", run_name)
+    data_dir, output_dir = storage.normalize(data_dir), storage.normalize(output_dir)
+    split_dir = functools.partial(storage.join, data_dir)
+    ray_dir = check_run_dir(output_dir, resume, "fine-tuning", run_name)
     for split in ("train", "val", "test"):
-        if not any((data_dir / split).glob("*.parquet")):
-            raise BiofmError(f"no BUT-PPG records in {data_dir / split}: run `biofm prepare-butppg` first")
-    spec = read_data_spec(data_dir / "train")
+        if not storage.list_files(split_dir(split), ".parquet"):
+            raise BiofmError(f"no BUT-PPG records in {split_dir(split)}: run `biofm prepare-butppg` first")
+    spec = read_data_spec(split_dir("train"))
     for split in ("val", "test"):
-        if not same_data(read_data_spec(data_dir / split), spec):
+        if not same_data(read_data_spec(split_dir(split)), spec):
             raise ConfigError(f"{data_dir}/{split} was made with other settings than {data_dir}/train")
     model, description = build_classifier(cfg, pretrained, spec)
-    train_labels = pq.read_table(data_dir / "train", columns=["label"]).column("label").to_numpy().astype(np.int64)
+    train_labels = storage.read_table(split_dir("train"), columns=["label"]).column("label").to_numpy().astype(np.int64)
     counts = np.bincount(train_labels, minlength=2)
     if counts.min() == 0:
         raise BiofmError(f"{data_dir}/train has only one class ({counts.tolist()} poor/good records)")
@@ -268,13 +271,13 @@ def finetune(cfg: FinetuneConfig, pretrained: str | Path | None, data_dir: str |
     loop_config = {"cfg": dataclasses.asdict(cfg), "state": model.state_dict(), "description": description,
                    "class_weights": weights}
     # BUT-PPG is small (3,888 records, ~100 MB): read once into the object store, not every epoch
-    datasets = {"train": _train_dataset(data_dir / "train", cfg.class_balance, train_labels).materialize(),
-                "val": ray.data.read_parquet(str(data_dir / "val")).select_columns(["signal", "present", "label"]).materialize()}
-    best, history = fit(train_loop, loop_config, datasets, cfg, storage, "val_auroc", "max", run_name, callbacks)
+    datasets = {"train": _train_dataset(split_dir("train"), cfg.class_balance, train_labels).materialize(),
+                "val": ray.data.read_parquet(split_dir("val")).select_columns(["signal", "present", "label"]).materialize()}
+    best, history = fit(train_loop, loop_config, datasets, cfg, ray_dir, "val_auroc", "max", run_name, callbacks)
     return write_artifacts(output_dir, best, history, cfg, data_dir, pretrained)
 
 
-def write_artifacts(output_dir: Path, best: dict, history: list[dict], cfg: FinetuneConfig, data_dir: Path,
+def write_artifacts(output_dir: str, best: dict, history: list[dict], cfg: FinetuneConfig, data_dir: str,
                     pretrained) -> dict:
     """Threshold on val, metrics on test; best_model.pt, training_history.json,
     training_config.json, test_metrics.json, roc_curve.png, learning_curves.png."""
@@ -282,7 +285,7 @@ def write_artifacts(output_dir: Path, best: dict, history: list[dict], cfg: Fine
 
     model = Classifier(Encoder(_config(best)))
     model.load_state_dict(best["model"])
-    val, test = read_split(data_dir / "val"), read_split(data_dir / "test")
+    val, test = read_split(storage.join(data_dir, "val")), read_split(storage.join(data_dir, "test"))
     p_val = predict(model, val["signal"], val["present"])
     threshold = choose_threshold(val["label"], p_val)
     p_test = predict(model, test["signal"], test["present"])
@@ -290,17 +293,17 @@ def write_artifacts(output_dir: Path, best: dict, history: list[dict], cfg: Fine
                "val": classification_metrics(val["label"], p_val, threshold),
                "best_epoch": best["training"]["epoch"], "threshold_from": "val (Youden's J)"}
     description = {**best["description"], "threshold": threshold}
-    output_dir.mkdir(parents=True, exist_ok=True)
-    checkpoint.save(output_dir / "best_model.pt", best["model"], description)
-    (output_dir / "training_history.json").write_text(json.dumps(history, indent=1))
-    (output_dir / "training_config.json").write_text(json.dumps(
-        {**to_jsonable(cfg), "pretrained": str(pretrained), "data_dir": str(data_dir),
+    out = functools.partial(storage.join, output_dir)
+    checkpoint.save(out("best_model.pt"), best["model"], description)
+    storage.write_text(out("training_history.json"), json.dumps(history, indent=1))
+    storage.write_text(out("training_config.json"), json.dumps(
+        {**to_jsonable(cfg), "pretrained": str(pretrained), "data_dir": data_dir,
          "best_epoch": best["training"]["epoch"], "threshold": threshold}, indent=1))
-    (output_dir / "test_metrics.json").write_text(json.dumps(metrics, indent=1))
-    plot_roc({"val": (val["label"], p_val), "test": (test["label"], p_test)}, output_dir / "roc_curve.png")
+    storage.write_text(out("test_metrics.json"), json.dumps(metrics, indent=1))
+    plot_roc({"val": (val["label"], p_val), "test": (test["label"], p_test)}, out("roc_curve.png"))
     stage2 = next((h["epoch"] for h in history if h["stage"] == 2), None)
     plot_history(history, {"loss": ("train_loss", "val_loss"), "validation": ("val_auroc", "val_balanced_accuracy")},
-                 output_dir / "learning_curves.png", (stage2, "stage 2 starts") if stage2 else None)
+                 out("learning_curves.png"), (stage2, "stage 2 starts") if stage2 else None)
     m = metrics["test"]
     print(f"[finetune] test ({m['n']} records, {m['positives']} good): AUROC {m['auroc']:.3f} AUPRC {m['auprc']:.3f} "
           f"balanced acc {m['balanced_accuracy']:.3f} F1(good) {m['f1_good']:.3f} at threshold {threshold:.3f}", flush=True)

@@ -1,8 +1,7 @@
-"""Pictures of training runs (matplotlib, no display needed)."""
+"""Pictures of training runs (matplotlib, no display needed), written as PNG to a local path or
+a URI."""
 
 from __future__ import annotations
-
-from pathlib import Path
 
 import matplotlib
 
@@ -11,8 +10,15 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from biofm import storage  # noqa: E402
 
-def plot_history(history: list[dict], panels: dict[str, tuple[str, ...]], path: Path,
+
+def save_png(fig, location: str, dpi: int = 100) -> None:
+    storage.write(location, lambda f: fig.savefig(f, format="png", dpi=dpi))
+    plt.close(fig)
+
+
+def plot_history(history: list[dict], panels: dict[str, tuple[str, ...]], path: str,
                  mark_epoch: tuple[int, str] | None = None) -> None:
     """Metrics per epoch, one panel per title -> history keys; ``mark_epoch``: a dashed line
     before that epoch, with its label."""
@@ -27,11 +33,10 @@ def plot_history(history: list[dict], panels: dict[str, tuple[str, ...]], path: 
         ax.legend()
         ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_png(fig, path)
 
 
-def plot_reconstructions(model, split_dir: Path, description: dict, path: Path, n: int = 3) -> None:
+def plot_reconstructions(model, split_dir: str, description: dict, path: str, n: int = 3) -> None:
     """Validation windows against their reconstructions; masked patches shaded."""
     from biofm.train.evaluate import first_windows
     from biofm.train.pretrain import window_masks
@@ -57,11 +62,10 @@ def plot_reconstructions(model, split_dir: Path, description: dict, path: Path, 
     axes[0, 0].legend(loc="upper right", fontsize=8)
     axes[-1, 0].set_xlabel("seconds")
     fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
+    save_png(fig, path, dpi=90)
 
 
-def plot_roc(curves: dict[str, tuple[np.ndarray, np.ndarray]], path: Path) -> None:
+def plot_roc(curves: dict[str, tuple[np.ndarray, np.ndarray]], path: str) -> None:
     """ROC curves, one per name -> (labels [N], probabilities of "good" [N])."""
     from sklearn.metrics import roc_auc_score, roc_curve
 
@@ -74,5 +78,4 @@ def plot_roc(curves: dict[str, tuple[np.ndarray, np.ndarray]], path: Path) -> No
     ax.set(xlabel="false positive rate", ylabel="true positive rate", title="PPG quality: good vs poor")
     ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_png(fig, path)

@@ -9,6 +9,7 @@ checkpoint, and rerunning with ``resume`` continues an interrupted run.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -20,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from biofm import storage
 from biofm.config import PretrainConfig, to_jsonable
 from biofm.errors import BiofmError, ConfigError
 from biofm.model.ssl import MaskedSignalModel, MultiResolutionSTFTLoss, masked_mse, random_mask, ttm_config
@@ -165,7 +167,7 @@ def train_loop(config: dict) -> None:
                          f"{metrics['windows_per_s']:.0f} windows/s")
 
 
-def windows_dataset(split_dir: Path, channels: tuple[str, ...], cache_mb: float = 0.0):
+def windows_dataset(split_dir: str, channels: tuple[str, ...], cache_mb: float = 0.0):
     """Ray Dataset of ``signal`` ``[C, T]`` (the requested channels, in order), ``case_id``,
     ``window_idx`` from Parquet, plus the data spec with those channels. Read lazily, or once
     into the object store when the split's files total at most ``cache_mb`` MB: each streamed
@@ -181,24 +183,25 @@ def windows_dataset(split_dir: Path, channels: tuple[str, ...], cache_mb: float 
     if missing:
         raise ConfigError(f"{split_dir} has channels {spec['channels']}, not {missing}")
     index = [spec["channels"].index(c) for c in channels]
-    ds = ray.data.read_parquet(str(split_dir)).select_columns(["signal", "case_id", "window_idx"])
+    ds = ray.data.read_parquet(split_dir).select_columns(["signal", "case_id", "window_idx"])
     if index != list(range(len(spec["channels"]))):
         ds = ds.map_batches(lambda b: {**b, "signal": b["signal"][:, index]}, batch_format="numpy")
-    if sum(p.stat().st_size for p in Path(split_dir).glob("*.parquet")) <= cache_mb * 1e6:
+    if sum(storage.list_files(split_dir, ".parquet").values()) <= cache_mb * 1e6:
         ds = ds.materialize()
     return ds, {**spec, "channels": list(channels), "filters": {c: spec["filters"][c] for c in channels}}
 
 
 def pretrain(cfg: PretrainConfig, data_dir: str | Path, output_dir: str | Path, resume: bool = False,
              address: str | None = None) -> dict:
-    """Pretrain and write the artifacts to ``output_dir``; returns the final metrics."""
+    """Pretrain on ``<data_dir>/{train,val}`` and write the artifacts to ``output_dir`` (each a
+    local path or a URI); returns the final metrics."""
     from biofm.preprocess import ensure_ray, same_data
 
-    data_dir, output_dir = Path(data_dir), Path(output_dir).resolve()
-    storage = check_run_dir(output_dir, resume, "pretraining")
+    data_dir, output_dir = storage.normalize(data_dir), storage.normalize(output_dir)
+    ray_dir = check_run_dir(output_dir, resume, "pretraining")
     ensure_ray(address)
-    train_ds, spec = windows_dataset(data_dir / "train", cfg.channels, cfg.cache_mb)
-    val_ds, val_spec = windows_dataset(data_dir / "val", cfg.channels, cfg.cache_mb)
+    train_ds, spec = windows_dataset(storage.join(data_dir, "train"), cfg.channels, cfg.cache_mb)
+    val_ds, val_spec = windows_dataset(storage.join(data_dir, "val"), cfg.channels, cfg.cache_mb)
     if not same_data(spec, val_spec):
         raise ConfigError(f"train and val windows in {data_dir} were made with different settings")
     n_train = train_ds.count()
@@ -209,24 +212,26 @@ def pretrain(cfg: PretrainConfig, data_dir: str | Path, output_dir: str | Path, 
                    "channels": list(cfg.channels), "data_spec": spec, "pretrain_config": to_jsonable(cfg)}
     loop_config = {"cfg": dataclasses.asdict(cfg), "description": description,
                    "steps_per_epoch": max(1, math.ceil(n_train / (cfg.batch_size * cfg.num_workers)))}
-    best, history = fit(train_loop, loop_config, {"train": train_ds, "val": val_ds}, cfg, storage, "val_loss", "min")
+    best, history = fit(train_loop, loop_config, {"train": train_ds, "val": val_ds}, cfg, ray_dir, "val_loss", "min")
     write_artifacts(output_dir, best, history, cfg, data_dir)
     return history[-1]
 
 
-def write_artifacts(output_dir: Path, best: dict, history: list[dict], cfg: PretrainConfig, data_dir: Path) -> None:
+def write_artifacts(output_dir: str, best: dict, history: list[dict], cfg: PretrainConfig, data_dir: str) -> None:
     """best_model.pt, training_history.json, training_config.json, encoder/ (Hugging Face), PNGs."""
     from biofm.train.plots import plot_history, plot_reconstructions
 
-    checkpoint.save(output_dir / "best_model.pt", best["model"], best["description"])
-    (output_dir / "training_history.json").write_text(json.dumps(history, indent=1))
-    (output_dir / "training_config.json").write_text(json.dumps(
-        {**to_jsonable(cfg), "data_dir": str(data_dir), "best_epoch": best["training"]["epoch"]}, indent=1))
-    model = load_pretrained(output_dir / "best_model.pt")
-    model.encoder.ttm.save_pretrained(output_dir / "encoder")
+    out = functools.partial(storage.join, output_dir)
+    checkpoint.save(out("best_model.pt"), best["model"], best["description"])
+    storage.write_text(out("training_history.json"), json.dumps(history, indent=1))
+    storage.write_text(out("training_config.json"), json.dumps(
+        {**to_jsonable(cfg), "data_dir": data_dir, "best_epoch": best["training"]["epoch"]}, indent=1))
+    model = load_pretrained(out("best_model.pt"))
+    with storage.local_folder(out("encoder")) as d:
+        model.encoder.ttm.save_pretrained(d)
     plot_history(history, {"total loss (MSE + w x STFT)": ("train_loss", "val_loss"),
-                           "components": ("train_mse", "val_masked_mse", "train_stft")}, output_dir / "loss_curves.png")
-    plot_reconstructions(model, data_dir / "val", best["description"], output_dir / "reconstruction.png")
+                           "components": ("train_mse", "val_masked_mse", "train_stft")}, out("loss_curves.png"))
+    plot_reconstructions(model, storage.join(data_dir, "val"), best["description"], out("reconstruction.png"))
 
 
 def load_pretrained(path: str | Path) -> MaskedSignalModel:

@@ -1,29 +1,30 @@
 """One way to run a training loop on Ray Train, shared by pretraining and fine-tuning.
 
-A run lives in ``<output_dir>/ray/ray_train``: Ray keeps the best checkpoint by a metric and the
+A run lives in ``<output_dir>/ray/ray_train`` (local, shared or a URI: Ray Train uploads there): Ray keeps the best checkpoint by a metric and the
 last one there; a failed worker restarts from the last; rerunning with ``resume`` continues it.
 """
 
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
+from biofm import storage
 from biofm.errors import BiofmError
 from biofm.train import checkpoint
 
 RUN_NAME = "ray_train"
 
 
-def check_run_dir(output_dir: Path, resume: bool, what: str, name: str = RUN_NAME) -> Path:
+def check_run_dir(output_dir: str, resume: bool, what: str, name: str = RUN_NAME) -> str:
     """The Ray storage folder of ``output_dir``; refuses to overwrite a run, or to resume none."""
-    storage = output_dir / "ray"
-    if (storage / name).exists() and not resume:
+    ray_dir = storage.join(output_dir, "ray")
+    started = storage.exists(storage.join(ray_dir, name))
+    if started and not resume:
         raise BiofmError(f"{output_dir} already holds a {what} run: pass --resume to continue it, "
                          "or choose another --output-dir")
-    if resume and not (storage / name).exists():
+    if resume and not started:
         raise BiofmError(f"nothing to resume in {output_dir}")
-    return storage
+    return ray_dir
 
 
 def worker_print(line: str) -> None:
@@ -69,10 +70,10 @@ def scaling_config(cfg, cluster: dict):
                          resources_per_worker={"CPU": cpus, **({"GPU": gpus} if use_gpu else {})})
 
 
-def fit(train_loop, loop_config: dict, datasets: dict, cfg, storage: Path, metric: str, mode: str,
+def fit(train_loop, loop_config: dict, datasets: dict, cfg, storage_path: str, metric: str, mode: str,
         name: str = RUN_NAME, callbacks=()) -> tuple[dict, list[dict]]:
     """Run ``train_loop`` on a ``TorchTrainer`` scaled by :func:`scaling_config`, with ``cfg``'s
-    ``max_failures``, as run ``name`` under ``storage`` (the same name resumes it). Returns the
+    ``max_failures``, as run ``name`` under ``storage_path`` (the same name resumes it). Returns the
     best checkpoint by ``metric`` (``mode`` ``min`` or ``max``) as a loaded blob, and the
     per-epoch history of the last checkpoint. ``callbacks``: Ray Train callbacks (Tune's)."""
     import ray
@@ -83,7 +84,7 @@ def fit(train_loop, loop_config: dict, datasets: dict, cfg, storage: Path, metri
         train_loop,
         train_loop_config=loop_config,
         scaling_config=scaling_config(cfg, ray.cluster_resources()),
-        run_config=RunConfig(name=name, storage_path=str(storage), callbacks=list(callbacks),
+        run_config=RunConfig(name=name, storage_path=storage_path, callbacks=list(callbacks),
                              failure_config=FailureConfig(max_failures=cfg.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=2, checkpoint_score_attribute=metric,
                                                                 checkpoint_score_order=mode)),

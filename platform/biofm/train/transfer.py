@@ -17,6 +17,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from biofm import storage
 from biofm.config import FinetuneConfig
 from biofm.errors import BiofmError, ConfigError
 from biofm.train.finetune import finetune
@@ -30,17 +31,16 @@ def variant_config(cfg: FinetuneConfig, variant: str) -> FinetuneConfig:
             "linear_probe": dataclasses.replace(cfg, init="pretrained", unfreeze_last_n=0)}[variant]
 
 
-def compare_variants(cfg: FinetuneConfig, pretrained, data_dir: Path, output_dir: Path,
+def compare_variants(cfg: FinetuneConfig, pretrained, data_dir: str | Path, output_dir: str | Path,
                      variants=VARIANTS, address: str | None = None) -> dict:
     """Fine-tune each variant on ``data_dir`` into ``output_dir/<variant>`` (``finetuned`` goes
     to ``output_dir`` itself); returns variant -> test metrics and writes ``report.json``."""
-    output_dir = Path(output_dir)
+    output_dir = storage.normalize(output_dir)
     report = {}
     for v in variants:
-        out = output_dir if v == "finetuned" else output_dir / "baselines" / v
+        out = output_dir if v == "finetuned" else storage.join(output_dir, "baselines", v)
         report[v] = finetune(variant_config(cfg, v), pretrained, data_dir, out, address=address)["test"]
-    output_dir.mkdir(parents=True, exist_ok=True)
-    (output_dir / "report.json").write_text(json.dumps(report, indent=1))
+    storage.write_text(storage.join(output_dir, "report.json"), json.dumps(report, indent=1))
     print(format_report({v: {k: [m[k]] for k in REPORTED} for v, m in report.items()}))
     return report
 
@@ -56,13 +56,13 @@ def kfold_groups(rates: dict[str, float], k: int, seed: int = 0) -> list[list[st
     return [sorted(f) for f in folds]
 
 
-def cross_validate(cfg: FinetuneConfig, pretrained, data_dir: Path, output_dir: Path, folds: int = 5,
+def cross_validate(cfg: FinetuneConfig, pretrained, data_dir: str | Path, output_dir: str | Path, folds: int = 5,
                    variants=VARIANTS, seed: int = 0, address: str | None = None) -> dict:
     """Subject-wise ``folds``-fold cross-validation over every record of a prepared BUT-PPG
     folder (its train, val and test pooled): fold i tests on subject fold i, picks the epoch
     and threshold on fold i + 1, trains on the rest. Writes ``cv_report.json``."""
-    data_dir, output_dir = Path(data_dir), Path(output_dir)
-    tables = [pq.read_table(p) for p in sorted(data_dir.glob("*/*.parquet"))]
+    files = [f for d in storage.list_dirs(data_dir) for f in storage.list_files(d, ".parquet")]
+    tables = [storage.read_table(f) for f in files]
     if not tables:
         raise BiofmError(f"no BUT-PPG records under {data_dir}: run `biofm prepare-butppg` first")
     metadata = tables[0].schema.metadata
@@ -76,15 +76,14 @@ def cross_validate(cfg: FinetuneConfig, pretrained, data_dir: Path, output_dir: 
     for i in range(folds):
         parts = {"test": groups[i], "val": groups[(i + 1) % folds],
                  "train": [s for j, g in enumerate(groups) if j not in (i, (i + 1) % folds) for s in g]}
-        fold_data = output_dir / f"fold_{i}" / "data"
+        fold_data = storage.join(output_dir, f"fold_{i}", "data")
         for split, members in parts.items():
-            (fold_data / split).mkdir(parents=True, exist_ok=True)
-            pq.write_table(table.filter(pc.is_in(table.column("subject_id"), pa.array(members))),
-                           fold_data / split / "but_ppg.parquet")
+            part = table.filter(pc.is_in(table.column("subject_id"), pa.array(members)))
+            storage.write(storage.join(fold_data, split, "but_ppg.parquet"), lambda f: pq.write_table(part, f))
         print(f"[finetune-cv] fold {i + 1}/{folds}: test subjects {groups[i]}", flush=True)
         result = {"subjects": parts}
         for v in variants:
-            result[v] = finetune(variant_config(cfg, v), pretrained, fold_data, output_dir / f"fold_{i}" / v,
+            result[v] = finetune(variant_config(cfg, v), pretrained, fold_data, storage.join(output_dir, f"fold_{i}", v),
                                  address=address)["test"]
         per_fold.append(result)
     summary = {v: {k: [f[v][k] for f in per_fold] for k in REPORTED} for v in variants}
@@ -92,7 +91,7 @@ def cross_validate(cfg: FinetuneConfig, pretrained, data_dir: Path, output_dir: 
               "summary": {v: {k: {"mean": float(np.nanmean(x)), "std": float(np.nanstd(x))} for k, x in m.items()}
                           for v, m in summary.items()},
               "per_fold": per_fold}
-    (output_dir / "cv_report.json").write_text(json.dumps(report, indent=1))
+    storage.write_text(storage.join(output_dir, "cv_report.json"), json.dumps(report, indent=1))
     print(format_report(summary))
     return report
 
