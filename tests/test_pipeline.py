@@ -1,8 +1,10 @@
 """The end-to-end pipeline: stage skipping, offline failure, the cluster launcher config, and the
-smoke pipeline submitted with `ray job submit` to a real head on 127.0.0.1."""
+smoke pipeline submitted with `ray job submit` to a real head on 127.0.0.1, writing to S3 (a
+server on 127.0.0.1)."""
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
@@ -12,12 +14,14 @@ import subprocess
 import sys
 import tempfile
 import time
+import uuid
 from pathlib import Path
 
 import psutil
 import pytest
 import yaml
 
+from biofm import storage
 from biofm.cli import main
 from biofm.config import FinetuneConfig
 from biofm.errors import BiofmError
@@ -53,7 +57,7 @@ def test_a_stage_is_skipped_continued_or_rebuilt_by_its_settings(tmp_path, capsy
     assert (foreign / "notes.txt").read_text() == "keep me"
 
 
-def test_pipeline_stops_at_once_when_a_source_is_unreachable(dead_url, tmp_path, capsys):
+def test_pipeline_stops_at_once_when_a_source_is_unreachable(dead_url, s3, tmp_path, capsys):
     base = ["pipeline", "--config", str(ROOT / "configs/pipeline.yaml"), "--output-dir", str(tmp_path / "run")]
     t0 = time.perf_counter()
     assert main(base + ["--set", f"api_url={dead_url}"]) == 2
@@ -63,6 +67,14 @@ def test_pipeline_stops_at_once_when_a_source_is_unreachable(dead_url, tmp_path,
                         "--set", f"butppg_raw_dir={tmp_path / 'none'}"]) == 2
     err = capsys.readouterr().err
     assert "cannot download BUT-PPG" in err and "--set butppg_raw_dir=" in err
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    (raw / "RECORDS").write_text("100001/100001_PPG\n")
+    assert main(base[:-1] + ["s3://no-such-bucket/run", "--set", f"vital_source={tmp_path}",
+                             "--set", f"butppg_raw_dir={raw}"]) == 2
+    assert "cannot write to s3://no-such-bucket/run: " in capsys.readouterr().err
+    assert main(base + ["--set", f"vital_source={tmp_path}", "--set", "butppg_raw_dir=s3://bucket/butppg"]) == 2
+    assert "butppg_raw_dir s3://bucket/butppg: the raw BUT-PPG records are read from a folder" in capsys.readouterr().err
     assert time.perf_counter() - t0 < 30 and not (tmp_path / "run").exists()  # nothing was started
     assert main(base + ["--set", "max_epochs=3"]) == 2
     assert "unknown key 'max_epochs'" in capsys.readouterr().err
@@ -95,12 +107,14 @@ def _free_port() -> int:
 
 
 @pytest.fixture
-def ray_head():
+def ray_head(s3):
     """A real Ray head (`ray start --head --block`) on 127.0.0.1 with its own temp dir, so no
-    other Ray in this session sees it; stopped with everything it started."""
+    other Ray in this session sees it, and the session's S3 server in its environment; stopped
+    with everything it started."""
     temp = tempfile.mkdtemp(prefix="rh", dir="/tmp")  # short: Ray's socket paths must stay < 108 chars
     port, dash, agent, agent_grpc, metrics, env_agent, client = (_free_port() for _ in range(7))
-    env = {**os.environ, "RAY_DATA_DISABLE_PROGRESS_BARS": "1", "RAY_USAGE_STATS_ENABLED": "0"}
+    env = {**os.environ, **s3, "RAY_DATA_DISABLE_PROGRESS_BARS": "1", "RAY_USAGE_STATS_ENABLED": "0",
+           "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}  # the job's `python` is this one
     env.pop("RAY_ADDRESS", None)
     ray_bin = Path(sys.executable).parent / "ray"
     head = subprocess.Popen([str(ray_bin), "start", "--head", "--block", "--node-ip-address=127.0.0.1",
@@ -133,10 +147,12 @@ def ray_head():
 @pytest.mark.timeout(600)
 @requires_realdata(REAL_VITAL)
 @requires_realdata(REAL_BUTPPG)
-def test_smoke_pipeline_submitted_as_a_ray_job(ray_head, ray_session, tmp_path, capsys):
+def test_smoke_pipeline_submitted_as_a_ray_job(ray_head, ray_session, capsys):
+    """Every stage writes to an s3:// URI, as on a cluster without a shared file system."""
     url, env, ray_bin = ray_head
-    out = tmp_path / "smoke"
-    entrypoint = ["python", "jobs/pipeline.py", "--config", "configs/smoke.yaml", "--output-dir", str(out),
+    out = f"s3://biofm/{uuid.uuid4().hex[:8]}/smoke"
+    at = functools.partial(storage.join, out)
+    entrypoint = ["python", "jobs/pipeline.py", "--config", "configs/smoke.yaml", "--output-dir", out,
                   "--set", f"case_set={REAL_VITAL}", "--set", f"vital_source={REAL_VITAL}",
                   "--set", f"butppg_raw_dir={REAL_BUTPPG}"]
 
@@ -169,15 +185,19 @@ def test_smoke_pipeline_submitted_as_a_ray_job(ray_head, ray_session, tmp_path, 
     assert "[pipeline] done: ran splits, windows, pretrain, butppg, finetune" in logs
     # each worker's progress line once (Ray Train's print patch used to double them)
     assert logs.count("[pretrain] epoch 1/1 ") == 1 and logs.count("[finetune] epoch 2/2 ") == 1, logs[-4000:]
-    report = json.loads((out / "pipeline.json").read_text())
+    report = json.loads(storage.read_text(at("pipeline.json")))
     assert [s["stage"] for s in report["stages"]] == ["splits", "windows", "pretrain", "butppg", "finetune"]
-    splits = json.loads((out / "splits" / "splits_fasttrack.json").read_text())
-    train, val = (read_manifest(out / "vitaldb_windows", s) for s in ("train", "val"))
+    splits = json.loads(storage.read_text(at("splits", "splits_fasttrack.json")))
+    train, val = (read_manifest(at("vitaldb_windows"), s) for s in ("train", "val"))
     assert train["cases_in"] == 2 and val["cases_in"] == 1 and train["windows_kept"] > 0
     assert set(train["cases"]) == set(splits["train"][:2]) and set(val["cases"]) == set(splits["val"][:1])
-    assert json.loads((out / "foundation_model" / "training_history.json").read_text())[-1]["epoch"] == 1
-    assert json.loads((out / "but_ppg" / "manifest.json").read_text())["records_ok"] == 51
-    _check_staged_fine_tuning(out / "but_ppg_finetuned", out / "but_ppg", out / "foundation_model" / "best_model.pt")
+    assert sum(o["windows_kept"] for o in train["cases"].values()) == train["windows_kept"] == sum(
+        storage.read_table(f).num_rows for f in storage.list_files(at("vitaldb_windows", "train"), ".parquet"))
+    assert json.loads(storage.read_text(at("foundation_model", "training_history.json")))[-1]["epoch"] == 1
+    assert storage.is_file(at("foundation_model", "encoder", "config.json"))
+    assert storage.list_dirs(at("foundation_model", "ray", "ray_train")), "Ray Train's checkpoints are under the URI"
+    assert json.loads(storage.read_text(at("but_ppg", "manifest.json")))["records_ok"] == 51
+    _check_staged_fine_tuning(at("but_ppg_finetuned"), at("but_ppg"), at("foundation_model", "best_model.pt"))
 
     # the same command again, here, with a tune section: the five stages are up to date, and the
     # search runs two trials at once (half a CPU each on this session's 2-CPU Ray)
@@ -186,41 +206,45 @@ def test_smoke_pipeline_submitted_as_a_ray_job(ray_head, ray_session, tmp_path, 
     assert main(["pipeline", *entrypoint[2:4], "--output-dir", str(out), *entrypoint[6:], "--set", f"tune={tune}"]) == 0
     said = capsys.readouterr().out
     assert "[pipeline] done: ran tune; skipped splits, windows, pretrain, butppg, finetune" in said, said[-3000:]
-    spans = _trial_spans(out / "tune" / "finetune_schedules")
+    spans = _trial_spans(at("tune", "finetune_schedules"))
     overlap = min(end for _, end in spans) - max(start for start, _ in spans)
     assert len(spans) == 2 and overlap > 5, f"the trials ran one after the other: {spans}"
-    assert (out / "tune" / "finetune_schedules" / "best_config.yaml").is_file()
+    assert storage.is_file(at("tune", "finetune_schedules", "best_config.yaml"))
 
 
-def _trial_spans(exp: Path) -> list[tuple[float, float]]:
+def _trial_spans(exp: str) -> list[tuple[float, float]]:
     """Per trial of a Tune experiment, (start, last report) in seconds since the epoch, from
     Tune's result.json: the first report's timestamp less the time the trial had run by then."""
     spans = []
-    for result_file in sorted(exp.glob("*/result.json")):
-        rows = [json.loads(line) for line in result_file.read_text().splitlines() if line.strip()]
+    for result_file in [storage.join(d, "result.json") for d in storage.list_dirs(exp)]:
+        if not storage.is_file(result_file):
+            continue  # trials/, the fine-tuning runs of the trials
+        rows = [json.loads(line) for line in storage.read_text(result_file).splitlines() if line.strip()]
         assert [r["epoch"] for r in rows] in ([1], [1, 2]), result_file  # ASHA may stop one at epoch 1
         spans.append((rows[0]["timestamp"] - rows[0]["time_total_s"], rows[-1]["timestamp"]))
     return spans
 
 
-def _check_staged_fine_tuning(out: Path, data: Path, pretrained: Path) -> None:
+def _check_staged_fine_tuning(out: str, data: str, pretrained: str) -> None:
     """The fine-tuning stage's whole path: inflation, stage 1 (head) then stage 2, best epoch by
     val AUROC, threshold from val, test metrics and every artifact."""
+    files = storage.list_files(out)
     for name in ("best_model.pt", "training_history.json", "training_config.json", "test_metrics.json",
                  "roc_curve.png", "learning_curves.png"):
-        assert (out / name).stat().st_size > 0, name
-    history = json.loads((out / "training_history.json").read_text())
+        assert files.get(storage.join(out, name), 0) > 0, name
+    history = json.loads(storage.read_text(storage.join(out, "training_history.json")))
     assert [h["stage"] for h in history] == [1, 2]
-    n_val = len(read_split(data / "val")["label"])
+    n_val = len(read_split(storage.join(data, "val"))["label"])
     assert all(sum(map(sum, h["val_confusion"])) == n_val for h in history)
     head = 192 * 2 + 2
     assert history[0]["trainable_params"] == head and history[1]["trainable_params"] > 10 * head
-    metrics = json.loads((out / "test_metrics.json").read_text())
-    test = read_split(data / "test")
+    metrics = json.loads(storage.read_text(storage.join(out, "test_metrics.json")))
+    test = read_split(storage.join(data, "test"))
     assert metrics["test"]["n"] == len(test["label"]) == sum(map(sum, metrics["test"]["confusion"]))
-    model, desc = load_classifier(out / "best_model.pt")
+    model, desc = load_classifier(storage.join(out, "best_model.pt"))
     assert desc["channels"] == ["ACC_X", "ACC_Y", "ACC_Z", "PPG", "ECG"] and desc["init"] == "pretrained"
-    assert desc["threshold"] == metrics["test"]["threshold"] and desc["data_spec"] == read_data_spec(data / "train")
+    assert desc["threshold"] == metrics["test"]["threshold"]
+    assert desc["data_spec"] == read_data_spec(storage.join(data, "train"))
     predicted = (predict(model, test["signal"], test["present"]) >= desc["threshold"]).astype(int)
     confusion = metrics["test"]["confusion"]
     assert int((predicted == test["label"]).sum()) == confusion[0][0] + confusion[1][1]
