@@ -1,0 +1,85 @@
+"""GPU check and figures in one run, for a machine with a CUDA GPU (a lent device: one call).
+
+1. The device: name, memory, torch and CUDA versions, bf16 support.
+2. The smoke pipeline (configs/smoke.yaml on ../shared/realdata), training on the GPU: seconds
+   per stage.
+3. Pretraining throughput on Ray Train, one worker on the GPU, batch 128 and 512, AMP on and off:
+   windows/s over the epochs after the first, on bench_train's one-hour cases.
+
+Writes ``gpu_figures.json`` to ``--out`` and prints a table. Without a GPU it stops with a message
+(``--allow-cpu`` runs it anyway, to check the script itself).
+
+    python jobs/bench_gpu.py --out /tmp/gpu
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from bench_train import build_windows_once, ray_train
+
+ROOT = Path(__file__).parents[1]
+REALDATA = ROOT.parent / "shared" / "realdata"
+
+
+def device_facts() -> dict:
+    if not torch.cuda.is_available():
+        return {"device": "cpu", "torch": torch.__version__}
+    p = torch.cuda.get_device_properties(0)
+    return {"device": p.name, "memory_gib": round(p.total_memory / 2**30, 1), "torch": torch.__version__,
+            "cuda": torch.version.cuda, "bf16": torch.cuda.is_bf16_supported()}
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", required=True)
+    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--cases", type=int, default=12, help="one-hour training cases (344 windows each)")
+    p.add_argument("--batch-sizes", type=int, nargs="+", default=[128, 512])
+    p.add_argument("--allow-cpu", action="store_true")
+    args = p.parse_args()
+    facts = device_facts()
+    if facts["device"] == "cpu" and not args.allow_cpu:
+        print("no CUDA GPU here: run this on a GPU machine (or pass --allow-cpu to check the script)")
+        return 2
+    if not REALDATA.is_dir():
+        print(f"the smoke pipeline reads {REALDATA}, which is absent")
+        return 2
+    import ray
+
+    from biofm.config import PipelineConfig, PretrainConfig, load_config, with_overrides
+    from biofm.pipeline import run_pipeline
+
+    out = Path(args.out)
+    ray.init()
+    facts["ray_resources"] = {k: v for k, v in ray.cluster_resources().items() if k in ("CPU", "GPU")}
+    print(json.dumps(facts))
+    smoke = with_overrides(PipelineConfig, ROOT / "configs/smoke.yaml", {
+        "output_dir": str(out / "smoke"), "case_set": str(REALDATA / "vital"),
+        "vital_source": str(REALDATA / "vital"), "butppg_raw_dir": str(REALDATA / "butppg")}, "bench_gpu")
+    stages = {r["stage"]: r["seconds"] for r in run_pipeline(smoke)}
+    figures = {"facts": facts, "smoke_pipeline_s": stages, "pretrain": []}
+
+    cfg = load_config(PretrainConfig, ROOT / "configs/ssl_pretrain.yaml")
+    data = build_windows_once(out, args.cases)
+    for batch in args.batch_sizes:
+        for amp in (True, False):
+            run = dataclasses.replace(cfg, epochs=args.epochs, batch_size=batch, amp=amp, num_workers=1)
+            r = ray_train(run, data, out / f"pretrain_b{batch}_amp{int(amp)}")
+            figures["pretrain"].append({"batch_size": batch, "amp": amp, **r})
+            print(f"batch {batch:4d} AMP {'on ' if amp else 'off'}: {r['windows_per_s']:8.0f} windows/s, "
+                  f"waiting {100 * r['data_wait_fraction']:.1f}%", flush=True)
+    ray.shutdown()
+    (out / "gpu_figures.json").write_text(json.dumps(figures, indent=1))
+    print(json.dumps(figures["smoke_pipeline_s"]))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
