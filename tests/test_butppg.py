@@ -11,6 +11,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
+from biofm.cli import main
 from biofm.config import ButppgConfig, ChannelsConfig, WindowsConfig, load_config
 from biofm.errors import CaseSkipped, ConfigError, SourceUnreachable
 from biofm.preprocess import build_butppg, record_signal
@@ -146,7 +147,7 @@ def test_bad_records_are_skipped_with_reasons(ray_session, tmp_path):
     assert codes == {"100002": "no_annotation", "101001": "no_subject_info", "102002": "missing_ppg"}
 
 
-def test_unknown_key_and_missing_files_are_clear_errors(tmp_path):
+def test_unknown_key_and_missing_files_are_clear_errors(tmp_path, capsys):
     (tmp_path / "b.yaml").write_text("ppg_channel: 1\n")
     with pytest.raises(ConfigError, match="unknown key 'ppg_channel'"):
         load_config(ButppgConfig, tmp_path / "b.yaml")
@@ -155,6 +156,9 @@ def test_unknown_key_and_missing_files_are_clear_errors(tmp_path):
     (tmp_path / "RECORDS").write_text("100001/100001_PPG\n")
     with pytest.raises(ConfigError, match="quality-hr-ann.csv is missing"):
         butppg.read_annotations(tmp_path)
+    assert main(["prepare-butppg", "--raw-dir", "s3://bucket/butppg", "--outdir", str(tmp_path / "out")]) == 2
+    assert "BUT-PPG raw folder s3://bucket/butppg: the raw records are read from a folder" in capsys.readouterr().err
+    assert butppg.raw_folder(f"file://{tmp_path}") == tmp_path
 
 
 def test_subject_info_that_contradicts_the_id_is_refused(tmp_path):

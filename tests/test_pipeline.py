@@ -74,7 +74,7 @@ def test_pipeline_stops_at_once_when_a_source_is_unreachable(dead_url, s3, tmp_p
                              "--set", f"butppg_raw_dir={raw}"]) == 2
     assert "cannot write to s3://no-such-bucket/run: " in capsys.readouterr().err
     assert main(base + ["--set", f"vital_source={tmp_path}", "--set", "butppg_raw_dir=s3://bucket/butppg"]) == 2
-    assert "butppg_raw_dir s3://bucket/butppg: the raw BUT-PPG records are read from a folder" in capsys.readouterr().err
+    assert "BUT-PPG raw folder s3://bucket/butppg: the raw records are read from a folder" in capsys.readouterr().err
     assert time.perf_counter() - t0 < 30 and not (tmp_path / "run").exists()  # nothing was started
     assert main(base + ["--set", "max_epochs=3"]) == 2
     assert "unknown key 'max_epochs'" in capsys.readouterr().err

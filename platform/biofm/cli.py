@@ -86,17 +86,15 @@ def _evaluate_ssl(args) -> int:
 
 
 def _prepare_butppg(args) -> int:
-    from pathlib import Path
-
     from biofm.config import ButppgConfig, ChannelsConfig, WindowsConfig, load_config
     from biofm.preprocess import build_butppg
-    from biofm.sources.butppg import download
+    from biofm.sources.butppg import download, raw_folder
 
     butppg = load_config(ButppgConfig, args.config)
     channels = load_config(ChannelsConfig, args.channels_yaml).select(butppg.channels)
     windows = load_config(WindowsConfig, args.windows_yaml)
     if args.download:
-        download(Path(args.raw_dir), args.physionet_url)
+        download(raw_folder(args.raw_dir), args.physionet_url)
     build_butppg(args.raw_dir, args.outdir, channels, windows, butppg, address=args.address)
     return 0
 

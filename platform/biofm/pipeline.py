@@ -48,10 +48,7 @@ def check_sources(cfg: PipelineConfig) -> None:
         open_source(cfg.vital_source, cfg.api_url).check_reachable()
     except SourceUnreachable as e:
         raise SourceUnreachable(f"{e} In the pipeline: --set vital_source=<folder of .vital files>") from None
-    if storage.is_uri(cfg.butppg_raw_dir):
-        raise ConfigError(f"butppg_raw_dir {cfg.butppg_raw_dir}: the raw BUT-PPG records are read from a "
-                          "folder (local, or shared by every node), not a URI")
-    raw = Path(cfg.butppg_raw_dir)
+    raw = butppg.raw_folder(cfg.butppg_raw_dir)
     if not (raw / "RECORDS").is_file():
         if not cfg.butppg_download:
             raise BiofmError(f"no BUT-PPG in {raw} (no RECORDS file): --set butppg_raw_dir=<its folder>, "

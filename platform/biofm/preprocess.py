@@ -496,15 +496,10 @@ def build_butppg(raw_dir: str | Path, outdir: str | Path, channels: dict[str, Ch
     """
     import ray
 
-    from biofm.sources.butppg import (
-        read_annotations,
-        read_records,
-        read_subjects,
-        subject_of,
-    )
+    from biofm.sources.butppg import raw_folder, read_annotations, read_records, read_subjects, subject_of
     from biofm.splits import SPLITS, split_groups
 
-    raw_dir, outdir = Path(raw_dir).resolve(), storage.normalize(outdir)
+    raw_dir, outdir = raw_folder(raw_dir).resolve(), storage.normalize(outdir)
     records, labels, subjects = read_records(raw_dir), read_annotations(raw_dir), read_subjects(raw_dir)
     spec = {**data_spec(channels, cfg), "dataset": "but_ppg", "label": "1 = good PPG quality",
             "ppg_signal": butppg.ppg_signal, "zscore": "per record, per channel"}

@@ -42,6 +42,15 @@ def subject_of(record_id: str) -> str:
     return record_id[:3]
 
 
+def raw_folder(raw_dir: str | Path) -> Path:
+    """The raw records' folder as a path; a URI is refused: wfdb reads files from a folder (local,
+    or shared by every node when a cluster prepares the records)."""
+    if "://" in str(raw_dir) and not str(raw_dir).startswith("file://"):
+        raise ConfigError(f"BUT-PPG raw folder {raw_dir}: the raw records are read from a folder (local, or "
+                          "shared by every node), not a URI")
+    return Path(str(raw_dir).removeprefix("file://"))
+
+
 def _read_csv(path: Path) -> list[dict]:
     if not path.is_file():
         raise ConfigError(f"{path} is missing: is {path.parent} a BUT-PPG folder (PhysioNet butppg/{VERSION})?")
