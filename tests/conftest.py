@@ -189,7 +189,7 @@ def write_butppg(root: Path, records: dict[str, int], ecg: bool = True, ppg_sign
     return root
 
 
-def write_pretrained(path: Path) -> Path:
+def write_pretrained(path: Path) -> str:
     """A pretraining checkpoint in the real format (PPG + ECG, random weights, 2 mixer layers),
     with the data spec of configs/channels.yaml and windows.yaml."""
     import json

@@ -1,8 +1,10 @@
 import gzip
+import uuid
 
 import numpy as np
 import pytest
 
+from biofm import storage
 from biofm.config import ChannelsConfig, load_config
 from biofm.errors import CaseSkipped, SourceUnreachable
 from biofm.sources.vitaldb import (ApiSource, CloudSource, DirectorySource, case_sets, open_source,
@@ -88,9 +90,10 @@ def test_directory_source_layouts(tmp_path):
         DirectorySource(str(tmp_path / "nope")).check_reachable()
 
 
-def test_cloud_source_reads_through_pyarrow_filesystem(tmp_path):
-    write_case(tmp_path, "12")
-    src = CloudSource(f"file://{tmp_path}")
+def test_cloud_source_reads_from_s3(s3, tmp_path):
+    uri = f"s3://biofm/{uuid.uuid4().hex[:8]}/vital"
+    storage.write(f"{uri}/0012.vital", lambda f: f.write(write_case(tmp_path, "12").read_bytes()))
+    src = CloudSource(uri)
     src.check_reachable()
     with src.local_file("12") as p:
         assert read_tracks(p, CHANNELS)["PPG"][1] == 500.0
@@ -98,6 +101,9 @@ def test_cloud_source_reads_through_pyarrow_filesystem(tmp_path):
     with pytest.raises(CaseSkipped, match="not_found"):
         with src.local_file("13"):
             pass
+    for missing in (f"{uri}-missing", "s3://no-such-bucket/vital"):
+        with pytest.raises(SourceUnreachable, match=f"nothing at {missing}: no such bucket or prefix"):
+            CloudSource(missing).check_reachable()
     assert isinstance(open_source("s3://bucket/vital"), CloudSource)
     assert isinstance(open_source("/data/vital"), DirectorySource)
 

@@ -21,8 +21,9 @@ from pathlib import Path
 import numpy as np
 import vitaldb
 
+from biofm import storage
 from biofm.config import ChannelSpec
-from biofm.errors import CaseSkipped, SourceUnreachable
+from biofm.errors import BiofmError, CaseSkipped, SourceUnreachable
 from biofm.sources import http
 
 DEFAULT_API_URL = f"{vitaldb.dataset.api_url}/{vitaldb.dataset.DATASET_VERSION}"
@@ -136,39 +137,28 @@ class DirectorySource:
 @dataclass(frozen=True)
 class CloudSource:
     """``.vital`` files under a cloud URI (``s3://bucket/prefix``, ``gs://...``), read through
-    pyarrow's filesystems, so credentials come from the usual environment."""
+    :mod:`biofm.storage`, so credentials come from the usual environment."""
 
     uri: str
 
     def describe(self) -> str:
         return self.uri
 
-    def _fs(self):
-        import pyarrow.fs
-
-        try:
-            return pyarrow.fs.FileSystem.from_uri(self.uri)
-        except (pyarrow.ArrowException, OSError, ValueError) as e:
-            raise SourceUnreachable(f"cannot open {self.uri}: {e}") from None
-
     def check_reachable(self) -> None:
-        import pyarrow.fs
-
-        fs, root = self._fs()
         try:
-            info = fs.get_file_info(root)
-        except OSError as e:
+            found = storage.is_dir(self.uri)
+        except (OSError, BiofmError) as e:
             raise SourceUnreachable(f"cannot reach {self.uri}: {e}") from None
-        if info.type != pyarrow.fs.FileType.Directory:
-            raise SourceUnreachable(f"{self.uri} is not a folder of .vital files")
+        if not found:
+            raise SourceUnreachable(f"nothing at {self.uri}: no such bucket or prefix of .vital files")
 
     @contextlib.contextmanager
     def local_file(self, case_id: str) -> Iterator[Path]:
-        fs, root = self._fs()
+        fs, root = storage.filesystem(self.uri)
         names = [case_id] + ([f"{int(case_id):04d}"] if case_id.isdigit() else [])
         for name in names:
             try:
-                with fs.open_input_stream(f"{root.rstrip('/')}/{name}.vital") as f:
+                with fs.open_input_stream(f"{root}/{name}.vital") as f:
                     path = _temp_copy(iter(lambda: f.read(1 << 20), b""))
                 break
             except FileNotFoundError:
