@@ -180,7 +180,7 @@ def test_download_refuses_a_record_list_that_names_other_folders(tmp_path, http_
     assert list((tmp_path / "raw").iterdir()) == []  # nothing fetched, nothing written
 
 
-def test_download_from_a_mirror(tmp_path):
+def test_download_from_a_mirror(tmp_path, capsys):
     """Every file arrives intact, several at a time (the mirror answers each after 0.2 s); a
     download that fails leaves no RECORDS (the folder reads as unfinished); a rerun fetches only
     what is missing or cut short."""
@@ -232,6 +232,19 @@ def test_download_from_a_mirror(tmp_path):
         cut.write_bytes(cut.read_bytes()[:10])
         butppg.download(tmp_path / "raw", url, threads=4)
         assert gets[13:] == ["/butppg/2.0.0/RECORDS", "/butppg/2.0.0/111001/111001_PPG.dat"]
+        # a mirror without a record's ECG: the download goes on, and says so; the channel reads as absent
+        ecg = sorted((src / "111001").glob("111001_ECG.*"))
+        for f in ecg:
+            f.rename(f.with_suffix(f.suffix + ".away"))
+        shutil.rmtree(tmp_path / "raw" / "111001")
+        butppg.download(tmp_path / "raw", url, threads=4)
+        assert "2 ECG/ACC files are not on the mirror (e.g. 111001/111001_ECG." in capsys.readouterr().out
+        assert sorted(p.name for p in (tmp_path / "raw" / "111001").iterdir()) == ["111001_PPG.dat", "111001_PPG.hea"]
+        assert "ECG" not in butppg.read_record(tmp_path / "raw", "111001") and (tmp_path / "raw" / "RECORDS").is_file()
+        for f in ecg:
+            f.with_suffix(f.suffix + ".away").rename(f)
+        shutil.rmtree(tmp_path / "raw" / "111001")
+        butppg.download(tmp_path / "raw", url, threads=4)
     finally:
         server.shutdown()
         server.server_close()

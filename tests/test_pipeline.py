@@ -13,8 +13,10 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid
+from http.server import SimpleHTTPRequestHandler
 from pathlib import Path
 
 import psutil
@@ -28,7 +30,7 @@ from biofm.errors import BiofmError
 from biofm.pipeline import MARKER, run_stage
 from biofm.preprocess import read_data_spec, read_manifest
 from biofm.train.finetune import finetune, load_classifier, predict, read_split
-from conftest import REAL_BUTPPG, REAL_VITAL, ROOT, requires_realdata
+from conftest import REAL_BUTPPG, REAL_VITAL, ROOT, _Server, requires_realdata
 
 
 def test_a_stage_is_skipped_continued_or_rebuilt_by_its_settings(tmp_path, capsys):
@@ -147,14 +149,17 @@ def ray_head(s3):
 @pytest.mark.timeout(600)
 @requires_realdata(REAL_VITAL)
 @requires_realdata(REAL_BUTPPG)
-def test_smoke_pipeline_submitted_as_a_ray_job(ray_head, ray_session, capsys):
-    """Every stage writes to an s3:// URI, as on a cluster without a shared file system."""
+def test_smoke_pipeline_submitted_as_a_ray_job(ray_head, ray_session, public_sources, tmp_path, capsys):
+    """The main job's own sources (the VitalDB API, BUT-PPG downloaded from PhysioNet), served
+    from 127.0.0.1; every stage writes to an s3:// URI, as on a cluster without a shared file system."""
     url, env, ray_bin = ray_head
     out = f"s3://biofm/{uuid.uuid4().hex[:8]}/smoke"
     at = functools.partial(storage.join, out)
+    raw = tmp_path / "but_ppg_raw"
     entrypoint = ["python", "jobs/pipeline.py", "--config", "configs/smoke.yaml", "--output-dir", out,
-                  "--set", f"case_set={REAL_VITAL}", "--set", f"vital_source={REAL_VITAL}",
-                  "--set", f"butppg_raw_dir={REAL_BUTPPG}"]
+                  "--set", f"case_set={REAL_VITAL}", "--set", "vital_source=api",
+                  "--set", f"api_url={public_sources}/vital", "--set", f"physionet_url={public_sources}/",
+                  "--set", f"butppg_raw_dir={raw}"]
 
     def ray(*args, timeout=120):
         return subprocess.run([str(ray_bin), *args], cwd=ROOT, env=env, capture_output=True, text=True,
@@ -183,6 +188,9 @@ def test_smoke_pipeline_submitted_as_a_ray_job(ray_head, ray_session, capsys):
     assert f"job '{job_id.lower()}' succeeded" in status, f"{status}\n{logs[-4000:]}"
 
     assert "[pipeline] done: ran splits, windows, pretrain, butppg, finetune" in logs
+    assert "[prepare-butppg] downloading 51 records (210 files)" in logs
+    assert "108 ECG/ACC files are not on the mirror" in logs  # the real subset is PPG only: 51 ECG + 3 ACC pairs
+    assert sorted(p.name for p in raw.iterdir()) == sorted(p.name for p in REAL_BUTPPG.iterdir())
     # each worker's progress line once (Ray Train's print patch used to double them)
     assert logs.count("[pretrain] epoch 1/1 ") == 1 and logs.count("[finetune] epoch 2/2 ") == 1, logs[-4000:]
     report = json.loads(storage.read_text(at("pipeline.json")))
@@ -190,6 +198,7 @@ def test_smoke_pipeline_submitted_as_a_ray_job(ray_head, ray_session, capsys):
     splits = json.loads(storage.read_text(at("splits", "splits_fasttrack.json")))
     train, val = (read_manifest(at("vitaldb_windows"), s) for s in ("train", "val"))
     assert train["cases_in"] == 2 and val["cases_in"] == 1 and train["windows_kept"] > 0
+    assert train["source"] == f"{public_sources}/vital"
     assert set(train["cases"]) == set(splits["train"][:2]) and set(val["cases"]) == set(splits["val"][:1])
     assert sum(o["windows_kept"] for o in train["cases"].values()) == train["windows_kept"] == sum(
         storage.read_table(f).num_rows for f in storage.list_files(at("vitaldb_windows", "train"), ".parquet"))
@@ -210,6 +219,26 @@ def test_smoke_pipeline_submitted_as_a_ray_job(ray_head, ray_session, capsys):
     overlap = min(end for _, end in spans) - max(start for start, _ in spans)
     assert len(spans) == 2 and overlap > 5, f"the trials ran one after the other: {spans}"
     assert storage.is_file(at("tune", "finetune_schedules", "best_config.yaml"))
+
+
+@pytest.fixture
+def public_sources(tmp_path):
+    """The real recordings served from 127.0.0.1 as the VitalDB API (``<url>/vital/<id>.vital``)
+    and a PhysioNet mirror (``<url>/butppg/2.0.0/...``)."""
+    site = tmp_path / "site"
+    (site / "butppg").mkdir(parents=True)
+    (site / "butppg" / "2.0.0").symlink_to(REAL_BUTPPG)
+    (site / "vital").symlink_to(REAL_VITAL)
+
+    class Quiet(SimpleHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+    server = _Server(("127.0.0.1", 0), functools.partial(Quiet, directory=str(site)))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
 
 
 def _trial_spans(exp: str) -> list[tuple[float, float]]:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import csv
 import shutil
 import time
+import urllib.error
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -200,7 +201,9 @@ def download(raw_dir: Path, index_url: str | None = None, threads: int = 8) -> N
     """Fetch BUT-PPG from PhysioNet (``index_url``: a mirror laid out like it), ``threads``
     files at a time: about 17,000 small files, whose round trips one at a time take most of an
     hour. Files already there at full size are kept, so an interrupted download continues.
-    ``RECORDS`` is written last: a folder without it is an unfinished download."""
+    ``RECORDS`` is written last: a folder without it is an unfinished download. An ECG or ACC file
+    the mirror does not have (404) is left out, counted in the output: that channel reads as
+    absent in its record, as ACC is before 112001; a missing PPG file is an error."""
     base = _base(index_url)
     raw_dir.mkdir(parents=True, exist_ok=True)
     try:
@@ -219,11 +222,25 @@ def download(raw_dir: Path, index_url: str | None = None, threads: int = 8) -> N
             if int(rid) >= ACC_FROM:
                 files += [f"{rid}/{rid}_ACC.{ext}" for ext in ("hea", "dat")]
         print(f"[prepare-butppg] downloading {len(records)} records ({len(files)} files) from {base}", flush=True)
-        t0 = time.perf_counter()
+
+        def fetch(name: str) -> str | None:
+            try:
+                _fetch(base + name, raw_dir / name)
+            except urllib.error.HTTPError as e:
+                if e.code != 404 or "_PPG." in name:
+                    raise
+                return name
+            return None
+
+        t0, absent = time.perf_counter(), []
         with ThreadPoolExecutor(threads) as pool:  # map cancels the queued files at the first failure
-            for i, _ in enumerate(pool.map(lambda f: _fetch(base + f, raw_dir / f), files), 1):
+            for i, missing in enumerate(pool.map(fetch, files), 1):
+                absent += [missing] if missing else []
                 if i % 2000 == 0 or i == len(files):
                     print(f"[prepare-butppg] {i}/{len(files)} files in {time.perf_counter() - t0:.0f} s", flush=True)
+        if absent:
+            print(f"[prepare-butppg] {len(absent)} ECG/ACC files are not on the mirror (e.g. {absent[0]}): "
+                  "those channels are absent in their records", flush=True)
         (raw_dir / "RECORDS").write_bytes(listing)
     except OSError as e:
         raise _unreachable(base, e) from None
