@@ -12,7 +12,7 @@ import pytest
 
 from biofm.config import ChannelsConfig, WindowsConfig, load_config
 from biofm.errors import ConfigError, NothingProduced, SourceUnreachable
-from biofm.preprocess import SCHEMA_KEY, build_windows, data_spec, read_manifest
+from biofm.preprocess import SCHEMA_KEY, build_windows, data_spec, load_outcomes, process_case, read_manifest
 from biofm.sources.vitaldb import ApiSource, DirectorySource
 from conftest import ROOT, REAL_VITAL, heartbeat_signals, requires_realdata, write_case
 
@@ -116,6 +116,21 @@ def test_rerun_resumes_without_reading_again(ray_session, tmp_path):
     with pytest.raises(NothingProduced, match="not_found: 2 case"):
         build(tmp_path, ["1", "2"], DirectorySource(str(src)), overwrite=True)
     assert not list((tmp_path / "out" / "train").glob("*.parquet"))
+
+
+def test_a_failed_write_is_recorded_and_retried(tmp_path):
+    """Storage failing under a case is not the case's fault: recorded as retryable, and a rerun
+    (here, the case processed again once the obstacle is gone) writes it."""
+    write_case(tmp_path / "src", "1", duration_s=30)
+    split = tmp_path / "out" / "train"
+    (split / "1.parquet").mkdir(parents=True)  # a folder where the file must go
+    outcome = process_case("1", DirectorySource(str(tmp_path / "src")), CHANNELS, WINDOWS, split)
+    assert (outcome["status"], outcome["code"], outcome["retryable"]) == ("skipped", "write_failed", True)
+    assert outcome["reason"].startswith(f"{split}/1.parquet: ")
+    assert load_outcomes(str(split))["1"]["code"] == "write_failed" and sorted(os.listdir(split)) == ["1.parquet", "_cases"]
+    (split / "1.parquet").rmdir()
+    assert process_case("1", DirectorySource(str(tmp_path / "src")), CHANNELS, WINDOWS, split)["status"] == "ok"
+    assert pq.read_table(split / "1.parquet").num_rows == 3
 
 
 def test_changed_config_needs_overwrite(ray_session, tmp_path):

@@ -172,8 +172,11 @@ def process_case(case_id: str, source, channels: dict[str, ChannelSpec], cfg: Wi
             top = ", ".join(f"{r} x{n}" for r, n in rejected.most_common(3))
             raise CaseSkipped("no_usable_windows", f"all {n_total} windows failed quality checks ({top})")
         t1 = time.perf_counter()
-        storage.write(storage.join(split_dir, f"{case_id}.parquet"),
-                      lambda f: pq.write_table(windows_table(case_id, columns, spec), f))
+        target = storage.join(split_dir, f"{case_id}.parquet")
+        try:
+            storage.write(target, lambda f: pq.write_table(windows_table(case_id, columns, spec), f))
+        except OSError as e:  # storage, not the case: a rerun tries it again
+            raise CaseSkipped("write_failed", f"{target}: {e}", retryable=True) from None
         timings["write"] = time.perf_counter() - t1
         outcome.update(status="ok", file=f"{case_id}.parquet")
     except CaseSkipped as e:
