@@ -20,6 +20,7 @@ settings changed; ``force`` reruns the named stages.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import time
@@ -103,7 +104,7 @@ def run_pipeline(cfg: PipelineConfig, force: tuple[str, ...] = (), address: str 
     storage.check_writable(out)
 
     from biofm.preprocess import build_butppg, build_windows, ensure_ray
-    from biofm.sources.butppg import download
+    from biofm.sources.butppg import download, raw_folder
     from biofm.sources.vitaldb import open_source
     from biofm.splits import load_split, prepare_splits
     from biofm.train.finetune import finetune
@@ -120,8 +121,7 @@ def run_pipeline(cfg: PipelineConfig, force: tuple[str, ...] = (), address: str 
         records.append(run_stage(name, folder, settings, name in force, run))
         hashes[name] = records[-1]["hash"]
 
-    def at(*names):
-        return storage.join(out, *names)
+    at = functools.partial(storage.join, out)
 
     stage("splits", at("splits"),
           {"case_set": cfg.case_set, "mode": cfg.split_mode, "seed": cfg.split_seed, "ratios": cfg.split_ratios},
@@ -143,15 +143,16 @@ def run_pipeline(cfg: PipelineConfig, force: tuple[str, ...] = (), address: str 
                                   resume=resume and storage.exists(at("foundation_model", "ray", RUN_NAME))),
           after=["windows"])
 
+    raw = raw_folder(cfg.butppg_raw_dir)
+
     def prepare_butppg(resume):
-        raw = Path(cfg.butppg_raw_dir)
         if not (raw / "RECORDS").is_file():
             download(raw, cfg.physionet_url)
         build_butppg(raw, at("but_ppg"), channels.select(but.channels), windows, but)
 
     stage("butppg", at("but_ppg"),
           {"butppg": to_jsonable(but), "channels": to_jsonable(channels), "windows": to_jsonable(windows),
-           "raw_dir": str(Path(cfg.butppg_raw_dir).resolve())}, prepare_butppg)
+           "raw_dir": str(raw)}, prepare_butppg)
     pretrained = at("foundation_model", "best_model.pt")
     stage("finetune", at("but_ppg_finetuned"), to_jsonable(fine),
           lambda resume: finetune(fine, pretrained, at("but_ppg"), at("but_ppg_finetuned"),

@@ -144,7 +144,7 @@ def remove_tree(location: str | Path) -> None:
 def remove_temporary(folder: str | Path) -> None:
     """Delete the hidden temporary files a killed local :func:`write` left in ``folder`` and
     below (uploads leave none)."""
-    if not is_uri(folder) and Path(normalize(folder)).is_dir():
+    if not is_uri(folder):
         for tmp in Path(normalize(folder)).rglob(".*.tmp"):
             tmp.unlink()
 
@@ -166,10 +166,11 @@ def local_folder(location: str | Path) -> Iterator[Path]:
 
 def read_table(location: str | Path | list, columns: list[str] | None = None) -> pa.Table:
     """A Parquet file, a folder of them, or a list of files (one filesystem) as one table."""
-    locations = location if isinstance(location, list) else [location]
-    fs, _ = filesystem(locations[0])
-    paths = [filesystem(x)[1] for x in locations]
-    return pq.read_table(paths if isinstance(location, list) else paths[0], columns=columns, filesystem=fs)
+    if isinstance(location, list):
+        fs = filesystem(location[0])[0]
+        return pq.read_table([filesystem(x)[1] for x in location], columns=columns, filesystem=fs)
+    fs, path = filesystem(location)
+    return pq.read_table(path, columns=columns, filesystem=fs)
 
 
 def read_schema(location: str | Path) -> pa.Schema:

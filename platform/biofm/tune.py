@@ -223,9 +223,7 @@ def format_table(trials: list[dict], keys: list[str]) -> str:
 
 
 def _plots(exp_dir: str, trials: list[dict], keys: list[str]) -> None:
-    import matplotlib.pyplot as plt
-
-    from biofm.train.plots import save_png
+    from biofm.train.plots import plt, save_png  # plots sets the Agg backend before pyplot loads
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for t in trials:

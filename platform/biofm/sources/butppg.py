@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+from biofm import storage
 from biofm.errors import CaseSkipped, ConfigError, SourceUnreachable
 from biofm.sources import http
 
@@ -46,10 +47,10 @@ def subject_of(record_id: str) -> str:
 def raw_folder(raw_dir: str | Path) -> Path:
     """The raw records' folder as a path; a URI is refused: wfdb reads files from a folder (local,
     or shared by every node when a cluster prepares the records)."""
-    if "://" in str(raw_dir) and not str(raw_dir).startswith("file://"):
+    if storage.is_uri(raw_dir):
         raise ConfigError(f"BUT-PPG raw folder {raw_dir}: the raw records are read from a folder (local, or "
                           "shared by every node), not a URI")
-    return Path(str(raw_dir).removeprefix("file://"))
+    return Path(storage.normalize(raw_dir))
 
 
 def _read_csv(path: Path) -> list[dict]:
