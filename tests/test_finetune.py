@@ -9,13 +9,14 @@ import json
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+import torch
 
 from biofm.cli import main
 from biofm.config import ButppgConfig, ChannelsConfig, FinetuneConfig, WindowsConfig, load_config
 from biofm.errors import ConfigError
 from biofm.preprocess import data_spec
 from biofm.train import checkpoint, transfer
-from biofm.train.finetune import _train_dataset, build_classifier, read_split
+from biofm.train.finetune import build_classifier, oversampling, read_split
 from conftest import REAL_BUTPPG, ROOT, requires_realdata, write_pretrained
 
 CHANNELS = load_config(ChannelsConfig, ROOT / "configs/channels.yaml")
@@ -94,14 +95,19 @@ def test_subject_wise_cross_validation(butppg_data, tmp_path, monkeypatch):
 
 @requires_realdata(REAL_BUTPPG)
 def test_sampler_balance_repeats_minority_records(butppg_data):
+    from biofm.train.batches import WindowBatches, scan
+
     labels = read_split(butppg_data / "train")["label"]
     counts = np.bincount(labels, minlength=2)
     minority = int(np.argmin(counts))
     repeat = int(round(counts.max() / counts.min()))
-    ds = _train_dataset(butppg_data / "train", "sampler", labels)
-    got = np.bincount(np.concatenate([b["label"] for b in ds.iter_batches(batch_format="numpy")]), minlength=2)
+    batches = WindowBatches(scan(str(butppg_data / "train")), ["label", "present"], 16, train=True,
+                            cache_mb=float("inf"), repeat=oversampling("sampler", labels))
+    epoch = list(batches.epoch(0))
+    got = np.bincount(np.concatenate([b["label"].numpy() for b in epoch]), minlength=2)
     assert got[minority] == counts[minority] * repeat and got[1 - minority] == counts[1 - minority]
-    assert _train_dataset(butppg_data / "train", "weighted", labels).count() == len(labels)
+    assert epoch[0]["present"].shape == (16, 5) and epoch[0]["present"].dtype == torch.bool
+    assert oversampling("weighted", labels) is None
 
 
 def test_variants_differ_only_where_they_should():

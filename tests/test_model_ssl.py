@@ -112,12 +112,13 @@ def test_encoder_saves_in_hugging_face_format(tmp_path, model):
     assert isinstance(Encoder(loaded.config).ttm, TinyTimeMixerModel)
 
 
-def test_training_workers_leave_a_cpu_for_data_loading():
+def test_training_workers_fit_the_cluster_cpus():
     assert worker_cpus(1.0, 1, 2) == 1.0
-    assert worker_cpus(1.0, 2, 2) == 0.5      # two workers on two cores: half a CPU each
+    assert worker_cpus(1.0, 1, 1) == 1.0      # one core is enough: the worker reads its own batches
+    assert worker_cpus(1.0, 4, 2) == 0.5      # four workers on two cores: half a CPU each
     assert worker_cpus(1.0, 4, 64) == 1.0     # a big cluster keeps what was asked
-    with pytest.raises(BiofmError, match="at least 2 CPUs"):
-        worker_cpus(1.0, 1, 1)
+    with pytest.raises(BiofmError, match="has none"):
+        worker_cpus(1.0, 1, 0)
 
 
 def test_mixed_precision_is_off_on_the_cpu_and_picks_bf16_or_fp16_on_a_gpu(monkeypatch):

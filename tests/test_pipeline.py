@@ -265,6 +265,9 @@ def _check_staged_fine_tuning(out: str, data: str, pretrained: str) -> None:
     assert [h["stage"] for h in history] == [1, 2]
     n_val = len(read_split(storage.join(data, "val"))["label"])
     assert all(sum(map(sum, h["val_confusion"])) == n_val for h in history)
+    n_train = len(read_split(storage.join(data, "train"))["label"])  # every record once per epoch
+    assert all(round(h["records_per_s"] * h["train_s"]) == n_train for h in history)
+    assert all(0 <= h["data_wait_fraction"] <= 1 and 0 <= h["first_batch_wait_s"] <= h["train_s"] for h in history)
     head = 192 * 2 + 2
     assert history[0]["trainable_params"] == head and history[1]["trainable_params"] > 10 * head
     metrics = json.loads(storage.read_text(storage.join(out, "test_metrics.json")))

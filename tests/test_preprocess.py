@@ -58,20 +58,14 @@ def test_windows_dataset_contract(ray_session, tmp_path):
     assert str(schema.field("window_idx").type) == "int32" and str(schema.field("start_s").type) == "double"
     assert str(schema.field("case_id").type) == "string"
 
-    from ray.data.dataset import MaterializedDataset
+    from biofm.train.batches import WindowBatches, scan
 
-    from biofm.train.pretrain import windows_dataset
-
-    size_mb = sum(p.stat().st_size for p in split_dir.glob("*.parquet")) / 1e6
-    streamed, spec = windows_dataset(split_dir, ("ECG", "PPG"), cache_mb=size_mb * 0.9)
-    cached, _ = windows_dataset(split_dir, ("ECG", "PPG"), cache_mb=size_mb * 1.1)
-    assert not isinstance(streamed, MaterializedDataset) and isinstance(cached, MaterializedDataset)
-    assert spec["channels"] == ["ECG", "PPG"] and list(spec["filters"]) == ["ECG", "PPG"]
+    streamed = scan(str(split_dir), ("ECG", "PPG"))
+    assert streamed.spec["channels"] == ["ECG", "PPG"] and list(streamed.spec["filters"]) == ["ECG", "PPG"]
     order = np.lexsort((batch["window_idx"], batch["case_id"]))
-    for ds in (streamed, cached):
-        b = next(iter(ds.iter_batches(batch_size=100, batch_format="numpy")))
-        got = b["signal"][np.lexsort((b["window_idx"], b["case_id"]))]
-        np.testing.assert_array_equal(got, batch["signal"][order][:, ::-1])
+    b = next(iter(WindowBatches(streamed, ["signal", "case_id", "window_idx"], 100).epoch(0)))
+    got = b["signal"].numpy()[np.lexsort((b["window_idx"].numpy(), b["case_id"]))]
+    np.testing.assert_array_equal(got, batch["signal"][order][:, ::-1])
 
 
 def test_bad_cases_are_skipped_with_reasons(ray_session, tmp_path):

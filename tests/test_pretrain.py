@@ -72,13 +72,15 @@ def interrupted_run(windows, tmp_path_factory):
     return out, history, resumed
 
 
-def test_pretrain_survives_a_killed_worker_and_writes_artifacts(interrupted_run):
+def test_pretrain_survives_a_killed_worker_and_writes_artifacts(interrupted_run, windows):
     out, history, _ = interrupted_run
     assert [h["epoch"] for h in history] == list(range(1, TINY.epochs + 1))
     for key in ("train_loss", "train_mse", "train_stft", "val_loss", "val_masked_mse", "windows_per_s", "lr"):
         assert all(torch.isfinite(torch.tensor(h[key])) for h in history), key
     assert history[0]["bad_steps"] == 0 and history[0]["windows_per_s"] > 0
     assert 0 <= history[-1]["data_wait_fraction"] <= 1 and history[-1]["first_batch_wait_s"] <= history[-1]["train_s"]
+    n_train = read_manifest(windows, "train")["windows_kept"]  # every window once per epoch
+    assert all(round(h["windows_per_s"] * h["train_s"]) == n_train for h in history)
     config = json.loads((out / "training_config.json").read_text())
     assert config["mask_ratio"] == 0.4 and config["num_layers"] == 2 and 1 <= config["best_epoch"] <= TINY.epochs + 1
     blob = checkpoint.load(out / "best_model.pt")

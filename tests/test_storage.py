@@ -65,7 +65,7 @@ def test_parquet_and_local_folder_upload(root):
     files = list(storage.list_files(storage.join(root, "t"), ".parquet"))
     assert storage.read_table(files, columns=["x"]).column("x").to_pylist() == [0, 10, 1, 11]
     assert sorted(storage.read_table(storage.join(root, "t")).column("x").to_pylist()) == [0, 1, 10, 11]
-    assert storage.read_schema(files[1]).metadata[b"k"] == b"1"
+    assert storage.read_metadata(files[1]).metadata[b"k"] == b"1"
     with storage.local_folder(storage.join(root, "enc")) as d:
         (d / "config.json").write_text("{}")
         (d / "deep").mkdir()

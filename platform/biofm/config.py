@@ -176,9 +176,11 @@ class PretrainConfig:
     """Masked signal modeling on the TTM encoder (``configs/ssl_pretrain.yaml``).
 
     ``warmup_epochs`` of linear warm-up, then cosine decay to zero. ``cpus_per_worker`` is
-    lowered at run time so one CPU stays free for Ray Data's reads. A split whose Parquet files
-    total at most ``cache_mb`` MB is read once into Ray's object store (which spills to disk
-    under pressure) instead of streamed again each epoch; larger ones stream (0: always stream).
+    lowered at run time so the workers fit the cluster. A split
+    whose windows take at most ``cache_mb`` MB in memory (float32: 10 kB per 2-channel window) is
+    read once into each worker's memory and fully reshuffled every epoch; larger ones stream from
+    Parquet every epoch, files in a new order, through a buffer of ``shuffle_buffer`` windows
+    (0: always stream). See :mod:`biofm.train.batches`.
     """
 
     channels: tuple[str, ...] = ("PPG", "ECG")
@@ -204,6 +206,7 @@ class PretrainConfig:
     max_failures: int = 2
     max_bad_steps: int = 20
     cache_mb: float = 256.0
+    shuffle_buffer: int = 4096
 
     def __post_init__(self):
         if not 0 < self.mask_ratio < 1:
@@ -212,8 +215,8 @@ class PretrainConfig:
             raise ValueError("epochs, batch_size and num_workers must be >= 1")
         if self.lr <= 0 or self.cpus_per_worker <= 0:
             raise ValueError("lr and cpus_per_worker must be positive")
-        if self.cache_mb < 0:
-            raise ValueError(f"cache_mb must be >= 0, got {self.cache_mb}")
+        if self.cache_mb < 0 or self.shuffle_buffer < 0:
+            raise ValueError(f"cache_mb and shuffle_buffer must be >= 0, got {self.cache_mb}, {self.shuffle_buffer}")
         if not self.channels:
             raise ValueError("channels must not be empty")
 

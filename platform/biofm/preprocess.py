@@ -372,20 +372,29 @@ def read_manifest(outdir: str | Path, split: str) -> dict:
     return splits[split]
 
 
-def read_data_spec(split_dir: str | Path) -> dict:
-    """The data spec stored in a windows split's Parquet schema metadata. Every file's footer is
-    read: a file that is not Parquet, or that was made with other settings, is an error naming it
-    (not a failure deep inside a Ray Data read)."""
+def scan_split(split_dir: str | Path) -> tuple[dict, dict[str, int]]:
+    """The data spec stored in a split's Parquet schema metadata, and the windows (rows) of each
+    file (location -> rows, sorted by location). Every file's footer is read, a few at a time (on
+    an object store each read is a round trip): a file that is not Parquet, or that was made with
+    other settings, is an error naming it (not a failure deep inside a read)."""
+    from concurrent.futures import ThreadPoolExecutor
+
     files = list(storage.list_files(split_dir, ".parquet"))
     if not files:
         raise NothingProduced(f"no windows in {split_dir}: build them first with `biofm build-windows`")
-    specs = {}
-    for f in files:
+
+    def footer(f):
         try:
-            metadata = storage.read_schema(f).metadata or {}
+            return storage.read_metadata(f)
         except (pa.ArrowException, OSError) as e:
             raise ConfigError(f"{f} is not a readable Parquet file ({type(e).__name__}: {e}); remove it, "
                               "or rebuild the split with --overwrite") from None
+
+    with ThreadPoolExecutor(16) as pool:
+        footers = list(pool.map(footer, files))
+    specs = {}
+    for f, meta in zip(files, footers):
+        metadata = meta.metadata or {}
         if SCHEMA_KEY not in metadata:
             raise ConfigError(f"{f} was not written by biofm build-windows (no data spec)")
         specs.setdefault(metadata[SCHEMA_KEY], f)
@@ -393,7 +402,12 @@ def read_data_spec(split_dir: str | Path) -> dict:
         a, b = list(specs.values())[:2]
         raise ConfigError(f"{split_dir} mixes windows made with different settings ({storage.name(a)} and {storage.name(b)}): "
                           "rebuild the split with --overwrite")
-    return json.loads(next(iter(specs)))
+    return json.loads(next(iter(specs))), {f: m.num_rows for f, m in zip(files, footers)}
+
+
+def read_data_spec(split_dir: str | Path) -> dict:
+    """The data spec of a windows split (see :func:`scan_split`)."""
+    return scan_split(split_dir)[0]
 
 
 def same_data(a: dict, b: dict) -> bool:

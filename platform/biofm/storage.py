@@ -173,9 +173,19 @@ def read_table(location: str | Path | list, columns: list[str] | None = None) ->
     return pq.read_table(path, columns=columns, filesystem=fs)
 
 
-def read_schema(location: str | Path) -> pa.Schema:
+def read_file(location: str | Path, columns: list[str] | None = None) -> pa.Table:
+    """One Parquet file as a table, through the file reader alone (no dataset discovery: the
+    cheapest read of a file whose location is known)."""
     fs, path = filesystem(location)
-    return pq.read_schema(path, filesystem=fs)
+    with fs.open_input_file(path) as f:
+        return pq.ParquetFile(f).read(columns=columns)
+
+
+def read_metadata(location: str | Path) -> pq.FileMetaData:
+    """A Parquet file's footer: rows, row groups, schema and its key-value metadata."""
+    fs, path = filesystem(location)
+    with fs.open_input_file(path) as f:
+        return pq.read_metadata(f)
 
 
 def check_writable(folder: str | Path) -> None:

@@ -15,16 +15,13 @@ from biofm.train import checkpoint
 
 
 def iter_windows(split_dir: str | Path, channels, batch_size: int = 256):
-    """Yield ``(signal [B, C, T] float32, case_ids, window_idx)`` in file order, file by file."""
-    from biofm.preprocess import read_data_spec
+    """Yield ``(signal [B, C, T] float32, case_ids, window_idx)`` of ``channels``, files by name,
+    windows in file order (through the training loops' batches)."""
+    from biofm.train.batches import WindowBatches, scan
 
-    spec = read_data_spec(split_dir)
-    index = [spec["channels"].index(c) for c in channels]
-    for path in storage.list_files(split_dir, ".parquet"):
-        table = storage.read_table(path, columns=["signal", "case_id", "window_idx"])
-        for batch in table.to_batches(max_chunksize=batch_size):
-            signal = batch.column("signal").to_numpy_ndarray()[:, index].astype(np.float32)
-            yield signal, batch.column("case_id").to_pylist(), batch.column("window_idx").to_pylist()
+    batches = WindowBatches(scan(str(split_dir), channels), ["signal", "case_id", "window_idx"], batch_size)
+    for b in batches.epoch(0):
+        yield b["signal"].numpy(), b["case_id"].tolist(), b["window_idx"].tolist()
 
 
 def first_windows(split_dir: str | Path, channels, n: int):

@@ -4,7 +4,8 @@
 to the data's channels, or a random one for ``init = scratch``), streams ``<data_dir>/{train,val}``
 through Ray Data into :func:`train_loop`, keeps the checkpoint with the best val AUROC, picks the
 decision threshold on val, and evaluates once on test. Stage 1 trains the head only, stage 2 the
-head and the last N mixer layers.
+head and the last N mixer layers. BUT-PPG is small (3,888 records, about 100 MB): every worker
+holds its splits in memory (:mod:`biofm.train.batches`) and reshuffles them every epoch.
 """
 
 from __future__ import annotations
@@ -12,8 +13,8 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import math
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +26,7 @@ from biofm.errors import BiofmError, ConfigError
 from biofm.model.classifier import Classifier, inflate_encoder
 from biofm.model.ssl import Encoder, ttm_config
 from biofm.train import checkpoint
+from biofm.train.batches import WaitClock, WindowBatches, data_wait_note, scan
 from biofm.train.metrics import choose_threshold, classification_metrics
 from biofm.train.ray_run import RUN_NAME, check_run_dir, fit, mixed_precision, worker_print
 
@@ -130,7 +132,8 @@ def _gather(values: np.ndarray) -> np.ndarray:
 
 def train_loop(config: dict) -> None:
     """Runs on every Ray Train worker. ``config``: ``cfg`` (FinetuneConfig fields), ``state``
-    (the initial classifier state dict), ``description``, ``class_weights`` ``[2]``."""
+    (the initial classifier state dict), ``description``, ``class_weights`` ``[2]``, ``train`` and
+    ``val`` (:class:`~biofm.train.batches.Split`), ``repeat`` (per train record, or None)."""
     import ray.train
     import ray.train.torch
     from tsfm_public.models.tinytimemixer import TinyTimeMixerConfig
@@ -155,6 +158,11 @@ def train_loop(config: dict) -> None:
     model.to(device)
     criterion = torch.nn.CrossEntropyLoss(weight=torch.tensor(config["class_weights"], dtype=torch.float32, device=device))
     autocast, scaler = mixed_precision(cfg.amp, device)
+    columns, world = ["signal", "present", "label"], ctx.get_world_size()
+    train_batches = WindowBatches(config["train"], columns, cfg.batch_size, train=True, seed=cfg.seed, rank=rank,
+                                  world=world, cache_mb=math.inf, repeat=config["repeat"], device=device)
+    val_batches = WindowBatches(config["val"], columns, cfg.batch_size, rank=rank, world=world, cache_mb=math.inf,
+                                device=device)
     optimizer, ddp, stage = None, None, None
 
     for epoch in range(state["epoch"], cfg.epochs):
@@ -170,12 +178,9 @@ def train_loop(config: dict) -> None:
         model.train()
         if stage == 1 and cfg.init != "scratch":
             model.encoder.eval()  # frozen: no dropout noise in the features the head learns from
-        t0, sums = time.perf_counter(), np.zeros(3)
-        for batch in ray.train.get_dataset_shard("train").iter_batches(
-                batch_size=cfg.batch_size, batch_format="numpy", local_shuffle_buffer_size=4 * cfg.batch_size):
-            x = torch.from_numpy(batch["signal"]).float().to(device)
-            m = torch.from_numpy(_present(batch["present"])).to(device)
-            y = torch.from_numpy(batch["label"].astype(np.int64)).to(device)
+        sums, clock = np.zeros(3), WaitClock(train_batches.epoch(epoch))
+        for batch in clock:
+            x, m, y = batch["signal"], batch["present"], batch["label"]
             with autocast():
                 logits = ddp(x, m)
             loss = criterion(logits.float(), y)
@@ -186,15 +191,13 @@ def train_loop(config: dict) -> None:
             scaler.step(optimizer)
             scaler.update()
             sums += [loss.item() * len(y), (logits.argmax(-1) == y).sum().item(), len(y)]
-        train_s = time.perf_counter() - t0
+        ingest = clock.metrics()
         probs, labels = [], []
         model.eval()
         with torch.no_grad():
-            for batch in ray.train.get_dataset_shard("val").iter_batches(batch_size=cfg.batch_size, batch_format="numpy"):
-                x = torch.from_numpy(batch["signal"]).float().to(device)
-                m = torch.from_numpy(_present(batch["present"])).to(device)
-                probs.append(torch.softmax(model(x, m).float(), -1)[:, 1].cpu().numpy())
-                labels.append(batch["label"].astype(np.int64))
+            for batch in val_batches.epoch(epoch):
+                probs.append(torch.softmax(model(batch["signal"], batch["present"]).float(), -1)[:, 1].cpu().numpy())
+                labels.append(batch["label"].cpu().numpy())
         p = _gather(np.concatenate(probs) if probs else np.zeros(0))
         y = _gather(np.concatenate(labels) if labels else np.zeros(0, np.int64))
         loss_sum, correct, n = (float(v) for v in _gather(sums[None]).sum(axis=0))
@@ -205,7 +208,7 @@ def train_loop(config: dict) -> None:
         metrics = {"epoch": epoch + 1, "stage": stage, "train_loss": loss_sum / max(n, 1), "train_accuracy": correct / max(n, 1),
                    "val_loss": val_loss, "val_auroc": auroc, "val_auprc": val["auprc"],
                    "val_balanced_accuracy": val["balanced_accuracy"], "val_f1_good": val["f1_good"],
-                   "val_accuracy": val["accuracy"], "records_per_s": n / max(train_s, 1e-9),
+                   "val_accuracy": val["accuracy"], "records_per_s": n / ingest["train_s"], **ingest,
                    "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad)}
         state.update(epoch=epoch + 1, stage=stage)
         state["history"].append({**metrics, "val_confusion": val["confusion"]})  # [[tn, fp], [fn, tp]]
@@ -218,27 +221,18 @@ def train_loop(config: dict) -> None:
             ray.train.report(metrics, checkpoint=ckpt)
         if rank == 0:
             worker_print(f"[finetune] epoch {epoch + 1}/{cfg.epochs} stage {stage} train loss "
-                         f"{metrics['train_loss']:.4f} val AUROC {auroc:.3f} balanced acc {val['balanced_accuracy']:.3f}")
+                         f"{metrics['train_loss']:.4f} val AUROC {auroc:.3f} balanced acc {val['balanced_accuracy']:.3f}, "
+                         f"{data_wait_note(metrics)}")
 
 
-def _train_dataset(split_dir: str, class_balance: str, labels: np.ndarray):
-    """Ray Dataset of the training records; ``sampler`` balance repeats minority-class records
-    so both classes are seen about equally often per epoch."""
-    import ray.data
-
-    ds = ray.data.read_parquet(split_dir).select_columns(["signal", "present", "label"])
-    if class_balance != "sampler":
-        return ds
+def oversampling(class_balance: str, labels: np.ndarray) -> np.ndarray | None:
+    """How often each training record counts per epoch: with ``sampler`` balance the minority
+    class's records are repeated so both classes are seen about equally often; else None."""
     counts = np.bincount(labels, minlength=2)
-    if counts.min() == 0:
-        return ds
+    if class_balance != "sampler" or counts.min() == 0:
+        return None
     minority, repeat = int(np.argmin(counts)), int(round(counts.max() / counts.min()))
-
-    def oversample(batch):
-        reps = np.where(batch["label"] == minority, repeat, 1)
-        return {k: np.repeat(np.asarray(v), reps, axis=0) for k, v in batch.items()}
-
-    return ds.map_batches(oversample, batch_format="numpy")
+    return np.where(labels == minority, repeat, 1)
 
 
 def finetune(cfg: FinetuneConfig, pretrained: str | Path | None, data_dir: str | Path, output_dir: str | Path,
@@ -246,9 +240,7 @@ def finetune(cfg: FinetuneConfig, pretrained: str | Path | None, data_dir: str |
     """Fine-tune on ``<data_dir>/{train,val,test}`` and write the artifacts to ``output_dir``
     (each a local path or a URI); returns the test metrics. ``run_name`` and ``callbacks``: for a
     run inside a Ray Tune trial."""
-    import ray.data
-
-    from biofm.preprocess import ensure_ray, read_data_spec, same_data
+    from biofm.preprocess import ensure_ray, same_data
 
     data_dir, output_dir = storage.normalize(data_dir), storage.normalize(output_dir)
     split_dir = functools.partial(storage.join, data_dir)
@@ -256,24 +248,21 @@ def finetune(cfg: FinetuneConfig, pretrained: str | Path | None, data_dir: str |
     for split in ("train", "val", "test"):
         if not storage.list_files(split_dir(split), ".parquet"):
             raise BiofmError(f"no BUT-PPG records in {split_dir(split)}: run `biofm prepare-butppg` first")
-    spec = read_data_spec(split_dir("train"))
-    for split in ("val", "test"):
-        if not same_data(read_data_spec(split_dir(split)), spec):
+    train, val, test = (scan(split_dir(s)) for s in ("train", "val", "test"))
+    for split, other in (("val", val), ("test", test)):
+        if not same_data(other.spec, train.spec):
             raise ConfigError(f"{data_dir}/{split} was made with other settings than {data_dir}/train")
-    model, description = build_classifier(cfg, pretrained, spec)
-    train_labels = storage.read_table(split_dir("train"), columns=["label"]).column("label").to_numpy().astype(np.int64)
+    model, description = build_classifier(cfg, pretrained, train.spec)
+    train_labels = storage.read_table(list(train.files), columns=["label"]).column("label").to_numpy().astype(np.int64)
     counts = np.bincount(train_labels, minlength=2)
     if counts.min() == 0:
         raise BiofmError(f"{data_dir}/train has only one class ({counts.tolist()} poor/good records)")
     weights = (len(train_labels) / (2 * counts)).tolist() if cfg.class_balance == "weighted" else [1.0, 1.0]
     ensure_ray(address)
-    ray.data.DataContext.get_current().enable_progress_bars = False
     loop_config = {"cfg": dataclasses.asdict(cfg), "state": model.state_dict(), "description": description,
-                   "class_weights": weights}
-    # BUT-PPG is small (3,888 records, ~100 MB): read once into the object store, not every epoch
-    datasets = {"train": _train_dataset(split_dir("train"), cfg.class_balance, train_labels).materialize(),
-                "val": ray.data.read_parquet(split_dir("val")).select_columns(["signal", "present", "label"]).materialize()}
-    best, history = fit(train_loop, loop_config, datasets, cfg, ray_dir, "val_auroc", "max", run_name, callbacks)
+                   "class_weights": weights, "train": train, "val": val,
+                   "repeat": oversampling(cfg.class_balance, train_labels)}
+    best, history = fit(train_loop, loop_config, cfg, ray_dir, "val_auroc", "max", run_name, callbacks)
     return write_artifacts(output_dir, best, history, cfg, data_dir, pretrained)
 
 

@@ -1,7 +1,8 @@
 """Self-supervised pretraining of the TTM encoder on Ray Train (masked signal modeling).
 
-:func:`pretrain` streams ``<data_dir>/{train,val}`` windows through Ray Data into a
-``TorchTrainer`` (small splits are cached in the object store instead, see ``cache_mb``); :func:`train_loop` is what every worker runs. Each epoch reports metrics and a
+:func:`pretrain` scans ``<data_dir>/{train,val}`` once and runs :func:`train_loop` on every
+worker, which reads its share of the windows itself (:mod:`biofm.train.batches`: streamed from
+Parquet, or held in memory for splits up to ``cache_mb``). Each epoch reports metrics and a
 checkpoint (Ray keeps the best by val loss and the last); a failed worker restarts from the last
 checkpoint, and rerunning with ``resume`` continues an interrupted run.
 """
@@ -14,7 +15,6 @@ import json
 import math
 import os
 import tempfile
-import time
 import zlib
 from pathlib import Path
 
@@ -26,6 +26,7 @@ from biofm.config import PretrainConfig, to_jsonable
 from biofm.errors import BiofmError, ConfigError
 from biofm.model.ssl import MaskedSignalModel, MultiResolutionSTFTLoss, masked_mse, random_mask, ttm_config
 from biofm.train import checkpoint
+from biofm.train.batches import Split, WaitClock, WindowBatches, data_wait_note, scan
 from biofm.train.ray_run import check_run_dir, fit, mixed_precision, worker_print
 
 def window_masks(case_ids, window_idx, channels: int, patches: int, ratio: float, seed: int,
@@ -53,8 +54,8 @@ def _allreduce(values: list[float], device) -> list[float]:
 
 
 def train_loop(config: dict) -> None:
-    """Runs on every Ray Train worker. ``config``: ``cfg`` (PretrainConfig fields),
-    ``steps_per_epoch``, ``description`` (model config, channels, data spec)."""
+    """Runs on every Ray Train worker. ``config``: ``cfg`` (PretrainConfig fields), ``train`` and
+    ``val`` (:class:`~biofm.train.batches.Split`), ``description`` (model config, channels, data spec)."""
     import ray.train
     import ray.train.torch
 
@@ -81,8 +82,9 @@ def train_loop(config: dict) -> None:
     stft = MultiResolutionSTFTLoss(cfg.stft_ffts).to(device)
     autocast, scaler = mixed_precision(cfg.amp, device)
     channels, patches, patch = len(cfg.channels), core.encoder.config.num_patches, core.patch
-    total_steps = cfg.epochs * config["steps_per_epoch"]
-    warmup = max(1, int(cfg.warmup_epochs * config["steps_per_epoch"]))
+    train_batches, val_batches = loaders(cfg, config["train"], config["val"], rank, world, device)
+    total_steps = cfg.epochs * len(train_batches)
+    warmup = max(1, int(cfg.warmup_epochs * len(train_batches)))
 
     def losses(x, mask):
         with autocast():
@@ -100,17 +102,9 @@ def train_loop(config: dict) -> None:
 
     for epoch in range(state["epoch"], cfg.epochs):
         model.train()
-        sums, wait, first_wait, t0 = np.zeros(4), 0.0, 0.0, time.perf_counter()
-        batches = ray.train.get_dataset_shard("train").iter_batches(
-            batch_size=cfg.batch_size, batch_format="numpy", local_shuffle_buffer_size=4 * cfg.batch_size,
-            prefetch_batches=4)
-        step, t_wait = 0, time.perf_counter()
-        for step, batch in enumerate(batches, 1):
-            waited = time.perf_counter() - t_wait
-            wait += waited
-            if step == 1:
-                first_wait = waited
-            x = torch.from_numpy(batch["signal"]).float().to(device)
+        sums, clock = np.zeros(4), WaitClock(train_batches.epoch(epoch))
+        for step, batch in enumerate(clock, 1):
+            x = batch["signal"]
             mask = random_mask(len(x), channels, patches, cfg.mask_ratio, cfg.mask_same_across_channels, device=device)
             for group in optimizer.param_groups:
                 group["lr"] = cfg.lr * _lr_factor(state["global_step"], warmup, total_steps)
@@ -130,15 +124,14 @@ def train_loop(config: dict) -> None:
                     scaler.update()
                     state["global_step"] += 1
                     sums += [loss.item() * len(x), mse.item() * len(x), spec.item() * len(x), len(x)]
-            t_wait = time.perf_counter()
-        train_s = time.perf_counter() - t0
+        ingest = clock.metrics()
         loss_sum, mse_sum, spec_sum, n = _allreduce(list(sums), device)
 
         model.eval()
         vals = np.zeros(3)
         with torch.no_grad():
-            for batch in ray.train.get_dataset_shard("val").iter_batches(batch_size=cfg.batch_size, batch_format="numpy"):
-                x = torch.from_numpy(batch["signal"]).float().to(device)
+            for batch in val_batches.epoch(epoch):
+                x = batch["signal"]
                 mask = window_masks(batch["case_id"], batch["window_idx"], channels, patches,
                                     cfg.mask_ratio, cfg.val_mask_seed, cfg.mask_same_across_channels).to(device)
                 loss, mse, _ = losses(x, mask)
@@ -148,8 +141,7 @@ def train_loop(config: dict) -> None:
             "epoch": epoch + 1,
             "train_loss": loss_sum / max(n, 1), "train_mse": mse_sum / max(n, 1), "train_stft": spec_sum / max(n, 1),
             "val_loss": val_loss / max(n_val, 1), "val_masked_mse": val_mse / max(n_val, 1),
-            "windows_per_s": n / max(train_s, 1e-9), "data_wait_fraction": wait / max(train_s, 1e-9),
-            "first_batch_wait_s": first_wait, "train_s": train_s,
+            "windows_per_s": n / ingest["train_s"], **ingest,
             "lr": optimizer.param_groups[0]["lr"], "bad_steps": state["bad_steps"], "workers": world,
         }
         state["history"].append(metrics)
@@ -164,31 +156,17 @@ def train_loop(config: dict) -> None:
         if rank == 0:
             worker_print(f"[pretrain] epoch {epoch + 1}/{cfg.epochs} train {metrics['train_loss']:.4f} "
                          f"val {metrics['val_loss']:.4f} (masked MSE {metrics['val_masked_mse']:.4f}) "
-                         f"{metrics['windows_per_s']:.0f} windows/s")
+                         f"{metrics['windows_per_s']:.0f} windows/s, {data_wait_note(metrics)}")
 
 
-def windows_dataset(split_dir: str, channels: tuple[str, ...], cache_mb: float = 0.0):
-    """Ray Dataset of ``signal`` ``[C, T]`` (the requested channels, in order), ``case_id``,
-    ``window_idx`` from Parquet, plus the data spec with those channels. Read lazily, or once
-    into the object store when the split's files total at most ``cache_mb`` MB: each streamed
-    epoch costs Ray Data seconds of start-up (3-5 s for a small split on 2 cores), a cached one
-    about 0.1 s."""
-    import ray.data
-
-    from biofm.preprocess import read_data_spec
-
-    ray.data.DataContext.get_current().enable_progress_bars = False  # one line per epoch instead
-    spec = read_data_spec(split_dir)
-    missing = [c for c in channels if c not in spec["channels"]]
-    if missing:
-        raise ConfigError(f"{split_dir} has channels {spec['channels']}, not {missing}")
-    index = [spec["channels"].index(c) for c in channels]
-    ds = ray.data.read_parquet(split_dir).select_columns(["signal", "case_id", "window_idx"])
-    if index != list(range(len(spec["channels"]))):
-        ds = ds.map_batches(lambda b: {**b, "signal": b["signal"][:, index]}, batch_format="numpy")
-    if sum(storage.list_files(split_dir, ".parquet").values()) <= cache_mb * 1e6:
-        ds = ds.materialize()
-    return ds, {**spec, "channels": list(channels), "filters": {c: spec["filters"][c] for c in channels}}
+def loaders(cfg: PretrainConfig, train: Split, val: Split, rank: int = 0, world: int = 1,
+            device=None) -> tuple[WindowBatches, WindowBatches]:
+    """Worker ``rank``'s batches: training windows (shuffled, an equal share per worker) and
+    validation windows with their ids (in order, each once), held in memory up to ``cache_mb``."""
+    kw = {"rank": rank, "world": world, "cache_mb": cfg.cache_mb, "device": device}
+    return (WindowBatches(train, ["signal"], cfg.batch_size, train=True, seed=cfg.seed,
+                          shuffle_buffer=cfg.shuffle_buffer, **kw),
+            WindowBatches(val, ["signal", "case_id", "window_idx"], cfg.batch_size, **kw))
 
 
 def pretrain(cfg: PretrainConfig, data_dir: str | Path, output_dir: str | Path, resume: bool = False,
@@ -200,19 +178,18 @@ def pretrain(cfg: PretrainConfig, data_dir: str | Path, output_dir: str | Path, 
     data_dir, output_dir = storage.normalize(data_dir), storage.normalize(output_dir)
     ray_dir = check_run_dir(output_dir, resume, "pretraining")
     ensure_ray(address)
-    train_ds, spec = windows_dataset(storage.join(data_dir, "train"), cfg.channels, cfg.cache_mb)
-    val_ds, val_spec = windows_dataset(storage.join(data_dir, "val"), cfg.channels, cfg.cache_mb)
-    if not same_data(spec, val_spec):
+    train, val = (scan(storage.join(data_dir, s), cfg.channels) for s in ("train", "val"))
+    spec = train.spec
+    if not same_data(spec, val.spec):
         raise ConfigError(f"train and val windows in {data_dir} were made with different settings")
-    n_train = train_ds.count()
-    if n_train == 0 or val_ds.count() == 0:
-        raise BiofmError(f"{data_dir} has no train or no val windows")
+    if train.windows < cfg.num_workers or val.windows == 0:
+        raise BiofmError(f"{data_dir} has {train.windows} train and {val.windows} val windows: too few "
+                         f"for {cfg.num_workers} worker(s)")
     model_cfg = ttm_config(len(cfg.channels), cfg.num_layers, cfg.d_model, dropout=cfg.dropout).to_dict()
     description = {"kind": "masked_signal_model", "ttm_config": json.loads(json.dumps(model_cfg, default=str)),
                    "channels": list(cfg.channels), "data_spec": spec, "pretrain_config": to_jsonable(cfg)}
-    loop_config = {"cfg": dataclasses.asdict(cfg), "description": description,
-                   "steps_per_epoch": max(1, math.ceil(n_train / (cfg.batch_size * cfg.num_workers)))}
-    best, history = fit(train_loop, loop_config, {"train": train_ds, "val": val_ds}, cfg, ray_dir, "val_loss", "min")
+    loop_config = {"cfg": dataclasses.asdict(cfg), "description": description, "train": train, "val": val}
+    best, history = fit(train_loop, loop_config, cfg, ray_dir, "val_loss", "min")
     write_artifacts(output_dir, best, history, cfg, data_dir)
     return history[-1]
 

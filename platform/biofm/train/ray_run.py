@@ -48,13 +48,11 @@ def mixed_precision(amp: bool, device):
 
 
 def worker_cpus(requested: float, num_workers: int, cluster_cpus: float) -> float:
-    """CPUs per training worker: ``requested``, lowered so one CPU stays free for Ray Data's
-    read tasks (which need a whole CPU each). Workers holding every CPU hang the run."""
-    free = cluster_cpus - 1
-    if free <= 0:
-        raise BiofmError(f"training needs at least 2 CPUs in the Ray cluster (one for data loading), "
-                         f"it has {cluster_cpus:g}")
-    return min(requested, free / num_workers)
+    """CPUs per training worker: ``requested``, lowered so the workers fit the cluster's CPUs
+    (each worker reads its own batches, so no CPU needs to stay free for data loading)."""
+    if cluster_cpus <= 0:
+        raise BiofmError("training needs CPUs in the Ray cluster, it has none")
+    return min(requested, cluster_cpus / num_workers)
 
 
 def scaling_config(cfg, cluster: dict):
@@ -70,7 +68,7 @@ def scaling_config(cfg, cluster: dict):
                          resources_per_worker={"CPU": cpus, **({"GPU": gpus} if use_gpu else {})})
 
 
-def fit(train_loop, loop_config: dict, datasets: dict, cfg, storage_path: str, metric: str, mode: str,
+def fit(train_loop, loop_config: dict, cfg, storage_path: str, metric: str, mode: str,
         name: str = RUN_NAME, callbacks=()) -> tuple[dict, list[dict]]:
     """Run ``train_loop`` on a ``TorchTrainer`` scaled by :func:`scaling_config`, with ``cfg``'s
     ``max_failures``, as run ``name`` under ``storage_path`` (the same name resumes it). Returns the
@@ -88,7 +86,6 @@ def fit(train_loop, loop_config: dict, datasets: dict, cfg, storage_path: str, m
                              failure_config=FailureConfig(max_failures=cfg.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=2, checkpoint_score_attribute=metric,
                                                                 checkpoint_score_order=mode)),
-        datasets=datasets,
     )
     result = trainer.fit()
     pick = min if mode == "min" else max

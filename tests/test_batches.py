@@ -1,0 +1,122 @@
+"""The one batch path of every training loop (biofm.train.batches): every window exactly once per
+epoch, a new order every epoch, equal shares for DDP workers, right shapes and dtypes, streamed
+and cached, and a clear error for a file that breaks mid-epoch."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from biofm.config import ChannelsConfig, WindowsConfig, load_config
+from biofm.errors import BiofmError, ConfigError
+from biofm.preprocess import data_spec, windows_table
+from biofm.train.batches import WaitClock, WindowBatches, scan
+from conftest import ROOT
+
+CHANNELS = load_config(ChannelsConfig, ROOT / "configs/channels.yaml").select(["PPG", "ECG"])
+WINDOWS = load_config(WindowsConfig, ROOT / "configs/windows.yaml")
+SIZES = {"a": 7, "b": 13, "c": 1, "d": 20, "e": 10}  # 51 windows in 5 files
+
+
+@pytest.fixture(scope="module")
+def split(tmp_path_factory):
+    """Windows whose signals carry their identity: window ``k`` (numbered across files in name
+    order) is ``k`` on PPG and ``-k`` on ECG."""
+    folder = tmp_path_factory.mktemp("batches") / "train"
+    folder.mkdir()
+    spec, k = data_spec(CHANNELS, WINDOWS), 0
+    for case, n in SIZES.items():
+        ids = np.arange(k, k + n, dtype=np.float32)
+        signal = np.stack([np.repeat(ids[:, None], 1250, 1), np.repeat(-ids[:, None], 1250, 1)], axis=1)
+        columns = {"window_idx": np.arange(n, dtype=np.int32), "start_s": np.arange(n) * 10.0, "signal": signal}
+        pq.write_table(windows_table(case, columns, spec), folder / f"{case}.parquet")
+        k += n
+    return folder
+
+
+def ids_of(batches) -> list[np.ndarray]:
+    return [b["signal"][:, 0, 0].numpy().astype(int) for b in batches]
+
+
+@pytest.mark.parametrize("cache_mb", [0.0, 100.0], ids=["streamed", "cached"])
+def test_every_window_once_per_epoch_in_a_new_order(split, cache_mb):
+    s = scan(str(split))
+    assert (s.windows, len(s.files), s.rows) == (51, 5, (7, 13, 1, 20, 10))
+    batches = WindowBatches(s, ["signal", "case_id", "window_idx", "start_s"], 8, train=True, seed=3,
+                            cache_mb=cache_mb, shuffle_buffer=6, read_ahead=2)
+    assert batches.cached == (cache_mb > 0) and len(batches) == 7
+    orders = []
+    for epoch in range(3):
+        got = list(batches.epoch(epoch))
+        assert [len(b["signal"]) for b in got] == [8] * 6 + [3]
+        b = got[0]
+        assert b["signal"].shape == (8, 2, 1250) and b["signal"].dtype == torch.float32
+        assert b["window_idx"].dtype == torch.int64 and b["start_s"].dtype == torch.float64
+        assert b["case_id"].dtype == object and set(b["case_id"]) <= set(SIZES)
+        torch.testing.assert_close(b["signal"][:, 1], -b["signal"][:, 0])
+        order = np.concatenate(ids_of(got))
+        assert sorted(order) == list(range(51))
+        orders.append(order)
+    assert len({tuple(o) for o in orders}) == 3
+    assert not np.array_equal(orders[0], np.arange(51))
+    again = np.concatenate(ids_of(batches.epoch(1)))  # an epoch's order is fixed by (seed, epoch): resume
+    np.testing.assert_array_equal(again, orders[1])
+
+
+@pytest.mark.parametrize("cache_mb", [0.0, 100.0], ids=["streamed", "cached"])
+def test_workers_get_equal_disjoint_shares(split, cache_mb):
+    s = scan(str(split))
+    shares = [np.concatenate(ids_of(WindowBatches(s, ["signal"], 4, train=True, rank=r, world=2,
+                                                  cache_mb=cache_mb).epoch(5))) for r in range(2)]
+    assert [len(x) for x in shares] == [25, 25]  # DDP steps together: one window of 51 sits out
+    assert len(set(shares[0]) | set(shares[1])) == 50 and not set(shares[0]) & set(shares[1])
+    # evaluation: files by name, windows in order, every window exactly once across the workers
+    evals = [np.concatenate(ids_of(WindowBatches(s, ["signal"], 4, rank=r, world=2, cache_mb=cache_mb).epoch(0)))
+             for r in range(2)]
+    np.testing.assert_array_equal(np.concatenate(evals), np.arange(51))
+    assert [len(x) for x in evals] == [26, 25]
+
+
+def test_channels_are_selected_in_the_order_asked(split):
+    s = scan(str(split), ("ECG", "PPG"))
+    assert s.spec["channels"] == ["ECG", "PPG"] and list(s.spec["filters"]) == ["ECG", "PPG"]
+    assert s.memory_bytes == 51 * 2 * 1250 * 4
+    b = next(iter(WindowBatches(s, ["signal"], 51).epoch(0)))
+    np.testing.assert_array_equal(b["signal"][:, 0, 0].numpy(), -np.arange(51))
+    ppg = next(iter(WindowBatches(scan(str(split), ("PPG",)), ["signal"], 51).epoch(0)))
+    assert ppg["signal"].shape == (51, 1, 1250)
+    with pytest.raises(ConfigError, match=r"has channels \['PPG', 'ECG'\], not \['ACC_X'\]"):
+        scan(str(split), ("ACC_X", "PPG"))
+
+
+def test_oversampling_repeats_windows_in_memory(split):
+    s = scan(str(split))
+    repeat = np.where(np.arange(51) < 7, 3, 1)  # the 7 windows of file "a" count three times
+    batches = WindowBatches(s, ["signal"], 10, train=True, cache_mb=100, repeat=repeat)
+    counts = np.bincount(np.concatenate(ids_of(batches.epoch(0))), minlength=51)
+    np.testing.assert_array_equal(counts, repeat)
+    assert batches.windows == 65 and len(batches) == 7
+    with pytest.raises(ValueError, match="needs the split cached"):
+        WindowBatches(s, ["signal"], 10, train=True, cache_mb=0, repeat=repeat)
+
+
+def test_stopping_early_and_a_file_that_breaks_mid_epoch(split, tmp_path):
+    import shutil
+
+    folder = tmp_path / "train"
+    shutil.copytree(split, folder)
+    s = scan(str(folder))
+    batches = WindowBatches(s, ["signal"], 4, read_ahead=1, prefetch=1)
+    for _ in batches.epoch(0):
+        break  # the reader thread stops; the next epoch starts afresh
+    assert sum(len(b["signal"]) for b in batches.epoch(1)) == 51
+    (folder / "d.parquet").write_bytes(b"not parquet any more")
+    with pytest.raises(BiofmError, match=r"cannot read .*d\.parquet"):
+        list(batches.epoch(2))
+    clock = WaitClock(WindowBatches(scan(str(split)), ["signal"], 4).epoch(0))
+    assert sum(len(b["signal"]) for b in clock) == 51
+    m = clock.metrics()
+    assert 0 <= m["first_batch_wait_s"] <= m["data_wait_fraction"] * m["train_s"] + 1e-9
+    assert 0 < m["data_wait_fraction"] <= 1
