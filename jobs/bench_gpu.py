@@ -3,11 +3,13 @@
 1. The device: name, memory, torch and CUDA versions, bf16 support.
 2. The smoke pipeline (configs/smoke.yaml on ../shared/realdata), training on the GPU: seconds
    per stage.
-3. Pretraining throughput on Ray Train, one worker on the GPU, batch 128 and 512, AMP on and off:
-   windows/s over the epochs after the first, on bench_train's one-hour cases.
+3. Pretraining throughput on Ray Train, one worker on the GPU, batch 128 and 512, AMP on and off,
+   the split streamed from Parquet and held in memory: windows/s over the epochs after the first,
+   and the share of each epoch spent waiting for data, on bench_train's one-hour cases.
+4. The ingest benchmark (jobs/bench_ingest.py, 200 files), its batches handed to the GPU.
 
-Writes ``gpu_figures.json`` to ``--out`` and prints a table. Without a GPU it stops with a message
-(``--allow-cpu`` runs it anyway, to check the script itself).
+Writes ``gpu_figures.json`` (and ``ingest.json``) to ``--out`` and prints a table. Without a GPU it
+stops with a message (``--allow-cpu`` runs it anyway, to check the script itself).
 
     python jobs/bench_gpu.py --out /tmp/gpu
 """
@@ -17,6 +19,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import subprocess
 import sys
 from pathlib import Path
 
@@ -40,7 +43,8 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True)
     p.add_argument("--epochs", type=int, default=3)
-    p.add_argument("--cases", type=int, default=12, help="one-hour training cases (344 windows each)")
+    p.add_argument("--cases", type=int, default=40, help="one-hour training cases (344 windows each)")
+    p.add_argument("--ingest-cases", type=int, default=200, help="files for the ingest benchmark (0: skip it)")
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[128, 512])
     p.add_argument("--allow-cpu", action="store_true")
     args = p.parse_args()
@@ -70,14 +74,19 @@ def main() -> int:
     data = build_windows_once(out, args.cases)
     for batch in args.batch_sizes:
         for amp in (True, False):
-            run = dataclasses.replace(cfg, epochs=args.epochs, batch_size=batch, amp=amp, num_workers=1)
-            r = ray_train(run, data, out / f"pretrain_b{batch}_amp{int(amp)}")
-            figures["pretrain"].append({"batch_size": batch, "amp": amp, **r})
-            print(f"batch {batch:4d} AMP {'on ' if amp else 'off'}: {r['windows_per_s']:8.0f} windows/s, "
-                  f"waiting {100 * r['data_wait_fraction']:.1f}%", flush=True)
+            for ingest, cache_mb in (("streamed", 0.0), ("cached", cfg.cache_mb)):
+                run = dataclasses.replace(cfg, epochs=args.epochs, batch_size=batch, amp=amp, num_workers=1,
+                                          cache_mb=cache_mb)
+                r = ray_train(run, data, out / f"pretrain_b{batch}_amp{int(amp)}_{ingest}")
+                figures["pretrain"].append({"batch_size": batch, "amp": amp, "ingest": ingest, **r})
+                print(f"batch {batch:4d} AMP {'on ' if amp else 'off'} {ingest:8s}: {r['windows_per_s']:8.0f} windows/s, "
+                      f"waiting {100 * r['data_wait_fraction']:.1f}%, first batch {r['first_batch_s']:.2f} s", flush=True)
     ray.shutdown()
     (out / "gpu_figures.json").write_text(json.dumps(figures, indent=1))
     print(json.dumps(figures["smoke_pipeline_s"]))
+    if args.ingest_cases:
+        subprocess.run([sys.executable, str(ROOT / "jobs/bench_ingest.py"), "--cases", str(args.ingest_cases),
+                        "--skip-ray-data", "--workdir", str(out), "--out", str(out / "ingest.json")], check=True)
     return 0
 
 

@@ -4,9 +4,9 @@ Same model (TTM as configs/ssl_pretrain.yaml), same batch size, same Parquet win
 recordings of ../shared/realdata/vital tiled to an hour (as in bench_preprocess) and windowed by
 biofm.preprocess. Throughput is windows/s over the epochs after the first (warm-up excluded);
 "waiting" is the share of training time spent waiting for the next batch; "1st batch" the seconds
-until an epoch's first batch arrives (Ray Data starts its streaming execution anew each epoch),
-and "steady" the waiting share once it has. (b) and (c) read the split as configured (cached in
-the object store below ``cache_mb``); (d) streams it from Parquet every epoch.
+until an epoch's first batch arrives, and "steady" the waiting share once it has. Every run takes
+its batches from biofm.train.batches as pretraining does: (a), (b) and (c) as configured (held in
+memory below ``cache_mb``); (d) streams them from Parquet every epoch.
 
     python jobs/bench_train.py --epochs 3 --batch-size 128 --cases 12
 """
@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import shutil
-import time
 from pathlib import Path
 
 import numpy as np
@@ -45,22 +44,21 @@ def build_windows_once(workdir: Path, n_cases: int) -> Path:
 
 
 def plain_loop(cfg, data: Path) -> dict:
-    """The same training step as Ray Train's loop, over the Parquet files read with pyarrow."""
+    """The same training step as Ray Train's loop, on the same batches, in this process."""
     from biofm.model.ssl import MaskedSignalModel, MultiResolutionSTFTLoss, masked_mse, random_mask, ttm_config
-    from biofm.train.evaluate import iter_windows
+    from biofm.train.batches import WaitClock, scan
+    from biofm.train.pretrain import loaders
 
     torch.manual_seed(cfg.seed)
     model = MaskedSignalModel(ttm_config(len(cfg.channels), cfg.num_layers, cfg.d_model, dropout=cfg.dropout))
     stft = MultiResolutionSTFTLoss(cfg.stft_ffts)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    rates, waits = [], []
-    for _ in range(cfg.epochs):
-        n, wait, first, t0 = 0, 0.0, None, time.perf_counter()
-        batches, t_wait = iter_windows(data / "train", cfg.channels, cfg.batch_size), time.perf_counter()
-        for x, _, _ in batches:
-            wait += time.perf_counter() - t_wait
-            first = wait if first is None else first
-            x = torch.from_numpy(x)
+    train_batches, _ = loaders(cfg, scan(str(data / "train"), cfg.channels), scan(str(data / "val"), cfg.channels))
+    epochs = []
+    for epoch in range(cfg.epochs):
+        clock = WaitClock(train_batches.epoch(epoch))
+        for batch in clock:
+            x = batch["signal"]
             mask = random_mask(len(x), x.shape[1], 10, cfg.mask_ratio)
             recon, _ = model(x, mask)
             loss = masked_mse(recon, x, mask, model.patch) + cfg.stft_weight * stft(recon, x)
@@ -68,21 +66,18 @@ def plain_loop(cfg, data: Path) -> dict:
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             optimizer.step()
-            n += len(x)
-            t_wait = time.perf_counter()
-        elapsed = time.perf_counter() - t0
-        rates.append(n / elapsed)
-        waits.append((wait, first, elapsed))
-    return summarise(rates[1:], waits[1:])
+        epochs.append({**clock.metrics(), "windows_per_s": train_batches.windows / clock.metrics()["train_s"]})
+    return summarise(epochs[1:])
 
 
-def summarise(rates: list[float], waits: list[tuple[float, float, float]]) -> dict:
-    """Mean windows/s, waiting share, first-batch seconds and steady waiting share over epochs;
-    ``waits``: per epoch (seconds waiting, of which for the first batch, epoch seconds)."""
-    return {"windows_per_s": float(np.mean(rates)),
-            "data_wait_fraction": float(np.mean([w / t for w, _, t in waits])),
-            "first_batch_s": float(np.mean([f for _, f, _ in waits])),
-            "steady_wait_fraction": float(np.mean([(w - f) / (t - f) for w, f, t in waits]))}
+def summarise(epochs: list[dict]) -> dict:
+    """Means over ``epochs`` (``windows_per_s``, ``data_wait_fraction``, ``first_batch_wait_s``,
+    ``train_s``, as in training_history.json), and the waiting share once the first batch is in."""
+    return {"windows_per_s": float(np.mean([e["windows_per_s"] for e in epochs])),
+            "data_wait_fraction": float(np.mean([e["data_wait_fraction"] for e in epochs])),
+            "first_batch_s": float(np.mean([e["first_batch_wait_s"] for e in epochs])),
+            "steady_wait_fraction": float(np.mean([(e["data_wait_fraction"] * e["train_s"] - e["first_batch_wait_s"])
+                                                   / (e["train_s"] - e["first_batch_wait_s"]) for e in epochs]))}
 
 
 def ray_train(cfg, data: Path, out: Path) -> dict:
@@ -92,9 +87,7 @@ def ray_train(cfg, data: Path, out: Path) -> dict:
 
     shutil.rmtree(out, ignore_errors=True)
     pretrain(cfg, data, out)
-    history = json.loads((out / "training_history.json").read_text())[1:]
-    return summarise([h["windows_per_s"] for h in history],
-                     [(h["data_wait_fraction"] * h["train_s"], h["first_batch_wait_s"], h["train_s"]) for h in history])
+    return summarise(json.loads((out / "training_history.json").read_text())[1:])
 
 
 def main() -> None:

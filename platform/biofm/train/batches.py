@@ -6,7 +6,7 @@ hands over tensors ready for its device. Pretraining, fine-tuning, Tune trials, 
 the benchmarks all take their batches from here.
 
 Why not Ray Data's ``get_dataset_shard``: every epoch starts a new streaming execution whose
-first batch waits for seconds (18-26 s for 200 files on 2 cores), and the epoch ran at 5-7% of
+first batch waits for seconds (13-24 s for 200-800 files on 2 cores), and epochs ran at 4-5% of
 pyarrow's rate on the same files (``jobs/bench_ingest.py``). Reading in the worker costs one
 file open per file, overlapped with training, and nothing per epoch.
 
