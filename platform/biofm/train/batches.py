@@ -50,7 +50,6 @@ class Split:
     """A split as the driver scanned it (sent to the workers). ``spec``: the data spec with the
     selected channels; ``channel_index``: their rows in the stored ``signal`` ``[C, T]``."""
 
-    location: str
     files: tuple[str, ...]
     rows: tuple[int, ...]
     spec: dict
@@ -78,7 +77,7 @@ def scan(split_dir: str, channels: Sequence[str] | None = None) -> Split:
         raise ConfigError(f"{split_dir} has channels {spec['channels']}, not {missing}")
     index = tuple(spec["channels"].index(c) for c in channels)
     spec = {**spec, "channels": channels, "filters": {c: spec["filters"][c] for c in channels if c in spec["filters"]}}
-    return Split(storage.normalize(split_dir), tuple(rows), tuple(rows.values()), spec, index)
+    return Split(tuple(rows), tuple(rows.values()), spec, index)
 
 
 class WindowBatches:
