@@ -31,7 +31,9 @@ def test_unknown_nested_key(tmp_path):
 
 
 @pytest.mark.parametrize("text, message", [
-    ("window_s: ten\n", "window_s: expected float, got 'ten'"),
+    ("window_s: ten\n", "window_s: Input should be a valid number, unable to parse string as a number, got 'ten'"),
+    ("min_beats: 2.5\n", "min_beats: Input should be a valid integer, got a number with a fractional part, got 2.5"),
+    ("hr_bpm: [30, 100, 200]\n", "hr_bpm: Tuple should have at most 2 items"),
     ("hr_bpm: [200, 30]\n", "hr_bpm must satisfy 0 < low < high"),
     ("window_s: 10.001\n", "whole number of samples"),
     ("- a list\n", "expected a mapping"),
@@ -46,7 +48,13 @@ def test_bad_values_are_clear_errors(tmp_path, text, message):
 def test_bad_channel_spec(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("channels:\n  PPG:\n    band_hz: [10, 0.5]\n")
-    with pytest.raises(ConfigError, match="0 < low < high"):
+    with pytest.raises(ConfigError, match=r"c.yaml: channels.PPG: band_hz must satisfy 0 < low < high, got \[10.0, 0.5\]"):
+        load_config(ChannelsConfig, path)
+    path.write_text("channels:\n  PPG:\n    tracks: [SNUADC/PLETH]\n")
+    with pytest.raises(ConfigError, match=r"c.yaml: channels.PPG: missing required key 'band_hz'"):
+        load_config(ChannelsConfig, path)
+    path.write_text("window_s: 10\n")
+    with pytest.raises(ConfigError, match=r"c.yaml: missing required key 'channels'; unknown key 'window_s' \(allowed: channels\)"):
         load_config(ChannelsConfig, path)
     path.write_text("channels:\n  PPG:\n    band_hz: [0.5, 10]\n    quality: abp\n")
     with pytest.raises(ConfigError, match="quality must be one of"):
@@ -64,3 +72,16 @@ def test_config_hash_tracks_values():
     a, b = WindowsConfig(), WindowsConfig(max_nan_fraction=0.1)
     assert config_hash(a) == config_hash(WindowsConfig()) and len(config_hash(a)) == 16
     assert config_hash(a) != config_hash(b)
+
+
+def test_shipped_defaults_are_found_from_any_folder(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert load_config(WindowsConfig, "configs/windows.yaml") == load_config(WindowsConfig, ROOT / "configs/windows.yaml")
+    assert load_config(ChannelsConfig, "channels.yaml").channels["PPG"].band_hz == (0.5, 10.0)
+    for missing in ("configs/nope.yaml", "elsewhere/windows.yaml"):  # no fallback but for configs/<name>
+        with pytest.raises(ConfigError, match=f"config file not found: {missing}"):
+            load_config(WindowsConfig, missing)
+    (tmp_path / "configs").mkdir()
+    (tmp_path / "configs" / "windows.yaml").write_text("stride_s: 5\n")  # a local copy wins
+    assert load_config(WindowsConfig, "configs/windows.yaml").stride_s == 5.0
+    assert (ROOT / "configs").resolve() == (ROOT / "platform" / "biofm" / "configs")  # one copy in the repository

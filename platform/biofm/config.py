@@ -1,28 +1,36 @@
 """Typed configs loaded from ``configs/*.yaml``.
 
-One loader for every config: :func:`load_config` reads YAML into a frozen dataclass, rejects
-unknown keys (naming the key and the file), checks types and values, and
-:func:`with_overrides` applies command-line flags or a pipeline's overrides on top, checked the
-same way.
+One loader for every config: :func:`load_config` reads YAML into a frozen pydantic dataclass,
+which checks types and values and rejects unknown keys; every error names the file (or flag)
+and the key. :func:`with_overrides` applies command-line flags or a pipeline's overrides on top,
+checked the same way. The configs shipped with biofm are package data: ``configs/<name>.yaml``
+is read from the working directory when it is there, else from the package (so commands work
+from any folder); ``configs/`` in the repository is the same folder.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
+import importlib.resources
 import json
-import types
 import typing
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import pydantic
+import pydantic.dataclasses
 import yaml
 
 from biofm.errors import ConfigError
 
+# frozen dataclasses that pydantic validates on construction (also through dataclasses.replace)
+config_class = functools.partial(pydantic.dataclasses.dataclass, frozen=True,
+                                 config=pydantic.ConfigDict(extra="forbid"))
 
-@dataclass(frozen=True)
+
+@config_class
 class ChannelSpec:
     """One signal channel: where to find it in a recording and how to clean it.
 
@@ -49,7 +57,7 @@ class ChannelSpec:
             raise ValueError(f"stopband_db must be positive, got {self.stopband_db}")
 
 
-@dataclass(frozen=True)
+@config_class
 class ChannelsConfig:
     channels: dict[str, ChannelSpec]
 
@@ -63,7 +71,7 @@ class ChannelsConfig:
         return {n: self.channels[n] for n in names}
 
 
-@dataclass(frozen=True)
+@config_class
 class WindowsConfig:
     """Windowing and window-quality thresholds. Times in seconds, rates in Hz."""
 
@@ -95,69 +103,58 @@ class WindowsConfig:
         return int(round(self.window_s * self.sample_rate_hz))
 
 
-def load_config(cls: type, path: str | Path):
-    """Read the YAML file at ``path`` into the dataclass ``cls``."""
+def resolve(path: str | Path) -> Path:
+    """Where a config file is: ``path`` as given when it exists; else, for ``configs/<name>`` or a
+    bare ``<name>``, the default shipped in the package."""
     path = Path(path)
-    if not path.is_file():
+    if path.is_file() or path.is_absolute() or path.parent not in (Path("."), Path("configs")):
+        return path
+    shipped = importlib.resources.files("biofm") / "configs" / path.name
+    return Path(str(shipped)) if shipped.is_file() else path
+
+
+def load_config(cls: type, path: str | Path):
+    """Read the YAML file at ``path`` (see :func:`resolve`) into the config class ``cls``."""
+    found = resolve(path)
+    if not found.is_file():
         raise ConfigError(f"config file not found: {path}")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.safe_load(found.read_text()) or {}
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML: {e}") from None
     return from_dict(cls, data, where=str(path))
 
 
 def from_dict(cls: type, data: Any, where: str):
-    """Build dataclass ``cls`` from a mapping; ``where`` prefixes every error message."""
+    """Build config class ``cls`` from a mapping; ``where`` prefixes every error message."""
     if not isinstance(data, dict):
         raise ConfigError(f"{where}: expected a mapping, got {type(data).__name__}")
-    known = {f.name: f for f in dataclasses.fields(cls)}
-    for key in data:
-        if key not in known:
-            raise ConfigError(f"{where}: unknown key {key!r} (allowed: {', '.join(known)})")
-    hints = typing.get_type_hints(cls)
-    kwargs = {k: _coerce(hints[k], v, f"{where}: {k}") for k, v in data.items()}
-    missing = [
-        n for n, f in known.items()
-        if n not in kwargs and f.default is dataclasses.MISSING
-        and f.default_factory is dataclasses.MISSING
-    ]
-    if missing:
-        raise ConfigError(f"{where}: missing required key(s) {missing}")
     try:
-        return cls(**kwargs)
-    except (TypeError, ValueError) as e:
-        raise ConfigError(f"{where}: {e}") from None
+        return pydantic.TypeAdapter(cls).validate_python(data)
+    except pydantic.ValidationError as e:
+        raise ConfigError(f"{where}: " + "; ".join(_describe(cls, err) for err in e.errors())) from None
 
 
-def _coerce(tp: Any, value: Any, where: str):
-    origin = typing.get_origin(tp)
-    args = typing.get_args(tp)
-    if dataclasses.is_dataclass(tp):
-        return from_dict(tp, value, where)
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
-        return {str(k): _coerce(args[1], v, f"{where}.{k}") for k, v in value.items()}
-    if origin is tuple:
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{where}: expected a list, got {value!r}")
-        if len(args) == 2 and args[1] is Ellipsis:
-            return tuple(_coerce(args[0], v, where) for v in value)
-        if len(value) != len(args):
-            raise ConfigError(f"{where}: expected {len(args)} values, got {list(value)}")
-        return tuple(_coerce(a, v, where) for a, v in zip(args, value))
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        return _coerce(next(a for a in args if a is not type(None)), value, where)
-    if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
-    if tp in (int, str, bool) and type(value) is tp:
-        return value
-    if tp is Any:
-        return value
-    raise ConfigError(f"{where}: expected {getattr(tp, '__name__', tp)}, got {value!r}")
+def _describe(cls: type, err: dict) -> str:
+    """One validation error as ``key.path: what is wrong``."""
+    *parent, last = err["loc"] or ("",)
+    at = ".".join(map(str, parent))
+    if err["type"] in ("unexpected_keyword_argument", "extra_forbidden"):
+        allowed = ", ".join(f.name for f in dataclasses.fields(_class_at(cls, parent)))
+        return f"{at + ': ' if at else ''}unknown key {last!r} (allowed: {allowed})"
+    if err["type"] == "missing":
+        return f"{at + ': ' if at else ''}missing required key {last!r}"
+    key = ".".join(map(str, err["loc"]))
+    message = err["msg"].removeprefix("Value error, ")
+    shown = "" if err["type"] == "value_error" else f", got {err['input']!r}"
+    return f"{key + ': ' if key else ''}{message}{shown}"
+
+
+def _class_at(cls: type, loc) -> type:
+    """The config class found at ``loc`` (field names and mapping keys) below ``cls``."""
+    for name in loc:
+        cls = typing.get_type_hints(cls)[name] if dataclasses.is_dataclass(cls) else typing.get_args(cls)[1]
+    return cls
 
 
 def to_jsonable(cfg) -> dict:
@@ -171,16 +168,16 @@ def config_hash(*cfgs) -> str:
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
-@dataclass(frozen=True)
+@config_class
 class PretrainConfig:
     """Masked signal modeling on the TTM encoder (``configs/ssl_pretrain.yaml``).
 
     ``warmup_epochs`` of linear warm-up, then cosine decay to zero. ``cpus_per_worker`` is
-    lowered at run time so the workers fit the cluster. A split
-    whose windows take at most ``cache_mb`` MB in memory (float32: 10 kB per 2-channel window) is
-    read once into each worker's memory and fully reshuffled every epoch; larger ones stream from
-    Parquet every epoch, files in a new order, through a buffer of ``shuffle_buffer`` windows
-    (0: always stream). See :mod:`biofm.train.batches`.
+    lowered at run time so the workers fit the cluster. A split whose windows take at most
+    ``cache_mb`` MB in memory (float32: 10 kB per 2-channel window) is read once into each
+    worker's memory and fully reshuffled every epoch; larger ones stream from Parquet every
+    epoch, files in a new order, through a buffer of ``shuffle_buffer`` windows (0: always
+    stream). See :mod:`biofm.train.batches`.
     """
 
     channels: tuple[str, ...] = ("PPG", "ECG")
@@ -221,7 +218,7 @@ class PretrainConfig:
             raise ValueError("channels must not be empty")
 
 
-@dataclass(frozen=True)
+@config_class
 class ButppgConfig:
     """BUT-PPG preprocessing (``configs/butppg.yaml``): channel order, which PPG colour channel,
     subject-level split ratios (train, val, test) and seed."""
@@ -238,7 +235,7 @@ class ButppgConfig:
             raise ValueError(f"ppg_signal must be >= 0, got {self.ppg_signal}")
 
 
-@dataclass(frozen=True)
+@config_class
 class FinetuneConfig:
     """Staged fine-tuning of the inflated encoder for PPG quality (``configs/finetune_butppg.yaml``).
 
@@ -291,7 +288,7 @@ class FinetuneConfig:
 SEARCH_KINDS = ("loguniform", "uniform", "randint", "choice", "grid")
 
 
-@dataclass(frozen=True)
+@config_class
 class TuneSearchConfig:
     """A Ray Tune search over fine-tuning schedules (``configs/tune_finetune.yaml``).
 
@@ -342,7 +339,7 @@ class TuneSearchConfig:
 STAGES = ("splits", "windows", "pretrain", "butppg", "finetune", "tune")
 
 
-@dataclass(frozen=True)
+@config_class
 class PipelineConfig:
     """The end-to-end pipeline (``configs/pipeline.yaml``, ``configs/smoke.yaml``).
 
