@@ -1,10 +1,12 @@
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
-from tsfm_public.models.tinytimemixer import TinyTimeMixerModel
 
 from biofm.errors import BiofmError
-from biofm.model.ssl import (Encoder, MaskedSignalModel, MultiResolutionSTFTLoss, masked_mse, random_mask,
+from biofm.model.ssl import (MaskedSignalModel, MultiResolutionSTFTLoss, masked_mse, random_mask,
                              ttm_config)
 from biofm.train import checkpoint
 from biofm.train.evaluate import interpolate_masked
@@ -102,14 +104,27 @@ def test_checkpoint_round_trip_and_bad_files(tmp_path, model):
         checkpoint.load(tmp_path / "missing.pt")
 
 
-def test_encoder_saves_in_hugging_face_format(tmp_path, model):
-    model.encoder.ttm.save_pretrained(tmp_path / "encoder")
-    loaded = TinyTimeMixerModel.from_pretrained(tmp_path / "encoder").eval()
-    x = torch.randn(2, 1250, 2)
+def test_encoder_export_loads_with_tsfm_public_alone(tmp_path, model):
+    """In a fresh interpreter that never imports biofm, as tsfm_public users load TTM checkpoints."""
+    model.encoder.save_pretrained(tmp_path / "encoder")
+    x = torch.randn(2, 2, 1250)
+    np.save(tmp_path / "x.npy", x.numpy())
+    code = "\n".join([
+        "import sys, numpy as np, torch",
+        "from tsfm_public.models.tinytimemixer import TinyTimeMixerForPrediction",
+        "m = TinyTimeMixerForPrediction.from_pretrained(sys.argv[1]).eval()",
+        "with torch.no_grad():",
+        "    y = m.backbone(past_values=torch.from_numpy(np.load(sys.argv[2])).transpose(1, 2)).last_hidden_state",
+        "np.save(sys.argv[3], y.numpy())",
+        "assert 'biofm' not in sys.modules",
+    ])
+    done = subprocess.run([sys.executable, "-c", code, "encoder", "x.npy", "y.npy"], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
     with torch.no_grad():
-        assert torch.allclose(loaded(past_values=x).last_hidden_state,
-                              model.encoder.ttm(past_values=x).last_hidden_state, atol=1e-6)
-    assert isinstance(Encoder(loaded.config).ttm, TinyTimeMixerModel)
+        expected = model.encoder(x).numpy()
+    assert expected.shape == (2, 2, 10, 192)
+    np.testing.assert_allclose(np.load(tmp_path / "y.npy"), expected, atol=1e-5)
 
 
 def test_training_workers_fit_the_cluster_cpus():

@@ -6,7 +6,7 @@ import time
 import psutil
 import pytest
 import torch
-from tsfm_public.models.tinytimemixer import TinyTimeMixerModel
+from tsfm_public.models.tinytimemixer import TinyTimeMixerForPrediction
 
 from biofm.cli import main
 from biofm.config import ChannelsConfig, PretrainConfig, WindowsConfig, load_config
@@ -88,7 +88,7 @@ def test_pretrain_survives_a_killed_worker_and_writes_artifacts(interrupted_run,
     assert blob["description"]["data_spec"]["sample_rate_hz"] == 125
     assert "training" not in blob  # the artifact holds the model, not the optimizer
     assert load_pretrained(out / "best_model.pt").encoder(torch.zeros(1, 2, 1250)).shape == (1, 2, 10, 192)
-    assert TinyTimeMixerModel.from_pretrained(out / "encoder").config.d_model == 192
+    assert TinyTimeMixerForPrediction.from_pretrained(out / "encoder").backbone.config.d_model == 192
     assert (out / "loss_curves.png").stat().st_size > 10_000
     assert (out / "reconstruction.png").stat().st_size > 10_000
 

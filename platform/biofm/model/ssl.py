@@ -9,25 +9,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from tsfm_public.models.tinytimemixer import TinyTimeMixerConfig, TinyTimeMixerModel
-
-
-def _finish_hf_init(init):
-    """tsfm_public's TinyTimeMixerModel skips Hugging Face's post_init, which transformers >= 5
-    needs for save_pretrained/from_pretrained; run it the way TinyTimeMixerForPrediction does
-    (keeping PyTorch's initial values). A no-op where the model already ran it."""
-
-    def __init__(self, config):
-        init(self, config)
-        if not hasattr(self, "all_tied_weights_keys") and hasattr(self, "_post_init_with_init_policy"):
-            self._post_init_with_init_policy()
-
-    __init__.biofm_patched = True
-    return __init__
-
-
-if not getattr(TinyTimeMixerModel.__init__, "biofm_patched", False):
-    TinyTimeMixerModel.__init__ = _finish_hf_init(TinyTimeMixerModel.__init__)
+from tsfm_public.models.tinytimemixer import TinyTimeMixerConfig, TinyTimeMixerForPrediction, TinyTimeMixerModel
 
 
 def ttm_config(num_channels: int, num_layers: int = 4, d_model: int = 192, context: int = 1250,
@@ -54,6 +36,16 @@ class Encoder(nn.Module):
 
     def tokens(self, x: torch.Tensor) -> torch.Tensor:
         return self(x).mean(dim=1)
+
+    def save_pretrained(self, folder) -> None:
+        """Save in the form IBM publishes TTM checkpoints, loadable with tsfm_public alone:
+        ``TinyTimeMixerForPrediction.from_pretrained(folder).backbone`` is this encoder (its
+        forecasting head is as initialised: biofm trains a reconstruction decoder, not a
+        forecaster). tsfm_public's bare ``TinyTimeMixerModel`` cannot ``from_pretrained`` with
+        transformers 5: it skips the post-init that loading needs."""
+        model = TinyTimeMixerForPrediction(self.config)
+        model.backbone.load_state_dict(self.ttm.state_dict())
+        model.save_pretrained(folder)
 
     @property
     def layers(self) -> nn.ModuleList:

@@ -205,7 +205,7 @@ def write_artifacts(output_dir: str, best: dict, history: list[dict], cfg: Pretr
         {**to_jsonable(cfg), "data_dir": data_dir, "best_epoch": best["training"]["epoch"]}, indent=1))
     model = load_pretrained(out("best_model.pt"))
     with storage.local_folder(out("encoder")) as d:
-        model.encoder.ttm.save_pretrained(d)
+        model.encoder.save_pretrained(d)
     plot_history(history, {"total loss (MSE + w x STFT)": ("train_loss", "val_loss"),
                            "components": ("train_mse", "val_masked_mse", "train_stft")}, out("loss_curves.png"))
     plot_reconstructions(model, storage.join(data_dir, "val"), best["description"], out("reconstruction.png"))
