@@ -7,6 +7,7 @@ import gzip
 import logging
 import os
 import socket
+import subprocess
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -21,6 +22,13 @@ ROOT = Path(__file__).resolve().parents[1]
 REALDATA = ROOT.parent / "shared" / "realdata"
 REAL_VITAL = REALDATA / "vital"
 REAL_BUTPPG = REALDATA / "butppg"
+
+
+def run_ok(cmd, cwd, env=None, timeout=180) -> str:
+    """Run a command; fail the test with its output unless it exits 0. Returns its stdout."""
+    done = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    assert done.returncode == 0, f"{cmd}\n{done.stdout[-2000:]}\n{done.stderr[-3000:]}"
+    return done.stdout
 
 
 def requires_realdata(path: Path):

@@ -8,7 +8,7 @@ import pytest
 BIOFM = str(Path(sys.executable).parent / "biofm")  # the console script installed beside python
 
 from biofm.cli import main
-from conftest import ROOT, write_case
+from conftest import REAL_BUTPPG, REAL_VITAL, ROOT, requires_realdata, run_ok, write_case
 
 
 @pytest.mark.parametrize("cmd", [
@@ -40,8 +40,8 @@ def test_every_command_has_help(cmd):
 
 
 @pytest.fixture(autouse=True)
-def in_repo_root(monkeypatch):
-    monkeypatch.chdir(ROOT)  # the commands' default config paths are relative to the checkout
+def elsewhere(monkeypatch, tmp_path_factory):
+    monkeypatch.chdir(tmp_path_factory.mktemp("cwd"))  # default configs come with the package, not the checkout
 
 
 @pytest.fixture
@@ -109,3 +109,20 @@ def test_command_line_flags_override_the_config_and_are_checked(monkeypatch, cap
         assert main(list(argv)) == 2
         err = capsys.readouterr().err
         assert "command-line flags (over configs/" in err and message in err, err
+
+
+@pytest.mark.slow
+@requires_realdata(REAL_VITAL)
+@requires_realdata(REAL_BUTPPG)
+def test_main_commands_run_from_any_folder(tmp_path):
+    """The main commands with their default configs, from a folder that holds no configs/."""
+    run_ok([BIOFM, "prepare-splits", "--mode", "full", "--case-set", str(REAL_VITAL), "--output", "data"], tmp_path)
+    out = run_ok([BIOFM, "build-windows", "--split-file", "data/splits_full.json", "--split", "val",
+                "--source", str(REAL_VITAL), "--outdir", "windows"], tmp_path)
+    assert "[build-windows val]" in out and list((tmp_path / "windows" / "val").glob("*.parquet"))
+    out = run_ok([BIOFM, "prepare-butppg", "--raw-dir", str(REAL_BUTPPG), "--outdir", "but_ppg"], tmp_path)
+    assert "51/51 records usable" in out
+    offline = subprocess.run([BIOFM, "pipeline", "--set", "api_url=http://127.0.0.1:9"], cwd=tmp_path,
+                             capture_output=True, text=True, timeout=120)  # configs/pipeline.yaml, then the source check
+    assert offline.returncode == 2 and "cannot reach the VitalDB API" in offline.stderr, offline.stderr[-2000:]
+    assert not (tmp_path / "configs").exists()
