@@ -99,7 +99,15 @@ def test_cluster_yaml_passes_rays_own_validation():
     assert "--dashboard-host=127.0.0.1" in " ".join(config["head_start_ray_commands"])
     opened = [p["FromPort"] for p in raw["provider"]["security_group"]["IpPermissions"]]
     assert opened == [22]  # SSH only: the dashboard is reached through the tunnel
-    assert any("pip install" in c and "biofm" in c for c in config["setup_commands"])
+    assert any("pip install" in c and "biofm" in c and "constraints.txt" in c for c in config["setup_commands"])
+    # token authentication on every node, with one token copied from the launching machine, never committed
+    token = "RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH=/home/ubuntu/.biofm/ray_auth_token"
+    for commands in (config["head_start_ray_commands"], config["worker_start_ray_commands"]):
+        start = next(c for c in commands if "ray start" in c)
+        assert start.index(token) < start.index("ray start")
+    assert raw["file_mounts"]["/home/ubuntu/.biofm/ray_auth_token"] == "~/.ray/auth_token"
+    tracked = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True).stdout.split()
+    assert not [f for f in tracked if "auth_token" in f]
 
 
 def _free_port() -> int:
@@ -111,13 +119,18 @@ def _free_port() -> int:
 @pytest.fixture
 def ray_head(s3):
     """A real Ray head (`ray start --head --block`) on 127.0.0.1 with its own temp dir, so no
-    other Ray in this session sees it, and the session's S3 server in its environment; stopped
-    with everything it started."""
+    other Ray in this session sees it, token authentication on with a token of its own (as
+    cluster.yaml starts every node), and the session's S3 server in its environment; stopped with
+    everything it started. ``env`` is a client's environment that holds the token."""
     temp = tempfile.mkdtemp(prefix="rh", dir="/tmp")  # short: Ray's socket paths must stay < 108 chars
     port, dash, agent, agent_grpc, metrics, env_agent, client = (_free_port() for _ in range(7))
+    token = Path(temp) / "auth_token"
+    token.write_text(uuid.uuid4().hex + uuid.uuid4().hex)
     env = {**os.environ, **s3, "RAY_DATA_DISABLE_PROGRESS_BARS": "1", "RAY_USAGE_STATS_ENABLED": "0",
+           "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token),
            "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}  # the job's `python` is this one
-    env.pop("RAY_ADDRESS", None)
+    for name in ("RAY_ADDRESS", "RAY_AUTH_TOKEN"):
+        env.pop(name, None)
     ray_bin = Path(sys.executable).parent / "ray"
     head = subprocess.Popen([str(ray_bin), "start", "--head", "--block", "--node-ip-address=127.0.0.1",
                              f"--port={port}", f"--dashboard-port={dash}", "--dashboard-host=127.0.0.1",
@@ -161,8 +174,8 @@ def test_smoke_pipeline_submitted_as_a_ray_job(ray_head, ray_session, public_sou
                   "--set", f"api_url={public_sources}/vital", "--set", f"physionet_url={public_sources}/",
                   "--set", f"butppg_raw_dir={raw}"]
 
-    def ray(*args, timeout=120):
-        return subprocess.run([str(ray_bin), *args], cwd=ROOT, env=env, capture_output=True, text=True,
+    def ray(*args, timeout=120, client=env):
+        return subprocess.run([str(ray_bin), *args], cwd=ROOT, env=client, capture_output=True, text=True,
                               timeout=timeout)
 
     def said(*args, timeout=60):  # the job CLI prints some answers on stderr
@@ -178,6 +191,14 @@ def test_smoke_pipeline_submitted_as_a_ray_job(ray_head, ray_session, public_sou
         time.sleep(2)
     assert submitted.returncode == 0, submitted.stderr[-2000:]
     job_id = next(w.strip("'") for w in (submitted.stdout + submitted.stderr).split() if "raysubmit_" in w)
+    # the head lets in its owner only: no token (none in the environment, none in ~/.ray), or another one
+    home = tmp_path / "stranger"
+    home.mkdir()
+    tokenless = {k: v for k, v in env.items() if not k.startswith("RAY_AUTH_")} | {"HOME": str(home)}
+    for stranger in (tokenless, {**env, "RAY_AUTH_TOKEN": "f" * 64}):
+        refused = ray("job", "submit", "--address", url, "--no-wait", "--", "echo", "hi", client=stranger)
+        said_back = (refused.stdout + refused.stderr).lower()
+        assert refused.returncode != 0 and "raysubmit_" not in said_back and "token" in said_back, said_back[-2000:]
     deadline, status = time.time() + 420, ""
     while time.time() < deadline and not any(s in status for s in ("succeeded", "failed", "stopped")):
         time.sleep(3)
