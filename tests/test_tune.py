@@ -49,8 +49,25 @@ def test_trial_config_applies_the_sampled_values_and_checks_them():
     base = json.loads(json.dumps(FinetuneConfig().__dict__, default=list))
     cfg = trial_config(base, {"lr": 3e-4, "unfreeze_last_n": 0, "inflation": "mean"})
     assert (cfg.lr, cfg.unfreeze_last_n, cfg.inflation, cfg.channels) == (3e-4, 0, "mean", FinetuneConfig().channels)
-    with pytest.raises(ConfigError, match="head_epochs"):
-        trial_config(base, {"head_epochs": 40})
+    assert trial_config(base, {"head_epochs": 40}).head_epochs == 30  # clamped: all 30 epochs train the head
+    with pytest.raises(ConfigError, match="inflation must be one of preserve, mean, random, got 'bogus'"):
+        trial_config(base, {"inflation": "bogus"})
+
+
+@pytest.mark.parametrize("max_epochs", [2, 3, 5, 8, 12, 30])
+def test_every_draw_of_the_shipped_space_is_a_valid_trial(max_epochs):
+    """The shipped space draws head_epochs from {0, 2, 5}: short searches (the README's
+    max_epochs: 2 included) must still get valid trials, not failures."""
+    shipped = dataclasses.replace(load_config(TuneSearchConfig, ROOT / "configs/tune_finetune.yaml"),
+                                  max_epochs=max_epochs, grace_period=1)
+    base = trial_base(shipped, load_config(FinetuneConfig, ROOT / "configs/finetune_butppg.yaml"))
+    space = param_space(shipped.search)
+    np.random.seed(max_epochs)  # Tune's samplers draw from numpy's global generator
+    draws = [{k: d.sample() for k, d in space.items()} for _ in range(300)]
+    assert {d["head_epochs"] for d in draws} == {0, 2, 5}
+    for draw in draws:
+        cfg = trial_config(base, draw)
+        assert cfg.epochs == max_epochs and cfg.head_epochs == min(draw["head_epochs"], max_epochs)
 
 
 def test_a_trial_asks_for_its_cpus_and_gpu_share():
@@ -83,7 +100,7 @@ def _kill_tree(proc):
 
 @pytest.mark.timeout(600)
 @requires_realdata(REAL_BUTPPG)
-def test_interrupted_search_resumes_and_asha_stops_a_worse_schedule(butppg_data, ray_session, tmp_path):
+def test_interrupted_search_resumes_and_asha_stops_a_worse_schedule(butppg_data, ray_session, tmp_path, capsys):
     """Four trials, one at a time: pretrained, scratch, pretrained, and one with a bad value. The
     search is killed once the first has finished, then resumed. The rung is epoch 1 of 2 (keep the
     better half). Ray Tune rebuilds the scheduler empty on resume, so ASHA's decisions are replayed
@@ -118,7 +135,8 @@ def test_interrupted_search_resumes_and_asha_stops_a_worse_schedule(butppg_data,
     assert finished is not None, f"no trial finished in time: {(tmp_path / 'first_run.log').read_text()[-3000:]}"
     stamp = finished.stat().st_mtime_ns
 
-    assert main(args + ["--resume"]) == 0
+    assert main(args + ["--resume"]) == 2  # a trial failed: the search is not done, a rerun retries it
+    assert "1 of 4 trials failed (" in capsys.readouterr().err
     assert finished.stat().st_mtime_ns == stamp  # the finished trial was not run again
     assert len(list(exp.glob("trials/*/test_metrics.json"))) == 2  # the stopped trial has none
     with pytest.raises(BiofmError, match="--resume"):

@@ -58,8 +58,13 @@ def trial_base(tcfg: TuneSearchConfig, base: FinetuneConfig) -> dict:
 
 
 def trial_config(base: dict, params: dict) -> FinetuneConfig:
-    """The fine-tuning config of a trial: the base config with the trial's values."""
-    return from_dict(FinetuneConfig, {**base, **params}, where="trial config")
+    """The fine-tuning config of a trial: the base config with the trial's values, ``head_epochs``
+    clamped to the trial's epochs (a space drawing head_epochs 5 stays valid for 2-epoch trials:
+    those train the head only)."""
+    merged = {**base, **params}
+    if isinstance(merged.get("head_epochs"), int) and isinstance(merged.get("epochs"), int):
+        merged["head_epochs"] = min(merged["head_epochs"], merged["epochs"])
+    return from_dict(FinetuneConfig, merged, where="trial config")
 
 
 def finetune_trial(params: dict, base: dict, pretrained: str, data_dir: str, trials_dir: str) -> None:
@@ -111,7 +116,7 @@ def run_search(tcfg: TuneSearchConfig, base: FinetuneConfig, pretrained: str | P
         {"CPU": 0.01})  # the trial's driver only waits; its training worker asks for cpus_per_trial
     search = _grid_mode(tcfg.search) if tcfg.mode == "grid" else tcfg.search
     if resume:
-        tuner = tune.Tuner.restore(exp_dir, trainable=trainable, resume_unfinished=True, resume_errored=False)
+        tuner = tune.Tuner.restore(exp_dir, trainable=trainable, resume_unfinished=True, resume_errored=True)
     else:
         tuner = tune.Tuner(
             trainable,
@@ -131,11 +136,11 @@ def run_search(tcfg: TuneSearchConfig, base: FinetuneConfig, pretrained: str | P
                                       sync_config=tune.SyncConfig(sync_period=5)),
         )
     results = tuner.fit()
-    for result in results:
-        if result.error:
-            print(f"[tune] trial {result.metrics.get('trial_id', '?')} failed: {str(result.error).splitlines()[-1]}",
-                  flush=True)
+    failed = [f"{r.metrics.get('trial_id', '?')}: {str(r.error).splitlines()[-1]}" for r in results if r.error]
     analyse(exp_dir)
+    if failed:  # the search is not done: a rerun with --resume (the pipeline's, too) retries these
+        raise BiofmError(f"{len(failed)} of {len(results)} trials failed ({'; '.join(failed)}); the report above "
+                         f"has the others. Fix the cause and rerun with --resume to retry the failed trials")
     return exp_dir
 
 
