@@ -62,9 +62,12 @@ def test_a_stage_is_skipped_continued_or_rebuilt_by_its_settings(tmp_path, capsy
 def test_pipeline_stops_at_once_when_a_source_is_unreachable(dead_url, s3, tmp_path, capsys):
     base = ["pipeline", "--config", str(ROOT / "configs/pipeline.yaml"), "--output-dir", str(tmp_path / "run")]
     t0 = time.perf_counter()
-    assert main(base + ["--set", f"api_url={dead_url}"]) == 2
-    err = capsys.readouterr().err
-    assert f"cannot reach the VitalDB API at {dead_url}" in err and "--set vital_source=" in err
+    assert main(base + ["--set", f"api_url={dead_url}", "--set", f"physionet_url={dead_url}",
+                        "--set", f"butppg_raw_dir={tmp_path / 'none'}"]) == 2
+    err = capsys.readouterr().err  # every unreachable source at once, and one line of settings
+    assert f"cannot reach the VitalDB API at {dead_url}" in err and "cannot download BUT-PPG" in err
+    assert err.rstrip().endswith("To run from local copies, add to the same command: --set vital_source=<folder of "
+                                 ".vital files> --set case_set=<the same folder> --set butppg_raw_dir=<BUT-PPG 2.0.0 folder>")
     assert main(base + ["--set", f"vital_source={tmp_path}", "--set", f"physionet_url={dead_url}",
                         "--set", f"butppg_raw_dir={tmp_path / 'none'}"]) == 2
     err = capsys.readouterr().err

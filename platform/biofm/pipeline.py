@@ -41,23 +41,34 @@ def settings_hash(settings: dict) -> str:
 
 
 def check_sources(cfg: PipelineConfig) -> None:
-    """Stop before any work when a remote source the pipeline needs cannot be reached."""
+    """Stop before any work when a source the pipeline needs cannot be reached, naming every one
+    at once and the settings that point the run at local copies, as one command line."""
     from biofm.sources import butppg
     from biofm.sources.vitaldb import open_source
 
+    problems, fixes = [], {}
     try:
         open_source(cfg.vital_source, cfg.api_url).check_reachable()
     except SourceUnreachable as e:
-        raise SourceUnreachable(f"{e} In the pipeline: --set vital_source=<folder of .vital files>") from None
+        problems.append(str(e))
+        fixes["vital_source"] = "<folder of .vital files>"
+        if not Path(cfg.case_set).exists():  # a vitaldb case set names the API's cases, not the folder's
+            fixes["case_set"] = "<the same folder>"
     raw = butppg.raw_folder(cfg.butppg_raw_dir)
     if not (raw / "RECORDS").is_file():
         if not cfg.butppg_download:
-            raise BiofmError(f"no BUT-PPG in {raw} (no RECORDS file): --set butppg_raw_dir=<its folder>, "
-                             "or butppg_download: true")
-        try:
-            butppg.check_reachable(cfg.physionet_url)
-        except SourceUnreachable as e:
-            raise SourceUnreachable(f"{e} In the pipeline: --set butppg_raw_dir=<its folder>") from None
+            problems.append(f"no BUT-PPG in {raw} (no RECORDS file), and butppg_download is false")
+            fixes["butppg_raw_dir"] = "<BUT-PPG 2.0.0 folder>"
+        else:
+            try:
+                butppg.check_reachable(cfg.physionet_url)
+            except SourceUnreachable as e:
+                problems.append(str(e))
+                fixes["butppg_raw_dir"] = "<BUT-PPG 2.0.0 folder>"
+    if problems:
+        flags = " ".join(f"--set {k}={v}" for k, v in fixes.items())
+        raise SourceUnreachable("\n  ".join(["nothing was started:", *problems])
+                                + f"\nTo run from local copies, add to the same command: {flags}")
 
 
 def run_stage(name: str, folder: str | Path, settings: dict, force: bool, run) -> dict:
