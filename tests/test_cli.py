@@ -59,6 +59,11 @@ def test_unknown_yaml_key_exits_2(tmp_path, splits, capsys):
     assert f"biofm build-windows: error: {bad}: unknown key 'strid_s'" in capsys.readouterr().err
 
 
+def test_a_channel_without_tracks_exits_2(tmp_path, splits, capsys):
+    rc = main(["build-windows", "--split-file", str(splits), "--channels", "PPG", "ACC_X", "--outdir", str(tmp_path)])
+    assert rc == 2 and "channel(s) ['ACC_X'] have no recording track names in channels.yaml" in capsys.readouterr().err
+
+
 def test_missing_split_exits_2(tmp_path, splits, capsys):
     rc = main(["build-windows", "--split-file", str(splits), "--split", "holdout", "--outdir", str(tmp_path)])
     assert rc == 2 and "has no split 'holdout'" in capsys.readouterr().err
@@ -126,3 +131,19 @@ def test_main_commands_run_from_any_folder(tmp_path):
                              capture_output=True, text=True, timeout=120)  # configs/pipeline.yaml, then the source check
     assert offline.returncode == 2 and "cannot reach the VitalDB API" in offline.stderr, offline.stderr[-2000:]
     assert not (tmp_path / "configs").exists()
+
+
+def test_every_flag_has_help_and_biofm_has_a_version(capsys):
+    from biofm import __version__, cli
+
+    parser = cli.build_parser()
+    commands = next(a for a in parser._actions if isinstance(a, __import__("argparse")._SubParsersAction)).choices
+    assert len(commands) == 11
+    for name, sub in commands.items():
+        for action in sub._actions:
+            assert action.help, f"biofm {name} {action.option_strings or action.dest} has no help"
+    text = commands["prepare-splits"].format_help()
+    assert "(default: fasttrack)" in text and "``" not in parser.format_help()
+    with pytest.raises(SystemExit) as done:
+        main(["--version"])
+    assert done.value.code == 0 and capsys.readouterr().out.strip() == f"biofm {__version__}"

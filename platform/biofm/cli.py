@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 
 from biofm.errors import BiofmError, ConfigError
@@ -174,7 +175,7 @@ def _pipeline(args) -> int:
 
 
 def _finetune_flags(p) -> None:
-    p.add_argument("--config", default="configs/finetune_butppg.yaml")
+    p.add_argument("--config", default="configs/finetune_butppg.yaml", help=CONFIG_HELP)
     p.add_argument("--pretrained", default="artifacts/foundation_model/best_model.pt",
                    help="pretraining checkpoint (best_model.pt)")
     p.add_argument("--data-dir", default="data/but_ppg", help="output of prepare-butppg")
@@ -184,18 +185,40 @@ def _finetune_flags(p) -> None:
     p.add_argument("--epochs", type=int, default=None, help="all epochs, stage 1 included")
     p.add_argument("--head-epochs", type=int, default=None, help="stage 1: head-only epochs")
     p.add_argument("--lr", type=float, default=None, help="learning rate of the unfrozen encoder layers")
-    p.add_argument("--batch-size", type=int, default=None)
-    p.add_argument("--init", choices=["pretrained", "scratch"], default=None)
-    p.add_argument("--inflation", choices=["preserve", "mean", "random"], default=None)
-    p.add_argument("--num-workers", type=int, default=None)
-    p.add_argument("--use-gpu", action="store_true", default=None)
-    p.add_argument("--no-amp", action="store_true")
-    p.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS or local)")
+    p.add_argument("--batch-size", type=int, default=None, help="records per batch")
+    p.add_argument("--init", choices=["pretrained", "scratch"], default=None,
+                   help="start from the pretrained encoder, or the same architecture with random weights")
+    p.add_argument("--inflation", choices=["preserve", "mean", "random"], default=None,
+                   help="how the new channels' weights start")
+    p.add_argument("--num-workers", type=int, default=None, help="Ray Train workers (DDP when > 1)")
+    p.add_argument("--use-gpu", action="store_true", default=None, help="train on GPUs (default: when present)")
+    p.add_argument("--no-amp", action="store_true", help="no mixed precision on GPU")
+    p.add_argument("--address", default=None, help=ADDRESS_HELP)
+
+
+CONFIG_HELP = "YAML config (configs/<name> is read from here if present, else from the package); flags override it"
+ADDRESS_HELP = "Ray cluster address (default: RAY_ADDRESS, else a local Ray)"
+
+
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Every flag's help ends with its default, where it has one worth stating."""
+
+    def _get_help_string(self, action):
+        help = action.help or ""
+        if action.default in (None, False, argparse.SUPPRESS) or not action.option_strings or "default" in help:
+            return help
+        return f"{help} (default: %(default)s)"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="biofm", description=__doc__)
+    from biofm import __version__
+
+    parser = argparse.ArgumentParser(prog="biofm", formatter_class=_HelpFormatter, description=(
+        "biofm: VitalDB preprocessing (Ray Data), TTM pretraining (Ray Train), BUT-PPG fine-tuning and "
+        "schedule search (Ray Tune). Run `biofm COMMAND --help` for a command's flags."))
+    parser.add_argument("--version", action="version", version=f"biofm {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub.add_parser = functools.partial(sub.add_parser, formatter_class=_HelpFormatter)
 
     p = sub.add_parser("prepare-splits", help="split VitalDB cases into train/val/test by case",
                        description="Split cases into train/val/test (by case, deterministic).")
@@ -204,57 +227,57 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--case-set", default="bis",
                    help="a vitaldb case set (bis, tiva, ...), a text file of case ids, or a folder of .vital files")
     p.add_argument("--output", default="data", help="folder for splits_<mode>.json")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the subset and the split")
     p.add_argument("--ratios", type=float, nargs=3, default=[0.7, 0.15, 0.15],
-                   metavar=("TRAIN", "VAL", "TEST"))
+                   metavar=("TRAIN", "VAL", "TEST"), help="shares of the cases per split")
     p.set_defaults(func=_prepare_splits)
 
     p = sub.add_parser("build-windows", help="VitalDB cases -> quality-checked windows in Parquet (Ray Data)",
                        description="Read cases, resample, band-pass, cut windows, reject bad ones, "
                                    "write Parquet and manifest.json. Rerunning resumes.")
-    p.add_argument("--channels-yaml", default="configs/channels.yaml")
-    p.add_argument("--windows-yaml", default="configs/windows.yaml")
+    p.add_argument("--channels-yaml", default="configs/channels.yaml", help="channel tracks and filters")
+    p.add_argument("--windows-yaml", default="configs/windows.yaml", help="window length and quality rules")
     p.add_argument("--split-file", required=True, help="splits JSON from prepare-splits")
-    p.add_argument("--split", default="train")
-    p.add_argument("--outdir", default="data/vitaldb_windows")
+    p.add_argument("--split", default="train", help="which split of --split-file to window")
+    p.add_argument("--outdir", default="data/vitaldb_windows", help="windows go to <outdir>/<split>/ (a folder or URI)")
     p.add_argument("--channels", nargs="+", default=["PPG", "ECG"], help="channels, in order")
     p.add_argument("--source", default="api",
                    help="'api' (VitalDB open dataset), a folder of .vital files, or a cloud URI (s3://...)")
     p.add_argument("--api-url", default=None, help="base URL of the API or a mirror (with --source api)")
     p.add_argument("--overwrite", action="store_true", help="delete this split's output and start over")
-    p.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS or local)")
+    p.add_argument("--address", default=None, help=ADDRESS_HELP)
     p.set_defaults(func=_build_windows)
 
     p = sub.add_parser("pretrain", help="self-supervised pretraining of the TTM encoder (Ray Train)",
                        description="Masked signal modeling on <data-dir>/train, validated on <data-dir>/val. "
                                    "Flags override the YAML config.")
-    p.add_argument("--config", default="configs/ssl_pretrain.yaml")
-    p.add_argument("--data-dir", default="data/vitaldb_windows")
-    p.add_argument("--channels", nargs="+", default=None)
-    p.add_argument("--output-dir", default="artifacts/foundation_model")
-    p.add_argument("--mask-ratio", type=float, default=None)
-    p.add_argument("--epochs", type=int, default=None)
-    p.add_argument("--batch-size", type=int, default=None)
-    p.add_argument("--lr", type=float, default=None)
+    p.add_argument("--config", default="configs/ssl_pretrain.yaml", help=CONFIG_HELP)
+    p.add_argument("--data-dir", default="data/vitaldb_windows", help="windows from build-windows (train/ and val/)")
+    p.add_argument("--channels", nargs="+", default=None, help="channels to train on, in order")
+    p.add_argument("--output-dir", default="artifacts/foundation_model", help="artifacts and checkpoints")
+    p.add_argument("--mask-ratio", type=float, default=None, help="share of (channel, 1 s patch) cells masked")
+    p.add_argument("--epochs", type=int, default=None, help="training epochs")
+    p.add_argument("--batch-size", type=int, default=None, help="windows per batch and worker")
+    p.add_argument("--lr", type=float, default=None, help="peak learning rate (AdamW)")
     p.add_argument("--num-workers", type=int, default=None, help="Ray Train workers (DDP when > 1)")
     p.add_argument("--use-gpu", action="store_true", default=None, help="train on GPUs (default: when present)")
     p.add_argument("--no-amp", action="store_true", help="no mixed precision on GPU")
     p.add_argument("--resume", action="store_true", help="continue the run in --output-dir from its last checkpoint")
-    p.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS or local)")
+    p.add_argument("--address", default=None, help=ADDRESS_HELP)
     p.set_defaults(func=_pretrain)
 
     p = sub.add_parser("smoke", help="one CPU epoch on 64 real windows; checks shapes, finiteness, loss decrease",
                        description="Fast end-to-end check of the model on real windows; exits 1 if a check fails.")
-    p.add_argument("--data-dir", default="data/vitaldb_windows")
-    p.add_argument("--max-windows", type=int, default=64)
-    p.add_argument("--output-dir", default="artifacts/smoke")
+    p.add_argument("--data-dir", default="data/vitaldb_windows", help="windows from build-windows (uses train/)")
+    p.add_argument("--max-windows", type=int, default=64, help="windows trained on")
+    p.add_argument("--output-dir", default="artifacts/smoke", help="best_model.pt and smoke_metrics.json")
     p.set_defaults(func=_smoke)
 
     p = sub.add_parser("evaluate-ssl", help="masked-cell MSE of a pretrained model against baselines",
                        description="Model vs predicting zero vs linear interpolation, on the same fixed masks.")
-    p.add_argument("--checkpoint", default="artifacts/foundation_model/best_model.pt")
-    p.add_argument("--data-dir", default="data/vitaldb_windows")
-    p.add_argument("--split", default="val")
+    p.add_argument("--checkpoint", default="artifacts/foundation_model/best_model.pt", help="pretraining checkpoint")
+    p.add_argument("--data-dir", default="data/vitaldb_windows", help="windows from build-windows")
+    p.add_argument("--split", default="val", help="split to evaluate on")
     p.add_argument("--output", default=None, help="write the JSON here instead of printing it")
     p.set_defaults(func=_evaluate_ssl)
 
@@ -262,21 +285,21 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Read BUT-PPG (PhysioNet layout), resample and filter PPG/ECG/ACC to "
                                    "[5, 1250], label from quality-hr-ann.csv, split by subject (Ray Data).")
     p.add_argument("--raw-dir", required=True, help="the BUT-PPG 2.0.0 folder (with RECORDS)")
-    p.add_argument("--outdir", default="data/but_ppg")
+    p.add_argument("--outdir", default="data/but_ppg", help="train/val/test Parquet and manifest.json")
     p.add_argument("--download", action="store_true", help="first fetch the dataset from PhysioNet into --raw-dir")
     p.add_argument("--physionet-url", default=None, help="PhysioNet's files URL (default https://physionet.org/files/) or a mirror laid "
                    "out like it (with --download)")
-    p.add_argument("--config", default="configs/butppg.yaml")
-    p.add_argument("--channels-yaml", default="configs/channels.yaml")
-    p.add_argument("--windows-yaml", default="configs/windows.yaml")
-    p.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS or local)")
+    p.add_argument("--config", default="configs/butppg.yaml", help="channel order, PPG colour channel, split ratios")
+    p.add_argument("--channels-yaml", default="configs/channels.yaml", help="channel filters")
+    p.add_argument("--windows-yaml", default="configs/windows.yaml", help="rate and window length")
+    p.add_argument("--address", default=None, help=ADDRESS_HELP)
     p.set_defaults(func=_prepare_butppg)
 
     p = sub.add_parser("finetune", help="inflate 2 -> 5 channels and fine-tune for PPG quality in stages (Ray Train)",
                        description="Stage 1: head only; stage 2: head + last N mixer layers. Best epoch by "
                                    "val AUROC, threshold chosen on val, metrics on test.")
     _finetune_flags(p)
-    p.add_argument("--output-dir", default="artifacts/but_ppg_finetuned")
+    p.add_argument("--output-dir", default="artifacts/but_ppg_finetuned", help="artifacts and checkpoints")
     p.add_argument("--baselines", action="store_true",
                    help="also train from scratch and a linear probe, and compare them in report.json")
     p.add_argument("--resume", action="store_true", help="continue the run in --output-dir")
@@ -286,38 +309,38 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Pools every prepared BUT-PPG record, splits subjects into folds, and "
                                    "fine-tunes each variant per fold; writes cv_report.json.")
     _finetune_flags(p)
-    p.add_argument("--output-dir", default="artifacts/but_ppg_cv")
-    p.add_argument("--folds", type=int, default=5)
+    p.add_argument("--output-dir", default="artifacts/but_ppg_cv", help="per-fold runs and cv_report.json")
+    p.add_argument("--folds", type=int, default=5, help="subject-wise folds")
     p.add_argument("--variants", nargs="+", choices=["finetuned", "scratch", "linear_probe"],
-                   default=["finetuned", "scratch", "linear_probe"])
-    p.add_argument("--seed", type=int, default=0)
+                   default=["finetuned", "scratch", "linear_probe"], help="what to train per fold")
+    p.add_argument("--seed", type=int, default=0, help="seed of the folds")
     p.set_defaults(func=_finetune_cv)
 
     p = sub.add_parser("tune", help="search fine-tuning schedules with Ray Tune (ASHA on val AUROC)",
                        description="One fine-tuning run per trial; poor schedules stop early. --resume "
                                    "finishes an interrupted experiment without rerunning completed trials.")
-    p.add_argument("--config", default="configs/tune_finetune.yaml")
+    p.add_argument("--config", default="configs/tune_finetune.yaml", help=CONFIG_HELP)
     p.add_argument("--finetune-config", default=None, help="base fine-tuning config (default: the tune config's)")
-    p.add_argument("--pretrained", default="artifacts/foundation_model/best_model.pt")
-    p.add_argument("--data-dir", default="data/but_ppg")
-    p.add_argument("--output-dir", default="artifacts/tune")
+    p.add_argument("--pretrained", default="artifacts/foundation_model/best_model.pt", help="pretraining checkpoint")
+    p.add_argument("--data-dir", default="data/but_ppg", help="output of prepare-butppg")
+    p.add_argument("--output-dir", default="artifacts/tune", help="experiments go here")
     p.add_argument("--name", default="finetune_schedules", help="experiment name (a folder in --output-dir)")
-    p.add_argument("--num-samples", type=int, default=None)
-    p.add_argument("--resume", action="store_true")
-    p.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS or local)")
+    p.add_argument("--num-samples", type=int, default=None, help="configurations drawn (mode random)")
+    p.add_argument("--resume", action="store_true", help="finish an interrupted experiment, retrying failed trials")
+    p.add_argument("--address", default=None, help=ADDRESS_HELP)
     p.set_defaults(func=_tune)
 
     p = sub.add_parser("pipeline", help="every stage from one config: splits, windows, pretrain, BUT-PPG, finetune, tune",
                        description="Runs prepare-splits, build-windows (train, val), pretrain, prepare-butppg, "
                                    "finetune and, with a tune section, tune. A stage whose output was made "
                                    "from the same settings is skipped; an interrupted one continues.")
-    p.add_argument("--config", default="configs/pipeline.yaml")
+    p.add_argument("--config", default="configs/pipeline.yaml", help=CONFIG_HELP)
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a pipeline config key (value in YAML), e.g. --set vital_source=/data/vital")
     p.add_argument("--output-dir", default=None, help="where every stage writes (default: the config's output_dir)")
     p.add_argument("--force", nargs="+", default=[], metavar="STAGE",
                    help="rerun these stages even if up to date: splits windows pretrain butppg finetune tune")
-    p.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS or local)")
+    p.add_argument("--address", default=None, help=ADDRESS_HELP)
     p.set_defaults(func=_pipeline)
 
     p = sub.add_parser("tune-report", help="analyse a tune experiment folder (no Ray needed)",

@@ -274,6 +274,11 @@ def build_windows(case_ids: list[str], source, channels: dict[str, ChannelSpec],
     skipped for a transient cause are retried). ``overwrite`` deletes the split folder first.
     Raises :class:`NothingProduced` when no case yields a window.
     """
+    trackless = [name for name, spec in channels.items() if not spec.tracks]
+    if trackless:
+        raise ConfigError(f"channel(s) {trackless} have no recording track names in channels.yaml, so no .vital "
+                          f"file can provide them (the windows take channels with tracks: "
+                          f"{[n for n, s in channels.items() if s.tracks] or 'none'})")
     case_ids = list(dict.fromkeys(_check_case_id(str(c)) for c in case_ids))
     if not case_ids:
         raise NothingProduced(f"no cases to process for split {split!r}: the case list is empty")
