@@ -124,3 +124,17 @@ def test_metrics_and_threshold_on_known_numbers():
     one = classification_metrics(np.zeros(3), np.array([0.1, 0.7, 0.2]))
     assert np.isnan(one["auroc"]) and one["accuracy"] == pytest.approx(2 / 3)
     assert choose_threshold(np.zeros(3), np.array([0.1, 0.7, 0.2])) == 0.5
+
+
+def test_warnings_for_small_splits_and_no_better_than_baselines():
+    from biofm.train.metrics import classification_metrics, classifier_warnings
+
+    y8 = np.array([0, 1, 1, 1, 0, 1, 1, 1])
+    small = classification_metrics(y8, y8 * 0.6 + 0.2)
+    assert classifier_warnings(small, "test") == [
+        "the test split has 8 records (6 good, 2 poor): too few for its metrics to mean much (want >= 30, >= 5 of each class)"]
+    y = np.array([0, 1] * 20)
+    flat = classification_metrics(y, np.full(40, 0.7), threshold=0.5)  # one answer for every record
+    assert classifier_warnings(flat, "val") == ["val AUROC 0.500 does not beat chance (0.5)",
+                                                "val balanced accuracy 0.500 does not beat predicting one class for every record (0.5)"]
+    assert classifier_warnings(classification_metrics(y, y * 0.8 + 0.1), "val") == []

@@ -147,3 +147,20 @@ def test_mixed_precision_is_off_on_the_cpu_and_picks_bf16_or_fp16_on_a_gpu(monke
         assert autocast.keywords == {"dtype": dtype, "enabled": True} and autocast.args == ("cuda",)
     autocast, _ = mixed_precision(False, torch.device("cuda"))  # --no-amp
     assert autocast.keywords["enabled"] is False
+
+
+def test_history_plots_have_y_labels_whole_epochs_and_one_axis_per_scale(monkeypatch, tmp_path):
+    from biofm.train import plots
+
+    shown = {}
+    monkeypatch.setattr(plots, "save_png", lambda fig, path, dpi=100: shown.update(fig=fig))
+    history = [{"epoch": e, "train_loss": 3.0 - e / 10, "val_loss": 3.1 - e / 10, "train_stft": 7.0 - e / 5}
+               for e in (1, 2, 3)]
+    plots.plot_history(history, {"total": ("loss", ("train_loss", "val_loss")), "STFT": ("STFT loss", ("train_stft",))},
+                       str(tmp_path / "x.png"))
+    axes = shown["fig"].axes
+    assert [a.get_ylabel() for a in axes] == ["loss", "STFT loss"]
+    assert [len(a.get_lines()) for a in axes] == [2, 1]  # the STFT term (~7) does not flatten the losses (~3)
+    for a in axes:
+        ticks = [t for t in a.get_xticks() if a.get_xlim()[0] <= t <= a.get_xlim()[1]]
+        assert ticks == [1, 2, 3]

@@ -122,6 +122,8 @@ def test_pretrained_model_against_baselines_on_held_out_recordings(interrupted_r
     ppg, ecg = result["masked_mse"]["PPG"], result["masked_mse"]["ECG"]
     assert ppg["model"] < ppg["zero"] and ppg["model"] < ppg["linear_interp"], ppg
     assert ecg["model"] < ecg["linear_interp"], ecg
+    beaten = [f"ECG: the model (masked MSE {ecg['model']:.4f}) does not beat zero ({ecg['zero']:.4f})"]
+    assert [w for w in result["warnings"] if "does not beat" in w] == (beaten if ecg["model"] >= ecg["zero"] else [])
     assert main(["evaluate-ssl", "--checkpoint", str(best), "--data-dir", str(windows),
                  "--output", str(tmp_path / "eval.json")]) == 0
     assert json.loads((tmp_path / "eval.json").read_text())["masked_mse"] == result["masked_mse"]

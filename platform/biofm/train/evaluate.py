@@ -36,6 +36,9 @@ def first_windows(split_dir: str | Path, channels, n: int):
     return np.concatenate(xs)[:n], cases[:n], idx[:n]
 
 
+MIN_WINDOWS = 100  # below this many windows evaluate-ssl's figures mean little
+
+
 def interpolate_masked(x: np.ndarray, mask: np.ndarray, patch: int) -> np.ndarray:
     """Baseline: fill masked samples ``[B, C, T]`` by linear interpolation between the nearest
     unmasked samples (holding the edge value past the ends)."""
@@ -76,15 +79,20 @@ def evaluate_ssl(checkpoint_path: str | Path, data_dir: str | Path, split: str =
         windows += len(x)
     per_channel = {ch: {k: float(v[c] / count[c]) for k, v in sq.items()} for c, ch in enumerate(channels)}
     overall = {k: float(v.sum() / count.sum()) for k, v in sq.items()}
+    warnings = [f"the {split} split has {windows} windows: too few for these figures to mean much (want >= "
+                f"{MIN_WINDOWS})"] if windows < MIN_WINDOWS else []
+    warnings += [f"{ch}: the model (masked MSE {v['model']:.4f}) does not beat {name} ({v[name]:.4f})"
+                 for ch, v in per_channel.items() for name in ("zero", "linear_interp") if not v["model"] < v[name]]
     return {"checkpoint": str(checkpoint_path), "split": split, "windows": windows,
-            "mask_ratio": cfg["mask_ratio"], "masked_mse": {"overall": overall, **per_channel}}
+            "mask_ratio": cfg["mask_ratio"], "masked_mse": {"overall": overall, **per_channel}, "warnings": warnings}
 
 
 def format_table(result: dict) -> str:
+    """Masked MSE per channel of the model and its baselines, then the warnings."""
     rows = [f"{'channel':10s} {'model':>10s} {'zero':>10s} {'interp':>10s}"]
     for ch, v in result["masked_mse"].items():
         rows.append(f"{ch:10s} {v['model']:10.4f} {v['zero']:10.4f} {v['linear_interp']:10.4f}")
-    return "\n".join(rows)
+    return "\n".join(rows + [f"warning: {w}" for w in result["warnings"]])
 
 
 def smoke(data_dir: str | Path, output_dir: str | Path, max_windows: int = 64, batch_size: int = 8,

@@ -27,7 +27,7 @@ from biofm.model.classifier import Classifier, inflate_encoder
 from biofm.model.ssl import Encoder, ttm_config
 from biofm.train import checkpoint
 from biofm.train.batches import WaitClock, WindowBatches, data_wait_note, scan
-from biofm.train.metrics import choose_threshold, classification_metrics
+from biofm.train.metrics import choose_threshold, classification_metrics, classifier_warnings
 from biofm.train.ray_run import RUN_NAME, check_run_dir, fit, mixed_precision, worker_print
 
 def read_split(split_dir: str | Path) -> dict[str, np.ndarray]:
@@ -281,6 +281,7 @@ def write_artifacts(output_dir: str, best: dict, history: list[dict], cfg: Finet
     metrics = {"test": classification_metrics(test["label"], p_test, threshold),
                "val": classification_metrics(val["label"], p_val, threshold),
                "best_epoch": best["training"]["epoch"], "threshold_from": "val (Youden's J)"}
+    metrics["warnings"] = classifier_warnings(metrics["val"], "val") + classifier_warnings(metrics["test"], "test")
     description = {**best["description"], "threshold": threshold}
     out = functools.partial(storage.join, output_dir)
     checkpoint.save(out("best_model.pt"), best["model"], description)
@@ -291,11 +292,14 @@ def write_artifacts(output_dir: str, best: dict, history: list[dict], cfg: Finet
     storage.write_text(out("test_metrics.json"), json.dumps(metrics, indent=1))
     plot_roc({"val": (val["label"], p_val), "test": (test["label"], p_test)}, out("roc_curve.png"))
     stage2 = next((h["epoch"] for h in history if h["stage"] == 2), None)
-    plot_history(history, {"loss": ("train_loss", "val_loss"), "validation": ("val_auroc", "val_balanced_accuracy")},
+    plot_history(history, {"loss": ("cross-entropy", ("train_loss", "val_loss")),
+                           "validation": ("AUROC / balanced accuracy", ("val_auroc", "val_balanced_accuracy"))},
                  out("learning_curves.png"), (stage2, "stage 2 starts") if stage2 else None)
     m = metrics["test"]
     print(f"[finetune] test ({m['n']} records, {m['positives']} good): AUROC {m['auroc']:.3f} AUPRC {m['auprc']:.3f} "
           f"balanced acc {m['balanced_accuracy']:.3f} F1(good) {m['f1_good']:.3f} at threshold {threshold:.3f}", flush=True)
+    for warning in metrics["warnings"]:
+        print(f"[finetune] warning: {warning}", flush=True)
     return metrics
 
 

@@ -32,3 +32,23 @@ def classification_metrics(y: np.ndarray, p: np.ndarray, threshold: float = 0.5)
         "f1_good": float(skm.f1_score(y, pred, zero_division=0)),
         "confusion": skm.confusion_matrix(y, pred, labels=[0, 1]).tolist(),
     }
+
+
+MIN_RECORDS = 30  # below this many records (or fewer than 5 of a class) a split's metrics mean little
+
+
+def classifier_warnings(metrics: dict, split: str) -> list[str]:
+    """What a reader of ``metrics`` (from :func:`classification_metrics` on ``split``) should be
+    warned about: too few records to mean much, or no better than the baselines (chance AUROC,
+    always predicting one class: balanced accuracy 0.5)."""
+    out = []
+    n, good = metrics["n"], metrics["positives"]
+    if n < MIN_RECORDS or min(good, n - good) < 5:
+        out.append(f"the {split} split has {n} records ({good} good, {n - good} poor): too few for its metrics "
+                   f"to mean much (want >= {MIN_RECORDS}, >= 5 of each class)")
+    if not metrics["auroc"] > 0.5:
+        out.append(f"{split} AUROC {metrics['auroc']:.3f} does not beat chance (0.5)")
+    if not metrics["balanced_accuracy"] > 0.5:
+        out.append(f"{split} balanced accuracy {metrics['balanced_accuracy']:.3f} does not beat predicting one "
+                   "class for every record (0.5)")
+    return out

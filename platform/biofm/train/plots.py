@@ -18,18 +18,21 @@ def save_png(fig, location: str, dpi: int = 100) -> None:
     plt.close(fig)
 
 
-def plot_history(history: list[dict], panels: dict[str, tuple[str, ...]], path: str,
+def plot_history(history: list[dict], panels: dict[str, tuple[str, tuple[str, ...]]], path: str,
                  mark_epoch: tuple[int, str] | None = None) -> None:
-    """Metrics per epoch, one panel per title -> history keys; ``mark_epoch``: a dashed line
-    before that epoch, with its label."""
+    """Metrics per epoch, one panel (its own y axis) per title -> (y label, history keys), epochs
+    as whole numbers; ``mark_epoch``: a dashed line before that epoch, with its label."""
+    from matplotlib.ticker import MaxNLocator
+
     epochs = [h["epoch"] for h in history]
-    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4), squeeze=False)
-    for ax, (title, keys) in zip(axes[0], panels.items()):
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False)
+    for ax, (title, (ylabel, keys)) in zip(axes[0], panels.items()):
         for key in keys:
             ax.plot(epochs, [h[key] for h in history], marker="o", label=key)
         if mark_epoch is not None:
             ax.axvline(mark_epoch[0] - 0.5, color="grey", ls="--", lw=0.8, label=mark_epoch[1])
-        ax.set(xlabel="epoch", title=title)
+        ax.set(xlabel="epoch", ylabel=ylabel, title=title)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.legend()
         ax.grid(alpha=0.3)
     fig.tight_layout()

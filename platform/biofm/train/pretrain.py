@@ -206,8 +206,9 @@ def write_artifacts(output_dir: str, best: dict, history: list[dict], cfg: Pretr
     model = load_pretrained(out("best_model.pt"))
     with storage.local_folder(out("encoder")) as d:
         model.encoder.save_pretrained(d)
-    plot_history(history, {"total loss (MSE + w x STFT)": ("train_loss", "val_loss"),
-                           "components": ("train_mse", "val_masked_mse", "train_stft")}, out("loss_curves.png"))
+    plot_history(history, {f"total loss (MSE + {cfg.stft_weight:g} x STFT)": ("loss", ("train_loss", "val_loss")),
+                           "masked-cell MSE": ("MSE (z-scored units)", ("train_mse", "val_masked_mse")),
+                           "multi-resolution STFT loss": ("STFT loss", ("train_stft",))}, out("loss_curves.png"))
     plot_reconstructions(model, storage.join(data_dir, "val"), best["description"], out("reconstruction.png"))
 
 
