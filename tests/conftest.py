@@ -31,6 +31,25 @@ def run_ok(cmd, cwd, env=None, timeout=180) -> str:
     return done.stdout
 
 
+def tensorboard_scalars(folder) -> dict[str, list[tuple[int, float]]]:
+    """The scalars of the TensorBoard event files in ``folder``: tag -> [(step, value)], read
+    from the TFRecord framing (8-byte length, 4-byte CRC, the Event, 4-byte CRC) directly."""
+    import struct
+
+    from tensorboardX.proto.event_pb2 import Event
+
+    out: dict[str, list[tuple[int, float]]] = {}
+    for f in sorted(Path(folder).glob("events.out.tfevents.*")):
+        data, at = f.read_bytes(), 0
+        while at < len(data):
+            n = struct.unpack("<Q", data[at:at + 8])[0]
+            event = Event.FromString(data[at + 12:at + 12 + n])
+            at += 12 + n + 4
+            for v in event.summary.value:
+                out.setdefault(v.tag, []).append((event.step, v.simple_value))
+    return out
+
+
 def requires_realdata(path: Path):
     return pytest.mark.skipif(not path.is_dir(), reason=f"real data folder {path} is absent")
 

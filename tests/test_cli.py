@@ -122,9 +122,14 @@ def test_command_line_flags_override_the_config_and_are_checked(monkeypatch, cap
 def test_main_commands_run_from_any_folder(tmp_path):
     """The main commands with their default configs, from a folder that holds no configs/."""
     run_ok([BIOFM, "prepare-splits", "--mode", "full", "--case-set", str(REAL_VITAL), "--output", "data"], tmp_path)
-    out = run_ok([BIOFM, "build-windows", "--split-file", "data/splits_full.json", "--split", "val",
-                "--source", str(REAL_VITAL), "--outdir", "windows"], tmp_path)
-    assert "[build-windows val]" in out and list((tmp_path / "windows" / "val").glob("*.parquet"))
+    build = [BIOFM, "build-windows", "--split-file", "data/splits_full.json", "--split", "val",
+             "--source", str(REAL_VITAL), "--outdir", "windows"]
+    quiet = subprocess.run(build, cwd=tmp_path, capture_output=True, text=True, timeout=180)
+    assert quiet.returncode == 0 and quiet.stderr == "", quiet.stderr[-2000:]  # Ray's own lines stay out
+    assert "[build-windows val]" in quiet.stdout and list((tmp_path / "windows" / "val").glob("*.parquet"))
+    verbose = subprocess.run([BIOFM, "--verbose", *build[1:], "--overwrite"], cwd=tmp_path, capture_output=True,
+                             text=True, timeout=180)
+    assert verbose.returncode == 0 and "Started a local Ray instance" in verbose.stderr, verbose.stderr[-2000:]
     out = run_ok([BIOFM, "prepare-butppg", "--raw-dir", str(REAL_BUTPPG), "--outdir", "but_ppg"], tmp_path)
     assert "51/51 records usable" in out
     offline = subprocess.run([BIOFM, "pipeline", "--set", "api_url=http://127.0.0.1:9"], cwd=tmp_path,

@@ -217,6 +217,8 @@ def build_parser() -> argparse.ArgumentParser:
         "biofm: VitalDB preprocessing (Ray Data), TTM pretraining (Ray Train), BUT-PPG fine-tuning and "
         "schedule search (Ray Tune). Run `biofm COMMAND --help` for a command's flags."))
     parser.add_argument("--version", action="version", version=f"biofm {__version__}")
+    parser.add_argument("--verbose", action="store_true",
+                        help="show Ray's and the libraries' own log lines and warnings (hidden by default)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     sub.add_parser = functools.partial(sub.add_parser, formatter_class=_HelpFormatter)
 
@@ -351,7 +353,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from biofm import output
+
     args = build_parser().parse_args(argv)
+    output.configure(args.verbose)
     try:
         return args.func(args)
     except BiofmError as e:

@@ -244,11 +244,17 @@ def run_cases(case_ids: list[str], progress: Progress, **kwargs) -> None:
 
 
 def ensure_ray(address: str | None = None) -> None:
-    """Connect to Ray: ``address`` or ``RAY_ADDRESS`` targets a cluster, else a local instance starts."""
+    """Connect to Ray: ``address`` or ``RAY_ADDRESS`` targets a cluster, else a local instance starts
+    (quiet unless ``--verbose``: :mod:`biofm.output`)."""
     import ray
 
+    from biofm import output
+
     if not ray.is_initialized():
-        ray.init(address=address, log_to_driver=True)
+        ray.init(address=address, log_to_driver=True, **output.ray_init_options())
+    import ray.data  # noqa: F401  (its loggers exist once it is imported)
+
+    output.quiet_ray_data()
 
 
 def _code_version() -> str:

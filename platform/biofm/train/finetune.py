@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from biofm import storage
+from biofm import output, storage
 from biofm.config import FinetuneConfig, to_jsonable
 from biofm.errors import BiofmError, ConfigError
 from biofm.model.classifier import Classifier, inflate_encoder
@@ -29,6 +29,7 @@ from biofm.train import checkpoint
 from biofm.train.batches import WaitClock, WindowBatches, data_wait_note, scan
 from biofm.train.metrics import choose_threshold, classification_metrics, classifier_warnings
 from biofm.train.ray_run import RUN_NAME, check_run_dir, fit, mixed_precision, worker_print
+from biofm.train.tracking import Tracker
 
 def read_split(split_dir: str | Path) -> dict[str, np.ndarray]:
     """A BUT-PPG split read whole (they are small): ``signal [N, C, T]``, ``present [N, C]``,
@@ -133,11 +134,13 @@ def _gather(values: np.ndarray) -> np.ndarray:
 def train_loop(config: dict) -> None:
     """Runs on every Ray Train worker. ``config``: ``cfg`` (FinetuneConfig fields), ``state``
     (the initial classifier state dict), ``description``, ``class_weights`` ``[2]``, ``train`` and
-    ``val`` (:class:`~biofm.train.batches.Split`), ``repeat`` (per train record, or None)."""
+    ``val`` (:class:`~biofm.train.batches.Split`), ``repeat`` (per train record, or None),
+    ``output_dir`` (for TensorBoard)."""
     import ray.train
     import ray.train.torch
     from tsfm_public.models.tinytimemixer import TinyTimeMixerConfig
 
+    output.configure_worker(config["quiet"])
     cfg = FinetuneConfig(**config["cfg"])
     ctx = ray.train.get_context()
     rank = ctx.get_world_rank()
@@ -164,6 +167,7 @@ def train_loop(config: dict) -> None:
     val_batches = WindowBatches(config["val"], columns, cfg.batch_size, rank=rank, world=world, cache_mb=math.inf,
                                 device=device)
     optimizer, ddp, stage = None, None, None
+    tracker = Tracker(config["output_dir"], storage.name(config["output_dir"]), config["cfg"]) if rank == 0 else None
 
     for epoch in range(state["epoch"], cfg.epochs):
         new_stage = 2 if cfg.init == "scratch" or epoch >= cfg.head_epochs else 1
@@ -220,9 +224,12 @@ def train_loop(config: dict) -> None:
                 ckpt = ray.train.Checkpoint.from_directory(d)
             ray.train.report(metrics, checkpoint=ckpt)
         if rank == 0:
+            tracker.log(metrics, epoch + 1)
             worker_print(f"[finetune] epoch {epoch + 1}/{cfg.epochs} stage {stage} train loss "
                          f"{metrics['train_loss']:.4f} val AUROC {auroc:.3f} balanced acc {val['balanced_accuracy']:.3f}, "
                          f"{data_wait_note(metrics)}")
+    if tracker:
+        tracker.close()
 
 
 def oversampling(class_balance: str, labels: np.ndarray) -> np.ndarray | None:
@@ -260,7 +267,7 @@ def finetune(cfg: FinetuneConfig, pretrained: str | Path | None, data_dir: str |
     weights = (len(train_labels) / (2 * counts)).tolist() if cfg.class_balance == "weighted" else [1.0, 1.0]
     ensure_ray(address)
     loop_config = {"cfg": dataclasses.asdict(cfg), "state": model.state_dict(), "description": description,
-                   "class_weights": weights, "train": train, "val": val,
+                   "class_weights": weights, "train": train, "val": val, "output_dir": output_dir,
                    "repeat": oversampling(cfg.class_balance, train_labels)}
     best, history = fit(train_loop, loop_config, cfg, ray_dir, "val_auroc", "max", run_name, callbacks)
     return write_artifacts(output_dir, best, history, cfg, data_dir, pretrained)

@@ -21,13 +21,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from biofm import storage
+from biofm import output, storage
 from biofm.config import PretrainConfig, to_jsonable
 from biofm.errors import BiofmError, ConfigError
 from biofm.model.ssl import MaskedSignalModel, MultiResolutionSTFTLoss, masked_mse, random_mask, ttm_config
 from biofm.train import checkpoint
 from biofm.train.batches import Split, WaitClock, WindowBatches, data_wait_note, scan
 from biofm.train.ray_run import check_run_dir, fit, mixed_precision, worker_print
+from biofm.train.tracking import Tracker
 
 def window_masks(case_ids, window_idx, channels: int, patches: int, ratio: float, seed: int,
                  same_across_channels: bool = False) -> torch.Tensor:
@@ -55,10 +56,12 @@ def _allreduce(values: list[float], device) -> list[float]:
 
 def train_loop(config: dict) -> None:
     """Runs on every Ray Train worker. ``config``: ``cfg`` (PretrainConfig fields), ``train`` and
-    ``val`` (:class:`~biofm.train.batches.Split`), ``description`` (model config, channels, data spec)."""
+    ``val`` (:class:`~biofm.train.batches.Split`), ``description`` (model config, channels, data spec),
+    ``output_dir`` (for TensorBoard)."""
     import ray.train
     import ray.train.torch
 
+    output.configure_worker(config["quiet"])
     cfg = PretrainConfig(**config["cfg"])
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -83,6 +86,7 @@ def train_loop(config: dict) -> None:
     autocast, scaler = mixed_precision(cfg.amp, device)
     channels, patches, patch = len(cfg.channels), core.encoder.config.num_patches, core.patch
     train_batches, val_batches = loaders(cfg, config["train"], config["val"], rank, world, device)
+    tracker = Tracker(config["output_dir"], "pretrain", config["cfg"]) if rank == 0 else None
     total_steps = cfg.epochs * len(train_batches)
     warmup = max(1, int(cfg.warmup_epochs * len(train_batches)))
 
@@ -154,9 +158,12 @@ def train_loop(config: dict) -> None:
                 ckpt = ray.train.Checkpoint.from_directory(d)
             ray.train.report(metrics, checkpoint=ckpt)
         if rank == 0:
+            tracker.log(metrics, epoch + 1)
             worker_print(f"[pretrain] epoch {epoch + 1}/{cfg.epochs} train {metrics['train_loss']:.4f} "
                          f"val {metrics['val_loss']:.4f} (masked MSE {metrics['val_masked_mse']:.4f}) "
                          f"{metrics['windows_per_s']:.0f} windows/s, {data_wait_note(metrics)}")
+    if tracker:
+        tracker.close()
 
 
 def loaders(cfg: PretrainConfig, train: Split, val: Split, rank: int = 0, world: int = 1,
@@ -188,7 +195,8 @@ def pretrain(cfg: PretrainConfig, data_dir: str | Path, output_dir: str | Path, 
     model_cfg = ttm_config(len(cfg.channels), cfg.num_layers, cfg.d_model, dropout=cfg.dropout).to_dict()
     description = {"kind": "masked_signal_model", "ttm_config": json.loads(json.dumps(model_cfg, default=str)),
                    "channels": list(cfg.channels), "data_spec": spec, "pretrain_config": to_jsonable(cfg)}
-    loop_config = {"cfg": dataclasses.asdict(cfg), "description": description, "train": train, "val": val}
+    loop_config = {"cfg": dataclasses.asdict(cfg), "description": description, "train": train, "val": val,
+                   "output_dir": output_dir}
     best, history = fit(train_loop, loop_config, cfg, ray_dir, "val_loss", "min")
     write_artifacts(output_dir, best, history, cfg, data_dir)
     return history[-1]

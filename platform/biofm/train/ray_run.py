@@ -78,11 +78,14 @@ def fit(train_loop, loop_config: dict, cfg, storage_path: str, metric: str, mode
     from ray.train import CheckpointConfig, FailureConfig, RunConfig
     from ray.train.torch import TorchTrainer
 
+    from biofm import output
+
     trainer = TorchTrainer(
         train_loop,
-        train_loop_config=loop_config,
+        train_loop_config={**loop_config, "quiet": output.quiet()},
         scaling_config=scaling_config(cfg, ray.cluster_resources()),
         run_config=RunConfig(name=name, storage_path=storage_path, callbacks=list(callbacks),
+                             logging_config=output.train_logging_config(),
                              failure_config=FailureConfig(max_failures=cfg.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=2, checkpoint_score_attribute=metric,
                                                                 checkpoint_score_order=mode)),
