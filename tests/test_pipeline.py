@@ -162,6 +162,7 @@ def ray_head(s3):
         shutil.rmtree(temp, ignore_errors=True)
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(600)
 @requires_realdata(REAL_VITAL)
 @requires_realdata(REAL_BUTPPG)
@@ -289,6 +290,7 @@ def _check_staged_fine_tuning(out: str, data: str, pretrained: str) -> None:
     assert [h["stage"] for h in history] == [1, 2]
     n_val = len(read_split(storage.join(data, "val"))["label"])
     assert all(sum(map(sum, h["val_confusion"])) == n_val for h in history)
+    assert storage.list_files(storage.join(out, "tensorboard")), "TensorBoard scalars go with the run"
     n_train = len(read_split(storage.join(data, "train"))["label"])  # every record once per epoch
     assert all(round(h["records_per_s"] * h["train_s"]) == n_train for h in history)
     assert all(0 <= h["data_wait_fraction"] <= 1 and 0 <= h["first_batch_wait_s"] <= h["train_s"] for h in history)

@@ -16,7 +16,7 @@ from biofm.sources.vitaldb import DirectorySource
 from biofm.train import checkpoint
 from biofm.train.evaluate import evaluate_ssl, smoke
 from biofm.train.pretrain import load_pretrained, pretrain
-from conftest import REAL_VITAL, ROOT, requires_realdata
+from conftest import REAL_VITAL, ROOT, requires_realdata, tensorboard_scalars
 
 pytestmark = [requires_realdata(REAL_VITAL), pytest.mark.timeout(600)]  # the shared run takes ~4 min
 
@@ -72,6 +72,7 @@ def interrupted_run(windows, tmp_path_factory):
     return out, history, resumed
 
 
+@pytest.mark.slow  # the shared pretraining run
 def test_pretrain_survives_a_killed_worker_and_writes_artifacts(interrupted_run, windows):
     out, history, _ = interrupted_run
     assert [h["epoch"] for h in history] == list(range(1, TINY.epochs + 1))
@@ -79,6 +80,9 @@ def test_pretrain_survives_a_killed_worker_and_writes_artifacts(interrupted_run,
         assert all(torch.isfinite(torch.tensor(h[key])) for h in history), key
     assert history[0]["bad_steps"] == 0 and history[0]["windows_per_s"] > 0
     assert 0 <= history[-1]["data_wait_fraction"] <= 1 and history[-1]["first_batch_wait_s"] <= history[-1]["train_s"]
+    logged = dict(tensorboard_scalars(out / "tensorboard")["val/loss"])  # a restarted epoch logs again: the last counts
+    assert {e: round(v, 5) for e, v in logged.items()} == {h["epoch"]: round(h["val_loss"], 5) for h in history + [
+        json.loads((out / "training_history.json").read_text())[-1]]}
     n_train = read_manifest(windows, "train")["windows_kept"]  # every window once per epoch
     assert all(round(h["windows_per_s"] * h["train_s"]) == n_train for h in history)
     config = json.loads((out / "training_config.json").read_text())
@@ -93,6 +97,7 @@ def test_pretrain_survives_a_killed_worker_and_writes_artifacts(interrupted_run,
     assert (out / "reconstruction.png").stat().st_size > 10_000
 
 
+@pytest.mark.slow  # the shared pretraining run
 def test_resume_continues_from_the_last_checkpoint(interrupted_run):
     out, history, resumed = interrupted_run
     again = json.loads((out / "training_history.json").read_text())
@@ -112,6 +117,7 @@ def test_smoke_on_real_windows(windows, tmp_path, capsys):
     assert "[smoke] loss_decreased  ok" in capsys.readouterr().out
 
 
+@pytest.mark.slow  # the shared pretraining run
 def test_pretrained_model_against_baselines_on_held_out_recordings(interrupted_run, windows, tmp_path):
     """On recordings it never saw, the pretrained model beats predicting zero and linear
     interpolation on PPG, and interpolation on ECG. (Beating zero on ECG, whose sharp QRS

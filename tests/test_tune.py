@@ -98,6 +98,7 @@ def _kill_tree(proc):
     proc.wait(timeout=60)
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(600)
 @requires_realdata(REAL_BUTPPG)
 def test_interrupted_search_resumes_and_asha_stops_a_worse_schedule(butppg_data, ray_session, tmp_path, capsys):
