@@ -146,6 +146,14 @@ def _tune(args) -> int:
     return 0
 
 
+def _embed(args) -> int:
+    from biofm.infer import embed
+
+    embed(args.checkpoint, args.data_dir, args.output, batch_size=args.batch_size, concurrency=args.concurrency,
+          num_gpus=args.num_gpus, tokens=args.tokens, address=args.address)
+    return 0
+
+
 def _tune_report(args) -> int:
     from biofm.tune import analyse
 
@@ -344,6 +352,21 @@ def build_parser() -> argparse.ArgumentParser:
                    help="rerun these stages even if up to date: splits windows pretrain butppg finetune tune")
     p.add_argument("--address", default=None, help=ADDRESS_HELP)
     p.set_defaults(func=_pipeline)
+
+    p = sub.add_parser("embed", help="embeddings of a windows split with a trained encoder (Ray Data)",
+                       description="Streams the split through an actor pool holding the encoder (a pretraining "
+                                   "checkpoint, or a fine-tuned classifier's) and writes Parquet: ids, window_idx, "
+                                   "start_s, embedding [D] (the classifier's pooling), optionally tokens [P, D].")
+    p.add_argument("--checkpoint", required=True, help="best_model.pt of pretrain or finetune")
+    p.add_argument("--data-dir", required=True, help="a split folder of build-windows or prepare-butppg (or a URI)")
+    p.add_argument("--output", required=True, help="embeddings/ and manifest.json go here")
+    p.add_argument("--batch-size", type=int, default=256, help="windows per model call")
+    p.add_argument("--concurrency", type=int, default=None,
+                   help="actors holding the model (default: the cluster's CPUs less one; with --num-gpus, one per GPU share)")
+    p.add_argument("--num-gpus", type=float, default=0.0, help="GPUs per actor (0: CPU)")
+    p.add_argument("--tokens", action="store_true", help="also write the per-patch latents [P, D]")
+    p.add_argument("--address", default=None, help=ADDRESS_HELP)
+    p.set_defaults(func=_embed)
 
     p = sub.add_parser("tune-report", help="analyse a tune experiment folder (no Ray needed)",
                        description="Table of trials, best_config.yaml (for finetune --config), PNGs.")

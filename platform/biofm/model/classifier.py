@@ -85,9 +85,19 @@ def inflate_encoder(state: dict[str, torch.Tensor], config: TinyTimeMixerConfig,
     return encoder
 
 
+def pool(latents: torch.Tensor, present: torch.Tensor | None = None) -> torch.Tensor:
+    """Latents ``[B, C, P, D]`` -> one vector per window ``[B, D]``: the mean over patches, then
+    over the present channels (``present`` ``[B, C]`` bool; None: all)."""
+    per_channel = latents.mean(dim=2)  # [B, C, D]
+    if present is None:
+        return per_channel.mean(dim=1)
+    w = present.to(per_channel.dtype).unsqueeze(-1)
+    return (per_channel * w).sum(dim=1) / w.sum(dim=1).clamp(min=1.0)
+
+
 class Classifier(nn.Module):
-    """Encoder -> latents ``[B, C, P, D]`` -> mean over present channels and patches ``[B, D]``
-    -> dropout -> linear -> logits ``[B, 2]``."""
+    """Encoder -> latents ``[B, C, P, D]`` -> :func:`pool` ``[B, D]`` -> dropout -> linear ->
+    logits ``[B, 2]``."""
 
     def __init__(self, encoder: Encoder, num_classes: int = 2, dropout: float = 0.1):
         super().__init__()
@@ -96,11 +106,7 @@ class Classifier(nn.Module):
         self.head = nn.Linear(encoder.config.d_model, num_classes)
 
     def features(self, x: torch.Tensor, present: torch.Tensor | None = None) -> torch.Tensor:
-        latents = self.encoder(x).mean(dim=2)  # [B, C, D]
-        if present is None:
-            return latents.mean(dim=1)
-        w = present.to(latents.dtype).unsqueeze(-1)
-        return (latents * w).sum(dim=1) / w.sum(dim=1).clamp(min=1.0)
+        return pool(self.encoder(x), present)
 
     def forward(self, x: torch.Tensor, present: torch.Tensor | None = None) -> torch.Tensor:
         return self.head(self.dropout(self.features(x, present)))

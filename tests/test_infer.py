@@ -1,0 +1,111 @@
+"""Applying the models: embeddings of windows splits on Ray Data, from a pretraining checkpoint
+or a fine-tuned classifier, on the real recordings; refusals for data the model was not built for."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from biofm.cli import main
+from biofm.config import ChannelsConfig, FinetuneConfig, WindowsConfig, load_config
+from biofm.errors import BiofmError, ConfigError, NothingProduced
+from biofm.infer import embed, load_encoder
+from biofm.preprocess import build_windows
+from biofm.sources.vitaldb import DirectorySource
+from biofm.train import checkpoint
+from conftest import REAL_BUTPPG, REAL_VITAL, ROOT, requires_realdata, write_pretrained
+
+
+@pytest.fixture(scope="module")
+def vital_windows(ray_session, tmp_path_factory):
+    """Windows of the six real recordings, one split."""
+    if not REAL_VITAL.is_dir():
+        pytest.skip(f"real data folder {REAL_VITAL} is absent")
+    out = tmp_path_factory.mktemp("windows")
+    channels = load_config(ChannelsConfig, ROOT / "configs/channels.yaml").select(["PPG", "ECG"])
+    cases = sorted(p.stem for p in REAL_VITAL.glob("*.vital"))
+    m = build_windows(cases, DirectorySource(str(REAL_VITAL)), channels,
+                      load_config(WindowsConfig, ROOT / "configs/windows.yaml"), out, "val")
+    return out / "val", m["windows_kept"]
+
+
+def _sorted(folder) -> dict:
+    table = pq.read_table(folder).sort_by([("case_id" if "case_id" in pq.read_schema(
+        next(folder.glob("*.parquet"))).names else "record_id", "ascending"), ("window_idx", "ascending")])
+    return {c: table.column(c).to_pylist() for c in table.column_names}
+
+
+def test_embeddings_of_real_windows_count_finite_and_deterministic(vital_windows, tmp_path):
+    split, n = vital_windows
+    ckpt = write_pretrained(tmp_path / "fm.pt")
+    m = embed(ckpt, split, tmp_path / "a", batch_size=32, tokens=True)
+    assert m["windows_in"] == m["embeddings"] == n > 20 and m["embedding_dim"] == 192 and m["id_column"] == "case_id"
+    assert len(m["checkpoint_sha256"]) == 64 and m["data_spec"]["sample_rate_hz"] == 125
+    assert json.loads((tmp_path / "a" / "manifest.json").read_text()) == m
+    a = _sorted(tmp_path / "a" / "embeddings")
+    emb = np.array(a["embedding"], dtype=np.float32)
+    assert emb.shape == (n, 192) and np.isfinite(emb).all() and emb.std(axis=0).mean() > 0
+    assert np.array(a["tokens"]).shape == (n, 10, 192)
+    source = pq.read_table(split).sort_by([("case_id", "ascending"), ("window_idx", "ascending")])
+    assert a["case_id"] == source.column("case_id").to_pylist() and a["start_s"] == source.column("start_s").to_pylist()
+    # the encoder and pooling as loaded in this process give the same numbers
+    encoder, _ = load_encoder(ckpt)
+    x = torch.from_numpy(source.column("signal").combine_chunks().to_numpy_ndarray()[:4].copy())
+    with torch.no_grad():
+        expected = encoder(x).mean(dim=2).mean(dim=1).numpy()
+    np.testing.assert_allclose(emb[:4], expected, atol=1e-5)
+    assert main(["embed", "--checkpoint", ckpt, "--data-dir", str(split), "--output", str(tmp_path / "b"),
+                 "--concurrency", "1"]) == 0
+    b = _sorted(tmp_path / "b" / "embeddings")
+    np.testing.assert_array_equal(np.array(b["embedding"], dtype=np.float32), emb)  # same checkpoint, same numbers
+    assert "tokens" not in b
+    with pytest.raises(BiofmError, match="already holds embeddings"):
+        embed(ckpt, split, tmp_path / "b")
+
+
+@requires_realdata(REAL_BUTPPG)
+def test_a_fine_tuned_classifier_embeds_but_ppg_with_its_present_mask(butppg_data, tmp_path):
+    from biofm.model.classifier import pool
+    from biofm.preprocess import read_data_spec
+    from biofm.train.finetune import build_classifier, read_split
+
+    spec = read_data_spec(butppg_data / "train")
+    model, desc = build_classifier(FinetuneConfig(), write_pretrained(tmp_path / "fm.pt"), spec)
+    ckpt = checkpoint.save(tmp_path / "clf.pt", model.state_dict(), {**desc, "threshold": 0.5})
+    m = embed(ckpt, butppg_data / "test", tmp_path / "out")
+    test = read_split(butppg_data / "test")
+    assert m["embeddings"] == len(test["label"]) and m["id_column"] == "record_id" and m["channels"][0] == "ACC_X"
+    got = _sorted(tmp_path / "out" / "embeddings")
+    order = np.argsort(test["record_id"])
+    with torch.no_grad():
+        expected = pool(model.eval().encoder(torch.from_numpy(test["signal"][order])),
+                        torch.from_numpy(test["present"][order])).numpy()
+    np.testing.assert_allclose(np.array(got["embedding"], dtype=np.float32), expected, atol=1e-5)
+    assert set(got["window_idx"]) == {0}
+
+
+def test_data_the_model_was_not_built_for_is_refused(vital_windows, tmp_path):
+    split, _ = vital_windows
+    ckpt = write_pretrained(tmp_path / "fm.pt")
+    blob = checkpoint.load(ckpt)
+    spec = blob["description"]["data_spec"]
+    other = {**spec, "filters": {**spec["filters"], "PPG": {**spec["filters"]["PPG"], "band_hz": [0.5, 8.0]}}}
+    checkpoint.save(tmp_path / "other.pt", blob["model"], {**blob["description"], "data_spec": other})
+    with pytest.raises(ConfigError, match=r"PPG filter .*0\.5, 10\.0.* differs from the model's .*0\.5, 8\.0"):
+        embed(str(tmp_path / "other.pt"), split, tmp_path / "x")
+    five = {**blob["description"], "channels": ["ACC_X", "PPG", "ECG"]}
+    checkpoint.save(tmp_path / "five.pt", blob["model"], five)
+    with pytest.raises(ConfigError, match=r"has channels \['PPG', 'ECG'\]; the model .* needs .*: missing \['ACC_X'\]"):
+        embed(str(tmp_path / "five.pt"), split, tmp_path / "x")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(NothingProduced, match="no windows in"):
+        embed(ckpt, tmp_path / "empty", tmp_path / "x")
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(BiofmError, match="is not a biofm checkpoint"):
+        embed(str(tmp_path / "junk.pt"), split, tmp_path / "x")
+    assert not (tmp_path / "x").exists()
