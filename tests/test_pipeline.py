@@ -87,6 +87,8 @@ def test_pipeline_stops_at_once_when_a_source_is_unreachable(dead_url, s3, tmp_p
     assert "pipeline pretrain (over configs/ssl_pretrain.yaml): unknown key 'epoch'" in capsys.readouterr().err
     assert main(base + ["--force", "training"]) == 2
     assert "unknown stage(s) ['training']" in capsys.readouterr().err
+    assert main(base + ["--set", "embed={splt: val}"]) == 2
+    assert "embed: expected {split: train|val, tokens: bool, batch_size: n}" in capsys.readouterr().err
 
 
 def test_cluster_yaml_passes_rays_own_validation():
@@ -237,9 +239,12 @@ def test_smoke_pipeline_submitted_as_a_ray_job(ray_head, ray_session, public_sou
     # search runs two trials at once (half a CPU each on this session's 2-CPU Ray)
     tune = "{mode: grid, max_epochs: 2, grace_period: 1, max_concurrent_trials: 2, cpus_per_trial: 0.5, " \
            "search: {init: {grid: [pretrained, scratch]}, head_epochs: {grid: [1]}, batch_size: {grid: [32]}}}"
-    assert main(["pipeline", *entrypoint[2:4], "--output-dir", str(out), *entrypoint[6:], "--set", f"tune={tune}"]) == 0
+    assert main(["pipeline", *entrypoint[2:4], "--output-dir", str(out), *entrypoint[6:], "--set", f"tune={tune}",
+                 "--set", "embed={split: val}"]) == 0
     said = capsys.readouterr().out
-    assert "[pipeline] done: ran tune; skipped splits, windows, pretrain, butppg, finetune" in said, said[-3000:]
+    assert "[pipeline] done: ran tune, embed; skipped splits, windows, pretrain, butppg, finetune" in said, said[-3000:]
+    embedded = json.loads(storage.read_text(at("embeddings", "manifest.json")))  # read from and written to S3
+    assert embedded["embeddings"] == val["windows_kept"] and embedded["data_dir"] == at("vitaldb_windows", "val")
     spans = _trial_spans(at("tune", "finetune_schedules"))
     overlap = min(end for _, end in spans) - max(start for start, _ in spans)
     assert len(spans) == 2 and overlap > 5, f"the trials ran one after the other: {spans}"

@@ -336,7 +336,8 @@ class TuneSearchConfig:
                 raise ValueError(f"search.{key}: mode grid needs grid or choice lists, got {kind}")
 
 
-STAGES = ("splits", "windows", "pretrain", "butppg", "finetune", "tune")
+STAGES = ("splits", "windows", "pretrain", "butppg", "finetune", "tune", "embed")
+EMBED_KEYS = {"split": "val", "tokens": False, "batch_size": 256}  # the pipeline's embed section and its defaults
 
 
 @config_class
@@ -349,7 +350,9 @@ class PipelineConfig:
     cloud URI). BUT-PPG: read from ``butppg_raw_dir``, downloaded there first from PhysioNet (or
     ``physionet_url``) when ``butppg_download`` and the folder holds no RECORDS. ``pretrain``,
     ``finetune`` and ``tune`` override fields of the YAML configs they name; ``tune: null``
-    leaves the search out. Relative paths are relative to the working directory.
+    leaves the search out. ``embed`` (``{split, tokens, batch_size}``; null: left out) adds the
+    embeddings of a VitalDB split by the foundation model. Relative paths are relative to the
+    working directory.
     """
 
     output_dir: str = "runs/quick"
@@ -372,6 +375,7 @@ class PipelineConfig:
     finetune: dict[str, Any] = dataclasses.field(default_factory=dict)
     tune_config: str = "configs/tune_finetune.yaml"
     tune: dict[str, Any] | None = None
+    embed: dict[str, Any] | None = None
 
     def __post_init__(self):
         if self.split_mode not in ("fasttrack", "full"):
@@ -379,6 +383,9 @@ class PipelineConfig:
         for split, n in self.max_cases.items():
             if split not in ("train", "val") or n < 1:
                 raise ValueError(f"max_cases: expected {{train: n, val: n}} with n >= 1, got {dict(self.max_cases)}")
+        unknown = sorted(set(self.embed or {}) - set(EMBED_KEYS))
+        if unknown or (self.embed or {}).get("split", "val") not in ("train", "val"):
+            raise ValueError(f"embed: expected {{split: train|val, tokens: bool, batch_size: n}}, got {self.embed}")
 
 
 def with_overrides(cls: type, path: str | Path, overrides: dict, where: str):

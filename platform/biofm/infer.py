@@ -105,14 +105,15 @@ def embed(checkpoint_path: str, data_dir: str, output: str, batch_size: int = 25
     cpus = int(ray.cluster_resources().get("CPU", 1))
     actors = concurrency or (max(1, int(ray.cluster_resources().get("GPU", 0) / num_gpus)) if num_gpus
                              else max(1, cpus - 1))
-    # half a CPU stays for the read tasks (they ask for half each): actors holding every CPU starve them
-    ds = ray.data.read_parquet(list(split.files), columns=columns, ray_remote_args={"num_cpus": 0.5})
+    # one CPU stays for Ray Data's file listing (a whole CPU) and the reads and writes (a quarter
+    # each): actors holding every CPU would starve them, and the job would wait forever
+    ds = ray.data.read_parquet(list(split.files), columns=columns, num_cpus=0.25)
     ds = ds.map_batches(Embedder, batch_size=batch_size, batch_format="numpy", concurrency=actors, num_gpus=num_gpus,
-                        num_cpus=min(1.0, (cpus - 0.5) / actors), fn_constructor_kwargs={
+                        num_cpus=min(1.0, max(0.0, cpus - 1) / actors), fn_constructor_kwargs={
                             "checkpoint_path": storage.normalize(checkpoint_path),
                             "channel_index": [stored.index(c) for c in needed], "tokens": tokens,
                             "threads": max(1, cpus // actors)})
-    ds.write_parquet(target)
+    ds.write_parquet(target, ray_remote_args={"num_cpus": 0.25})
     written = sum(storage.read_metadata(f).num_rows for f in storage.list_files(target, ".parquet"))
     manifest = {
         "checkpoint": storage.normalize(checkpoint_path),

@@ -22,9 +22,9 @@ def configure(verbose: bool) -> None:
         return
     os.environ[QUIET] = "1"
     quiet_env = {
-        # read when ray is first imported: the driver drops this known, harmless line of Ray Train's
-        # controller (ray-project/ray#53727), one per training run
-        "RAY_DEDUP_LOGS_SKIP_REGEX": r"'PreemptionWatcher' and ID: '\w+' has constructor arguments",
+        # read when ray is first imported: the driver drops this known, harmless line that Ray's
+        # core logs for actors such as Train's PreemptionWatcher and Data's map workers (ray#53727)
+        "RAY_DEDUP_LOGS_SKIP_REGEX": r"Actor with class name: '[^']+' and ID: '\w+' has constructor arguments",
         "PYTHONWARNINGS": "ignore::DeprecationWarning,ignore::FutureWarning,ignore::UserWarning",  # Ray's workers too
         "HF_HUB_DISABLE_PROGRESS_BARS": "1", "TRANSFORMERS_VERBOSITY": "error", "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1",
     }

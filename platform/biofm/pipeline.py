@@ -1,5 +1,5 @@
 """The end-to-end pipeline from one config: prepare-splits -> build-windows (train, val) ->
-pretrain -> prepare-butppg -> finetune [-> tune], each stage the same library call as its
+pretrain -> prepare-butppg -> finetune [-> tune] [-> embed], each stage the same library call as its
 ``biofm`` command.
 
 A stage records what it was made from in ``<its folder>/pipeline_stage.json`` (a hash of its
@@ -13,6 +13,7 @@ settings changed; ``force`` reruns the named stages.
     <output_dir>/but_ppg/{train,val,test}/        manifest.json
     <output_dir>/but_ppg_finetuned/               best_model.pt, test_metrics.json, ...
     <output_dir>/tune/finetune_schedules/         (with a tune section)
+    <output_dir>/embeddings/                      (with an embed section) embeddings/, manifest.json
     <output_dir>/pipeline.json                    per stage: ran or skipped, hash, seconds
 
 ``output_dir`` is a local (or shared) path or a URI (``s3://bucket/prefix``, :mod:`biofm.storage`).
@@ -28,7 +29,7 @@ from pathlib import Path
 
 from biofm import storage
 from biofm.config import (
-    STAGES, ButppgConfig, ChannelsConfig, FinetuneConfig, PipelineConfig, PretrainConfig, TuneSearchConfig,
+    EMBED_KEYS, STAGES, ButppgConfig, ChannelsConfig, FinetuneConfig, PipelineConfig, PretrainConfig, TuneSearchConfig,
     WindowsConfig, load_config, to_jsonable, with_overrides,
 )
 from biofm.errors import BiofmError, ConfigError, SourceUnreachable
@@ -114,6 +115,7 @@ def run_pipeline(cfg: PipelineConfig, force: tuple[str, ...] = (), address: str 
     check_sources(cfg)  # before the heavy imports below: offline, it answers in a second
     storage.check_writable(out)
 
+    from biofm.infer import embed
     from biofm.preprocess import build_butppg, build_windows, ensure_ray
     from biofm.sources.butppg import download, raw_folder
     from biofm.sources.vitaldb import open_source
@@ -174,6 +176,15 @@ def run_pipeline(cfg: PipelineConfig, force: tuple[str, ...] = (), address: str 
               lambda resume: run_search(search, fine, pretrained, at("but_ppg"), at("tune"),
                                         resume=resume and storage.is_file(at("tune", "finetune_schedules", STATE))),
               after=["pretrain", "butppg"])
+    if cfg.embed is not None:
+        emb = {**EMBED_KEYS, **cfg.embed}
+
+        def run_embed(resume):
+            storage.remove_tree(at("embeddings", "embeddings"))  # an interrupted run's part: cheap to redo
+            embed(pretrained, at("vitaldb_windows", emb["split"]), at("embeddings"), batch_size=emb["batch_size"],
+                  tokens=emb["tokens"])
+
+        stage("embed", at("embeddings"), emb, run_embed, after=["windows", "pretrain"])
     storage.write_text(at("pipeline.json"), json.dumps({"config": to_jsonable(cfg), "stages": records}, indent=1))
     ran = [r["stage"] for r in records if r["status"] == "ran"]
     print(f"[pipeline] done: ran {', '.join(ran) or 'nothing'}; skipped "
