@@ -3,7 +3,6 @@ or a fine-tuned classifier, on the real recordings; refusals for data the model 
 
 from __future__ import annotations
 
-import dataclasses
 import json
 
 import numpy as np
@@ -109,3 +108,60 @@ def test_data_the_model_was_not_built_for_is_refused(vital_windows, tmp_path):
     with pytest.raises(BiofmError, match="is not a biofm checkpoint"):
         embed(str(tmp_path / "junk.pt"), split, tmp_path / "x")
     assert not (tmp_path / "x").exists()
+
+
+@pytest.fixture(scope="module")
+def classifier(tmp_path_factory, butppg_data):
+    from biofm.preprocess import read_data_spec
+    from biofm.train.finetune import build_classifier
+
+    folder = tmp_path_factory.mktemp("clf")
+    model, desc = build_classifier(FinetuneConfig(), write_pretrained(folder / "fm.pt"),
+                                   read_data_spec(butppg_data / "train"))
+    return checkpoint.save(folder / "clf.pt", model.state_dict(), {**desc, "threshold": 0.5}), model
+
+
+@requires_realdata(REAL_BUTPPG)
+def test_predict_every_record_of_a_but_ppg_folder(classifier, butppg_data, tmp_path):
+    from biofm.infer import predict
+    from biofm.train.finetune import predict as predict_in_memory, read_split
+
+    ckpt, model = classifier
+    m = predict(ckpt, str(REAL_BUTPPG), tmp_path / "out", plots=2)
+    assert (m["recordings_in"], m["recordings_ok"], m["windows"], m["input_kind"]) == (51, 51, 51, "butppg")
+    table = pq.read_table(tmp_path / "out" / "predictions.parquet").to_pandas()
+    assert sorted(table["recording_id"]) == sorted(p.name for p in REAL_BUTPPG.iterdir() if p.is_dir())
+    assert ((table["probability"] >= 0.5).astype(int) == table["label"]).all()
+    # the same numbers as the model on the prepared rows: the same preprocessing as training
+    test = read_split(butppg_data / "test")
+    expected = dict(zip(test["record_id"], predict_in_memory(model, test["signal"], test["present"])))
+    got = dict(zip(table["recording_id"], table["probability"]))
+    np.testing.assert_allclose([got[r] for r in expected], list(expected.values()), atol=1e-5)
+    summary = (tmp_path / "out" / "summary.csv").read_text().splitlines()
+    assert len(summary) == 52 and summary[0].startswith("recording_id,status,windows,share_predicted_good")
+    assert len(m["timelines"]) == 2 and (tmp_path / "out" / f"timeline_{m['timelines'][0]}.png").stat().st_size > 10_000
+
+
+@requires_realdata(REAL_BUTPPG)
+def test_predict_on_vital_files_skips_a_corrupt_one_and_refuses_bad_inputs(classifier, tmp_path):
+    from biofm.infer import predict
+
+    ckpt, _ = classifier
+    folder = tmp_path / "vital"
+    folder.mkdir()
+    for p in sorted(REAL_VITAL.glob("*.vital"))[:2]:
+        (folder / p.name).write_bytes(p.read_bytes())
+    (folder / "broken.vital").write_bytes(b"\x1f\x8b not really gzip")
+    assert main(["predict", "--model", ckpt, "--input", str(folder), "--output", str(tmp_path / "out"),
+                 "--plots", "1"]) == 0
+    m = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert (m["recordings_in"], m["recordings_ok"], m["input_kind"]) == (3, 2, "vital")
+    assert m["skipped"]["broken"].startswith("corrupt_file") and m["windows"] > 10
+    table = pq.read_table(tmp_path / "out" / "predictions.parquet").to_pandas()
+    assert set(table["recording_id"]) == {p.stem for p in folder.glob("MIC*.vital")}
+    assert {"ppg_beats", "ecg_hr_bpm", "ppg_nan_fraction"} <= set(table.columns) and table["window_idx"].min() >= 0
+    with pytest.raises(BiofmError, match="is not a fine-tuned classifier .* embeddings of a pretrained model"):
+        predict(write_pretrained(tmp_path / "fm.pt"), str(folder), tmp_path / "x")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(BiofmError, match="no recordings in .*empty"):
+        predict(ckpt, str(tmp_path / "empty"), tmp_path / "x")

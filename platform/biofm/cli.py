@@ -154,6 +154,13 @@ def _embed(args) -> int:
     return 0
 
 
+def _predict(args) -> int:
+    from biofm.infer import predict
+
+    predict(args.model, args.input, args.output, batch_size=args.batch_size, plots=args.plots, address=args.address)
+    return 0
+
+
 def _tune_report(args) -> int:
     from biofm.tune import analyse
 
@@ -367,6 +374,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokens", action="store_true", help="also write the per-patch latents [P, D]")
     p.add_argument("--address", default=None, help=ADDRESS_HELP)
     p.set_defaults(func=_embed)
+
+    p = sub.add_parser("predict", help="PPG-quality predictions on new recordings with a fine-tuned model (Ray Data)",
+                       description="Recordings (a folder of .vital files, or a BUT-PPG folder with RECORDS) go "
+                                   "through the model's own preprocessing (its data spec: rate, window, filters, "
+                                   "z-score, channel order; absent channels marked absent) and its classifier: "
+                                   "predictions.parquet, summary.csv, manifest.json (skipped recordings with "
+                                   "their reason) and timeline PNGs.")
+    p.add_argument("--model", required=True, help="best_model.pt of biofm finetune (holds the threshold chosen on val)")
+    p.add_argument("--input", required=True, help="a folder of .vital files, or a BUT-PPG folder (with RECORDS)")
+    p.add_argument("--output", required=True, help="where the predictions go (a folder or URI)")
+    p.add_argument("--batch-size", type=int, default=256, help="windows per model call")
+    p.add_argument("--plots", type=int, default=5, help="timeline PNGs for the first N recordings")
+    p.add_argument("--address", default=None, help=ADDRESS_HELP)
+    p.set_defaults(func=_predict)
 
     p = sub.add_parser("tune-report", help="analyse a tune experiment folder (no Ray needed)",
                        description="Table of trials, best_config.yaml (for finetune --config), PNGs.")

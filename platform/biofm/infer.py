@@ -1,4 +1,5 @@
-"""Applying trained models to data on Ray Data: embeddings of a windows split.
+"""Applying trained models to data on Ray Data: embeddings of a windows split, and PPG-quality
+predictions on new recordings (:func:`predict`, the training preprocessing reused).
 
 :func:`embed` reads a split written by ``build-windows`` or ``prepare-butppg`` (local or a URI)
 and streams it through an actor pool (:class:`Embedder`: the encoder loaded once per actor, on a
@@ -74,6 +75,19 @@ class Embedder:
         return out
 
 
+def actor_pool(concurrency: int | None = None, num_gpus: float = 0.0) -> tuple[int, int, float]:
+    """``(cluster CPUs, actors, CPUs per actor)`` for a pool that holds a model: ``concurrency``
+    actors, or one per GPU share with ``num_gpus``, or the CPUs less one. One CPU stays for Ray
+    Data's file listing (a whole CPU) and its reads and writes (a quarter each): actors holding
+    every CPU would starve them, and the job would wait forever."""
+    import ray
+
+    cpus = int(ray.cluster_resources().get("CPU", 1))
+    gpus = ray.cluster_resources().get("GPU", 0)
+    actors = concurrency or (max(1, int(gpus / num_gpus)) if num_gpus else max(1, cpus - 1))
+    return cpus, actors, min(1.0, max(0.0, cpus - 1) / actors)
+
+
 def embed(checkpoint_path: str, data_dir: str, output: str, batch_size: int = 256, concurrency: int | None = None,
           num_gpus: float = 0.0, tokens: bool = False, address: str | None = None) -> dict:
     """Embeddings of every window of ``data_dir`` (a split folder) under ``output``; returns the
@@ -102,14 +116,10 @@ def embed(checkpoint_path: str, data_dir: str, output: str, batch_size: int = 25
     columns = [c for c in (id_column, "window_idx", "start_s", "signal", "present") if c in schema.names]
 
     ensure_ray(address)
-    cpus = int(ray.cluster_resources().get("CPU", 1))
-    actors = concurrency or (max(1, int(ray.cluster_resources().get("GPU", 0) / num_gpus)) if num_gpus
-                             else max(1, cpus - 1))
-    # one CPU stays for Ray Data's file listing (a whole CPU) and the reads and writes (a quarter
-    # each): actors holding every CPU would starve them, and the job would wait forever
+    cpus, actors, actor_cpus = actor_pool(concurrency, num_gpus)
     ds = ray.data.read_parquet(list(split.files), columns=columns, num_cpus=0.25)
     ds = ds.map_batches(Embedder, batch_size=batch_size, batch_format="numpy", concurrency=actors, num_gpus=num_gpus,
-                        num_cpus=min(1.0, max(0.0, cpus - 1) / actors), fn_constructor_kwargs={
+                        num_cpus=actor_cpus, fn_constructor_kwargs={
                             "checkpoint_path": storage.normalize(checkpoint_path),
                             "channel_index": [stored.index(c) for c in needed], "tokens": tokens,
                             "threads": max(1, cpus // actors)})
@@ -128,3 +138,205 @@ def embed(checkpoint_path: str, data_dir: str, output: str, batch_size: int = 25
     storage.write_text(storage.join(output, "manifest.json"), json.dumps(manifest, indent=1))
     print(f"[embed] {written} windows -> {target} ({manifest['seconds']:.1f} s, {actors} actor(s))", flush=True)
     return manifest
+
+
+def model_preprocessing(description: dict):
+    """The channels (``ChannelSpec``, in the model's order) and ``WindowsConfig`` that reproduce the
+    model's training data: rate, window and filters from its data spec; track names and beat
+    detectors from the shipped ``channels.yaml``; quality thresholds from ``windows.yaml``."""
+    import dataclasses
+
+    from biofm.config import ChannelsConfig, ChannelSpec, WindowsConfig, load_config
+
+    spec = description["data_spec"]
+    shipped = load_config(ChannelsConfig, "configs/channels.yaml").channels
+    channels = {}
+    for name in spec["channels"]:
+        f = spec["filters"][name]
+        base = shipped.get(name)
+        channels[name] = ChannelSpec(band_hz=tuple(f["band_hz"]), filter_order=f["order"], stopband_db=f["stopband_db"],
+                                     tracks=base.tracks if base else (), quality=base.quality if base else "none")
+    windows = dataclasses.replace(load_config(WindowsConfig, "configs/windows.yaml"),
+                                  sample_rate_hz=spec["sample_rate_hz"], window_s=spec["window_s"],
+                                  stride_s=spec["window_s"])
+    return channels, windows
+
+
+def _recording_windows(row: dict, kind: str, folder: str, channels: dict, windows) -> list[dict]:
+    """One recording -> its windows (``signal [C, T]``, ``present [C]``, ids, quality) through the
+    training preprocessing, or one row that records why it was skipped."""
+    from biofm.errors import CaseSkipped
+    from biofm.preprocess import make_windows, process_record
+    from biofm.sources.vitaldb import read_tracks
+
+    rid, names = row["recording_id"], list(channels)
+    try:
+        if kind == "butppg":
+            out = process_record(rid, folder, channels, windows, ppg_signal=0, label=-1, ref_hr=float("nan"))
+            if out["outcome"]["status"] != "ok":
+                raise CaseSkipped(out["outcome"]["code"], out["outcome"]["reason"])
+            return [{"recording_id": rid, "window_idx": 0, "start_s": 0.0, "signal": out["signal"],
+                     "present": out["present"], "skipped": ""}]
+        readable = {n: s for n, s in channels.items() if s.tracks}
+        from pathlib import Path
+
+        tracks = read_tracks(Path(folder) / f"{rid}.vital", readable)
+        columns, rejected, total = make_windows(tracks, readable, windows, {})
+        n = len(columns["window_idx"])
+        if n == 0:
+            raise CaseSkipped("no_usable_windows", f"all {total} windows failed quality checks ({dict(rejected)})")
+        signal = np.zeros((n, len(names), windows.window_samples), np.float32)
+        for c, name in enumerate(readable):
+            signal[:, names.index(name)] = columns["signal"][:, c]
+        present = np.array([name in readable for name in names])
+        quality = {k: v for k, v in columns.items() if k not in ("window_idx", "start_s", "signal")}
+        return [{"recording_id": rid, "window_idx": int(columns["window_idx"][i]), "start_s": float(columns["start_s"][i]),
+                 "signal": signal[i], "present": present, "skipped": "",
+                 **{k: float(v[i]) for k, v in quality.items()}} for i in range(n)]
+    except CaseSkipped as e:
+        reason = f"{e.code}: {e.detail}"
+    except Exception as e:  # one bad recording never stops the job; the manifest keeps the cause
+        reason = f"error: {type(e).__name__}: {e}"
+    return [{"recording_id": rid, "window_idx": -1, "start_s": 0.0, "signal": np.zeros((len(names), windows.window_samples),
+             np.float32), "present": np.zeros(len(names), bool), "skipped": reason}]
+
+
+class Predictor:
+    """Ray Data's callable class: the classifier loaded once per actor; probability of good quality
+    and the label at the checkpoint's threshold for each window."""
+
+    def __init__(self, model_path: str, threads: int):
+        from biofm.train.finetune import load_classifier
+
+        torch.set_num_threads(max(1, threads))
+        self.model, desc = load_classifier(model_path)
+        self.threshold = float(desc["threshold"])
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        x = torch.from_numpy(np.stack(batch["signal"]).astype(np.float32))
+        present = torch.from_numpy(np.stack(batch["present"]).astype(bool))
+        with torch.no_grad():
+            p = torch.softmax(self.model(x, present).float(), dim=-1)[:, 1].numpy()
+        out = {k: v for k, v in batch.items() if k not in ("signal", "present")}
+        out["probability"] = p
+        out["label"] = (p >= self.threshold).astype(np.int8)
+        return out
+
+
+def recordings_in(folder: str) -> tuple[str, list[str]]:
+    """``("butppg", record ids)`` for a BUT-PPG folder (RECORDS), ``("vital", names)`` for a
+    folder of .vital files."""
+    from pathlib import Path
+
+    from biofm.sources.butppg import read_records
+
+    root = Path(folder)
+    if not root.is_dir():
+        raise BiofmError(f"{folder} is not a folder of recordings")
+    if (root / "RECORDS").is_file():
+        return "butppg", read_records(root)
+    vital = sorted(p.stem for p in root.glob("*.vital"))
+    if not vital:
+        raise BiofmError(f"no recordings in {folder}: expected .vital files or a BUT-PPG folder (with RECORDS)")
+    return "vital", vital
+
+
+def predict(model_path: str, input_dir: str, output: str, batch_size: int = 256, plots: int = 5,
+            address: str | None = None) -> dict:
+    """PPG-quality predictions for every window of every recording in ``input_dir`` under
+    ``output``: ``predictions.parquet``, ``summary.csv``, ``manifest.json``, and a timeline PNG for
+    the first ``plots`` recordings. Returns the manifest."""
+    import csv
+    import io
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import ray
+
+    from biofm.preprocess import ensure_ray
+
+    t0 = time.perf_counter()
+    kind = checkpoint.load(model_path)["description"].get("kind")
+    if kind != "ppg_quality_classifier":
+        raise BiofmError(f"{model_path} is not a fine-tuned classifier (kind {kind!r}): predict needs the "
+                         "best_model.pt of biofm finetune; embeddings of a pretrained model come from biofm embed")
+    description = checkpoint.load(model_path)["description"]
+    channels, windows = model_preprocessing(description)
+    source, ids = recordings_in(input_dir)
+    ensure_ray(address)
+    cpus, actors, actor_cpus = actor_pool()
+    ds = ray.data.from_items([{"recording_id": r} for r in ids], override_num_blocks=min(len(ids), 4 * cpus))
+    ds = ds.flat_map(_recording_windows, fn_kwargs={"kind": source, "folder": str(input_dir), "channels": channels,
+                                                   "windows": windows})
+    ds = ds.map_batches(Predictor, batch_size=batch_size, batch_format="numpy", concurrency=actors,
+                        num_cpus=actor_cpus, fn_constructor_kwargs={
+                            "model_path": storage.normalize(model_path), "threads": max(1, cpus // actors)})
+    rows = [r for b in ds.iter_batches(batch_size=None, batch_format="pandas") for r in b.to_dict("records")]
+    skipped = {r["recording_id"]: r["skipped"] for r in rows if r["skipped"]}
+    kept = [{k: v for k, v in r.items() if k != "skipped"} for r in rows if not r["skipped"]]
+    kept.sort(key=lambda r: (r["recording_id"], r["window_idx"]))
+    table = pa.Table.from_pylist(kept) if kept else pa.table({"recording_id": pa.array([], pa.string())})
+    storage.write(storage.join(output, "predictions.parquet"), lambda f: pq.write_table(table, f))
+    summary = io.StringIO(newline="")
+    w = csv.writer(summary)
+    w.writerow(["recording_id", "status", "windows", "share_predicted_good", "mean_probability", "reason"])
+    for rid in ids:
+        mine = [r for r in kept if r["recording_id"] == rid]
+        if rid in skipped:
+            w.writerow([rid, "skipped", 0, "", "", skipped[rid]])
+        else:
+            w.writerow([rid, "ok", len(mine), round(float(np.mean([r["label"] for r in mine])), 4),
+                        round(float(np.mean([r["probability"] for r in mine])), 4), ""])
+    storage.write_text(storage.join(output, "summary.csv"), summary.getvalue())
+    plotted = [rid for rid in ids if rid not in skipped][:plots]
+    for rid in plotted:
+        _timeline(rid, _raw_ppg(source, input_dir, rid, channels), [r for r in kept if r["recording_id"] == rid],
+                  description["threshold"], storage.join(output, f"timeline_{rid}.png"))
+    manifest = {"model": storage.normalize(model_path),
+                "model_sha256": hashlib.sha256(storage.read_bytes(model_path)).hexdigest(),
+                "input": str(input_dir), "input_kind": source, "data_spec": description["data_spec"],
+                "threshold": description["threshold"], "recordings_in": len(ids),
+                "recordings_ok": len(ids) - len(skipped), "recordings_skipped": len(skipped),
+                "skipped": skipped, "windows": len(kept), "timelines": plotted,
+                "seconds": round(time.perf_counter() - t0, 2)}
+    assert manifest["recordings_in"] == manifest["recordings_ok"] + manifest["recordings_skipped"]
+    storage.write_text(storage.join(output, "manifest.json"), json.dumps(manifest, indent=1))
+    print(f"[predict] {manifest['recordings_ok']}/{len(ids)} recordings ({len(skipped)} skipped), {len(kept)} windows "
+          f"-> {output}", flush=True)
+    return manifest
+
+
+def _raw_ppg(source: str, folder: str, rid: str, channels: dict) -> tuple[np.ndarray, float]:
+    """The recording's PPG as recorded ``(x [n], Hz)``, for its timeline."""
+    from pathlib import Path
+
+    from biofm.sources.butppg import read_record
+    from biofm.sources.vitaldb import read_tracks
+
+    if source == "butppg":
+        return read_record(Path(folder), rid, 0)["PPG"]
+    x, fs, _ = read_tracks(Path(folder) / f"{rid}.vital", {"PPG": channels["PPG"]})["PPG"]
+    return x, fs
+
+
+def _timeline(rid: str, ppg: tuple[np.ndarray, float], rows: list[dict], threshold: float, path: str) -> None:
+    """The recording's PPG with each 10 s window shaded by its probability of good quality (green
+    good, red poor), and the probabilities below: readable without code."""
+    from biofm.train.plots import plt, save_png
+
+    x, fs = ppg
+    step = max(1, int(len(x) / 20000))  # at most ~20,000 points: the shape, not every sample
+    t = np.arange(0, len(x), step) / fs
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(11, 4.5), sharex=True, height_ratios=[2, 1])
+    for r in rows:
+        for ax in (top, bottom):
+            ax.axvspan(r["start_s"], r["start_s"] + 10.0, color=plt.cm.RdYlGn(r["probability"]), alpha=0.35, lw=0)
+        bottom.plot([r["start_s"], r["start_s"] + 10.0], [r["probability"]] * 2, color="black", lw=1.5)
+    top.plot(t, x[::step], color="black", lw=0.5)
+    top.set(ylabel="PPG (as recorded)", title=f"{rid}: PPG quality per 10 s window\n(green: good, red: poor; "
+                                              "unshaded: rejected by the quality checks)")
+    bottom.axhline(threshold, color="grey", ls="--", lw=0.8, label=f"threshold {threshold:.2f}")
+    bottom.set(xlabel="seconds from the recording's start", ylabel="P(good)", ylim=(0, 1))
+    bottom.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    save_png(fig, path)
