@@ -165,3 +165,26 @@ def test_predict_on_vital_files_skips_a_corrupt_one_and_refuses_bad_inputs(class
     (tmp_path / "empty").mkdir()
     with pytest.raises(BiofmError, match="no recordings in .*empty"):
         predict(ckpt, str(tmp_path / "empty"), tmp_path / "x")
+
+
+@requires_realdata(REAL_BUTPPG)
+def test_predict_on_a_physionet_wfdb_folder(classifier, tmp_path):
+    import wfdb
+
+    from biofm.infer import predict
+    from conftest import heartbeat_signals
+
+    ckpt, _ = classifier
+    folder = tmp_path / "wfdb"
+    folder.mkdir()
+    ppg, ecg = heartbeat_signals(60.0, 125.0, seed=3)
+    wfdb.wrsamp("rec1", fs=125, units=["NU", "mV"], sig_name=["PLETH", "II"], p_signal=np.stack([ppg, ecg], 1),
+                fmt=["16", "16"], adc_gain=[1000.0, 1000.0], baseline=[0, 0], write_dir=str(folder))
+    wfdb.wrsamp("rec2", fs=125, units=["NU"], sig_name=["RESP"], p_signal=ppg[:, None], fmt=["16"],
+                adc_gain=[1000.0], baseline=[0], write_dir=str(folder))
+    m = predict(ckpt, str(folder), tmp_path / "out", plots=1)
+    assert (m["input_kind"], m["recordings_in"], m["recordings_ok"], m["windows"]) == ("wfdb", 2, 1, 6)
+    assert m["skipped"] == {"rec2": "missing_track: no PPG signal in rec2 (signals: RESP)"}
+    table = pq.read_table(tmp_path / "out" / "predictions.parquet").to_pandas()
+    assert list(table["window_idx"]) == list(range(6)) and list(table["start_s"]) == [0.0, 10.0, 20.0, 30.0, 40.0, 50.0]
+    assert (table["ppg_beats"] >= 10).all() and m["timelines"] == ["rec1"]

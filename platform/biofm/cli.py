@@ -376,13 +376,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_embed)
 
     p = sub.add_parser("predict", help="PPG-quality predictions on new recordings with a fine-tuned model (Ray Data)",
-                       description="Recordings (a folder of .vital files, or a BUT-PPG folder with RECORDS) go "
+                       description="Recordings (a folder of .vital files or WFDB records, or a BUT-PPG folder) go "
                                    "through the model's own preprocessing (its data spec: rate, window, filters, "
                                    "z-score, channel order; absent channels marked absent) and its classifier: "
                                    "predictions.parquet, summary.csv, manifest.json (skipped recordings with "
                                    "their reason) and timeline PNGs.")
     p.add_argument("--model", required=True, help="best_model.pt of biofm finetune (holds the threshold chosen on val)")
-    p.add_argument("--input", required=True, help="a folder of .vital files, or a BUT-PPG folder (with RECORDS)")
+    p.add_argument("--input", required=True,
+                   help="a folder of .vital files, of PhysioNet/WFDB records, or a BUT-PPG folder (with RECORDS)")
     p.add_argument("--output", required=True, help="where the predictions go (a folder or URI)")
     p.add_argument("--batch-size", type=int, default=256, help="windows per model call")
     p.add_argument("--plots", type=int, default=5, help="timeline PNGs for the first N recordings")

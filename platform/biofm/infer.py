@@ -177,10 +177,14 @@ def _recording_windows(row: dict, kind: str, folder: str, channels: dict, window
                 raise CaseSkipped(out["outcome"]["code"], out["outcome"]["reason"])
             return [{"recording_id": rid, "window_idx": 0, "start_s": 0.0, "signal": out["signal"],
                      "present": out["present"], "skipped": ""}]
-        readable = {n: s for n, s in channels.items() if s.tracks}
         from pathlib import Path
 
-        tracks = read_tracks(Path(folder) / f"{rid}.vital", readable)
+        readable = {n: s for n, s in channels.items() if s.tracks}
+        if kind == "wfdb":
+            tracks = _wfdb_tracks(Path(folder) / rid, readable)
+            readable = {n: s for n, s in readable.items() if n in tracks}
+        else:
+            tracks = read_tracks(Path(folder) / f"{rid}.vital", readable)
         columns, rejected, total = make_windows(tracks, readable, windows, {})
         n = len(columns["window_idx"])
         if n == 0:
@@ -199,6 +203,29 @@ def _recording_windows(row: dict, kind: str, folder: str, channels: dict, window
         reason = f"error: {type(e).__name__}: {e}"
     return [{"recording_id": rid, "window_idx": -1, "start_s": 0.0, "signal": np.zeros((len(names), windows.window_samples),
              np.float32), "present": np.zeros(len(names), bool), "skipped": reason}]
+
+
+def _wfdb_tracks(record: Path, channels: dict) -> dict[str, tuple[np.ndarray, float, str]]:
+    """A PhysioNet/WFDB record's signals for ``channels``, as :func:`read_tracks` returns them. A
+    signal is a channel's when its name is the channel's, a track name's last part in
+    ``channels.yaml`` (PLETH, ECG_II) or that part less the channel's prefix (II). PPG is required."""
+    import wfdb
+
+    from biofm.errors import CaseSkipped
+
+    try:
+        rec = wfdb.rdrecord(str(record))
+    except Exception as e:  # wfdb raises many kinds for a bad header or signal file
+        raise CaseSkipped("corrupt_file", f"wfdb cannot read {record.name}: {type(e).__name__}: {e}") from None
+    found = {}
+    for name, spec in channels.items():
+        names = {name} | {t.split("/")[-1] for t in spec.tracks} | {t.split("/")[-1].removeprefix(f"{name}_") for t in spec.tracks}
+        column = next((i for i, s in enumerate(rec.sig_name) if s.upper() in {n.upper() for n in names}), None)
+        if column is not None:
+            found[name] = (rec.p_signal[:, column].astype(np.float64), float(rec.fs), rec.sig_name[column])
+    if "PPG" not in found:
+        raise CaseSkipped("missing_track", f"no PPG signal in {record.name} (signals: {', '.join(rec.sig_name)})")
+    return found
 
 
 class Predictor:
@@ -224,8 +251,8 @@ class Predictor:
 
 
 def recordings_in(folder: str) -> tuple[str, list[str]]:
-    """``("butppg", record ids)`` for a BUT-PPG folder (RECORDS), ``("vital", names)`` for a
-    folder of .vital files."""
+    """``("butppg", record ids)`` for a BUT-PPG folder (RECORDS of ``<id>/<id>_PPG``), ``("vital",
+    names)`` for a folder of .vital files, ``("wfdb", record names)`` for a PhysioNet/WFDB folder."""
     from pathlib import Path
 
     from biofm.sources.butppg import read_records
@@ -233,12 +260,18 @@ def recordings_in(folder: str) -> tuple[str, list[str]]:
     root = Path(folder)
     if not root.is_dir():
         raise BiofmError(f"{folder} is not a folder of recordings")
-    if (root / "RECORDS").is_file():
+    listed = [x.strip() for x in (root / "RECORDS").read_text().splitlines() if x.strip()] \
+        if (root / "RECORDS").is_file() else []
+    if listed and all(x.endswith("_PPG") for x in listed):
         return "butppg", read_records(root)
     vital = sorted(p.stem for p in root.glob("*.vital"))
-    if not vital:
-        raise BiofmError(f"no recordings in {folder}: expected .vital files or a BUT-PPG folder (with RECORDS)")
-    return "vital", vital
+    if vital:
+        return "vital", vital
+    records = listed or sorted(p.stem for p in root.glob("*.hea"))
+    if not records:
+        raise BiofmError(f"no recordings in {folder}: expected .vital files, WFDB records (.hea) or a BUT-PPG "
+                         "folder (with RECORDS)")
+    return "wfdb", records
 
 
 def predict(model_path: str, input_dir: str, output: str, batch_size: int = 256, plots: int = 5,
@@ -315,6 +348,9 @@ def _raw_ppg(source: str, folder: str, rid: str, channels: dict) -> tuple[np.nda
 
     if source == "butppg":
         return read_record(Path(folder), rid, 0)["PPG"]
+    if source == "wfdb":
+        x, fs, _ = _wfdb_tracks(Path(folder) / rid, {"PPG": channels["PPG"]})["PPG"]
+        return x, fs
     x, fs, _ = read_tracks(Path(folder) / f"{rid}.vital", {"PPG": channels["PPG"]})["PPG"]
     return x, fs
 
