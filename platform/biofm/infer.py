@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -177,8 +178,6 @@ def _recording_windows(row: dict, kind: str, folder: str, channels: dict, window
                 raise CaseSkipped(out["outcome"]["code"], out["outcome"]["reason"])
             return [{"recording_id": rid, "window_idx": 0, "start_s": 0.0, "signal": out["signal"],
                      "present": out["present"], "skipped": ""}]
-        from pathlib import Path
-
         readable = {n: s for n, s in channels.items() if s.tracks}
         if kind == "wfdb":
             tracks = _wfdb_tracks(Path(folder) / rid, readable)
@@ -253,8 +252,6 @@ class Predictor:
 def recordings_in(folder: str) -> tuple[str, list[str]]:
     """``("butppg", record ids)`` for a BUT-PPG folder (RECORDS of ``<id>/<id>_PPG``), ``("vital",
     names)`` for a folder of .vital files, ``("wfdb", record names)`` for a PhysioNet/WFDB folder."""
-    from pathlib import Path
-
     from biofm.sources.butppg import read_records
 
     root = Path(folder)
@@ -341,8 +338,6 @@ def predict(model_path: str, input_dir: str, output: str, batch_size: int = 256,
 
 def _raw_ppg(source: str, folder: str, rid: str, channels: dict) -> tuple[np.ndarray, float]:
     """The recording's PPG as recorded ``(x [n], Hz)``, for its timeline."""
-    from pathlib import Path
-
     from biofm.sources.butppg import read_record
     from biofm.sources.vitaldb import read_tracks
 
