@@ -78,15 +78,18 @@ class Embedder:
 
 def actor_pool(concurrency: int | None = None, num_gpus: float = 0.0) -> tuple[int, int, float]:
     """``(cluster CPUs, actors, CPUs per actor)`` for a pool that holds a model: ``concurrency``
-    actors, or one per GPU share with ``num_gpus``, or the CPUs less one. One CPU stays for Ray
-    Data's file listing (a whole CPU) and its reads and writes (a quarter each): actors holding
-    every CPU would starve them, and the job would wait forever."""
+    actors, or one per GPU share with ``num_gpus``, or the free CPUs less one. One free CPU stays
+    for Ray Data's file listing (a whole CPU) and its reads and writes (a quarter each): actors
+    holding every CPU would starve them, and the job would wait forever. Sized by what is free
+    now, not the cluster's total: other work (a placement group another run left reserved) can
+    hold part of it."""
     import ray
 
     cpus = int(ray.cluster_resources().get("CPU", 1))
+    free = ray.available_resources().get("CPU", 0.0)
     gpus = ray.cluster_resources().get("GPU", 0)
-    actors = concurrency or (max(1, int(gpus / num_gpus)) if num_gpus else max(1, cpus - 1))
-    return cpus, actors, min(1.0, max(0.0, cpus - 1) / actors)
+    actors = concurrency or (max(1, int(gpus / num_gpus)) if num_gpus else max(1, int(free) - 1))
+    return cpus, actors, min(1.0, max(0.0, free - 1) / actors)
 
 
 def embed(checkpoint_path: str, data_dir: str, output: str, batch_size: int = 256, concurrency: int | None = None,
