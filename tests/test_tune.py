@@ -21,7 +21,7 @@ from biofm.cli import main
 from biofm.config import FinetuneConfig, TuneSearchConfig, from_dict, load_config
 from biofm.errors import BiofmError, ConfigError
 from biofm.tune import analyse, load_trials, param_space, run_search, trial_base, trial_config
-from conftest import REAL_BUTPPG, ROOT, requires_realdata, write_pretrained
+from conftest import REAL_BUTPPG, ROOT, requires_realdata, tensorboard_scalars, write_pretrained
 
 
 def test_search_config_is_checked(tmp_path):
@@ -140,6 +140,8 @@ def test_interrupted_search_resumes_and_asha_stops_a_worse_schedule(butppg_data,
     assert "1 of 4 trials failed (" in capsys.readouterr().err
     assert finished.stat().st_mtime_ns == stamp  # the finished trial was not run again
     assert len(list(exp.glob("trials/*/test_metrics.json"))) == 2  # the stopped trial has none
+    for trial in exp.glob("trials/*/test_metrics.json"):  # each trial's epochs in TensorBoard, beside its run
+        assert [e for e, _ in tensorboard_scalars(trial.parent / "tensorboard")["val/auroc"]] == [1, 2]
     with pytest.raises(BiofmError, match="--resume"):
         run_search(load_config(TuneSearchConfig, config), FinetuneConfig(), pretrained, butppg_data, tmp_path / "tune")
 

@@ -347,16 +347,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--address", default=None, help=ADDRESS_HELP)
     p.set_defaults(func=_tune)
 
-    p = sub.add_parser("pipeline", help="every stage from one config: splits, windows, pretrain, BUT-PPG, finetune, tune",
+    p = sub.add_parser("pipeline", help="every stage from one config: splits, windows, pretrain, BUT-PPG, finetune, tune, embed",
                        description="Runs prepare-splits, build-windows (train, val), pretrain, prepare-butppg, "
-                                   "finetune and, with a tune section, tune. A stage whose output was made "
+                                   "finetune and, with a tune or embed section, tune and embed. A stage whose output was made "
                                    "from the same settings is skipped; an interrupted one continues.")
     p.add_argument("--config", default="configs/pipeline.yaml", help=CONFIG_HELP)
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a pipeline config key (value in YAML), e.g. --set vital_source=/data/vital")
     p.add_argument("--output-dir", default=None, help="where every stage writes (default: the config's output_dir)")
     p.add_argument("--force", nargs="+", default=[], metavar="STAGE",
-                   help="rerun these stages even if up to date: splits windows pretrain butppg finetune tune")
+                   help="rerun these stages even if up to date: splits windows pretrain butppg finetune tune embed")
     p.add_argument("--address", default=None, help=ADDRESS_HELP)
     p.set_defaults(func=_pipeline)
 
@@ -369,7 +369,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", required=True, help="embeddings/ and manifest.json go here")
     p.add_argument("--batch-size", type=int, default=256, help="windows per model call")
     p.add_argument("--concurrency", type=int, default=None,
-                   help="actors holding the model (default: the cluster's CPUs less one; with --num-gpus, one per GPU share)")
+                   help="actors holding the model (default: the free CPUs less one; with --num-gpus, one per GPU share)")
     p.add_argument("--num-gpus", type=float, default=0.0, help="GPUs per actor (0: CPU)")
     p.add_argument("--tokens", action="store_true", help="also write the per-patch latents [P, D]")
     p.add_argument("--address", default=None, help=ADDRESS_HELP)

@@ -95,7 +95,7 @@ def actor_pool(concurrency: int | None = None, num_gpus: float = 0.0) -> tuple[i
 def embed(checkpoint_path: str, data_dir: str, output: str, batch_size: int = 256, concurrency: int | None = None,
           num_gpus: float = 0.0, tokens: bool = False, address: str | None = None) -> dict:
     """Embeddings of every window of ``data_dir`` (a split folder) under ``output``; returns the
-    manifest. ``concurrency``: actors (default: the cluster's CPUs less one, for the reads;
+    manifest. ``concurrency``: actors (default: the free CPUs less one, for the reads;
     with ``num_gpus``, one actor per GPU share)."""
     import ray
 
