@@ -31,8 +31,6 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def write_checkpoint(split_dir: Path, path: Path) -> str:
-    import dataclasses
-
     from biofm.config import PretrainConfig, load_config, to_jsonable
     from biofm.model.ssl import MaskedSignalModel, ttm_config
     from biofm.preprocess import read_data_spec
@@ -43,7 +41,7 @@ def write_checkpoint(split_dir: Path, path: Path) -> str:
     torch.manual_seed(0)
     desc = {"kind": "masked_signal_model", "channels": list(cfg.channels), "data_spec": read_data_spec(split_dir),
             "ttm_config": json.loads(json.dumps(model_cfg.to_dict(), default=str)),
-            "pretrain_config": to_jsonable(dataclasses.replace(cfg))}
+            "pretrain_config": to_jsonable(cfg)}
     return checkpoint.save(path, MaskedSignalModel(model_cfg).state_dict(), desc)
 
 
