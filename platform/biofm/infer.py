@@ -28,20 +28,28 @@ from biofm.errors import BiofmError, ConfigError
 from biofm.train import checkpoint
 
 
+def encoder_description(path: str) -> dict:
+    """The description of a checkpoint that holds an encoder (pretraining or fine-tuned), read
+    without building the model: the driver's checks need no model (and none of its imports)."""
+    description = checkpoint.load(path)["description"]
+    if description.get("kind") not in ("masked_signal_model", "ppg_quality_classifier"):
+        raise BiofmError(f"{path} is neither a pretraining nor a fine-tuned checkpoint "
+                         f"(kind {description.get('kind')!r})")
+    return description
+
+
 def load_encoder(path: str):
     """The encoder of a pretraining checkpoint, or of a fine-tuned classifier, and the checkpoint's
     description (CPU, eval mode)."""
     from biofm.train.finetune import load_classifier
     from biofm.train.pretrain import load_pretrained
 
-    kind = checkpoint.load(path)["description"].get("kind")
-    if kind == "masked_signal_model":
+    description = encoder_description(path)
+    if description["kind"] == "masked_signal_model":
         model = load_pretrained(path)
-    elif kind == "ppg_quality_classifier":
-        model = load_classifier(path)[0]
     else:
-        raise BiofmError(f"{path} is neither a pretraining nor a fine-tuned checkpoint (kind {kind!r})")
-    return model.encoder.eval(), checkpoint.load(path)["description"]
+        model = load_classifier(path)[0]
+    return model.encoder.eval(), description
 
 
 class Embedder:
@@ -107,7 +115,7 @@ def embed(checkpoint_path: str, data_dir: str, output: str, batch_size: int = 25
     target = storage.join(output, "embeddings")
     if storage.list_files(target):
         raise BiofmError(f"{target} already holds embeddings: choose another --output, or delete it")
-    _, description = load_encoder(checkpoint_path)
+    description = encoder_description(checkpoint_path)
     split = scan(data_dir)
     needed, stored = list(description["channels"]), list(split.spec["channels"])
     missing = [c for c in needed if c not in stored]
