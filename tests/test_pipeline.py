@@ -59,7 +59,7 @@ def test_a_stage_is_skipped_continued_or_rebuilt_by_its_settings(tmp_path, capsy
     assert (foreign / "notes.txt").read_text() == "keep me"
 
 
-def test_pipeline_stops_at_once_when_a_source_is_unreachable(dead_url, s3, tmp_path, capsys):
+def test_pipeline_stops_at_once_when_a_source_is_unreachable(dead_url, s3, tmp_path, capsys, monkeypatch):
     base = ["pipeline", "--config", str(ROOT / "configs/pipeline.yaml"), "--output-dir", str(tmp_path / "run")]
     t0 = time.perf_counter()
     assert main(base + ["--set", f"api_url={dead_url}", "--set", f"physionet_url={dead_url}",
@@ -81,6 +81,19 @@ def test_pipeline_stops_at_once_when_a_source_is_unreachable(dead_url, s3, tmp_p
     assert main(base + ["--set", f"vital_source={tmp_path}", "--set", "butppg_raw_dir=s3://bucket/butppg"]) == 2
     assert "BUT-PPG raw folder s3://bucket/butppg: the raw records are read from a folder" in capsys.readouterr().err
     assert time.perf_counter() - t0 < 30 and not (tmp_path / "run").exists()  # nothing was started
+    import huggingface_hub.constants as hub
+
+    monkeypatch.setattr(hub, "HF_HUB_CACHE", str(tmp_path / "hf"))
+    monkeypatch.setattr(hub, "ENDPOINT", dead_url)
+    assert main(base + ["--set", f"vital_source={tmp_path}", "--set", f"butppg_raw_dir={raw}", "--set",
+                        "pretrain={init: ibm-granite/granite-timeseries-ttm-r2@1536-96-r2}"]) == 2
+    err = capsys.readouterr().err  # the published weights pretraining starts from are a source too
+    assert "cannot get ibm-granite/granite-timeseries-ttm-r2@1536-96-r2: the Hugging Face hub is unreachable" in err
+    assert err.rstrip().endswith('--set pretrain="{init: <folder of the TTM checkpoint>}"')
+    assert main(base + ["--set", f"vital_source={tmp_path}", "--set", f"butppg_raw_dir={raw}", "--set",
+                        f"pretrain={{init: {tmp_path / 'no-such-folder'}}}"]) == 2
+    assert f"init {tmp_path / 'no-such-folder'}: no such folder" in capsys.readouterr().err
+    assert time.perf_counter() - t0 < 40 and not (tmp_path / "run").exists()
     assert main(base + ["--set", "max_epochs=3"]) == 2
     assert "unknown key 'max_epochs'" in capsys.readouterr().err
     assert main(base + ["--set", "pretrain={epoch: 3}", "--set", f"vital_source={tmp_path}"]) == 2

@@ -47,7 +47,7 @@ def _pretrain_config(args):
     from biofm.config import PretrainConfig, with_overrides
 
     return with_overrides(PretrainConfig, args.config, _flags(
-        channels=args.channels, mask_ratio=args.mask_ratio, epochs=args.epochs, batch_size=args.batch_size,
+        channels=args.channels, init=args.init, mask_ratio=args.mask_ratio, epochs=args.epochs, batch_size=args.batch_size,
         lr=args.lr, num_workers=args.num_workers, use_gpu=args.use_gpu, amp=False if args.no_amp else None),
         "command-line flags")
 
@@ -271,6 +271,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", default="configs/ssl_pretrain.yaml", help=CONFIG_HELP)
     p.add_argument("--data-dir", default="data/vitaldb_windows", help="windows from build-windows (train/ and val/)")
     p.add_argument("--channels", nargs="+", default=None, help="channels to train on, in order")
+    p.add_argument("--init", default=None, metavar="random|ID_OR_FOLDER[@REVISION]",
+                   help="random weights, or IBM's published TTM (a Hugging Face id such as "
+                        "ibm-granite/granite-timeseries-ttm-r2@1536-96-r2, or its folder): its architecture and weights")
     p.add_argument("--output-dir", default="artifacts/foundation_model", help="artifacts and checkpoints")
     p.add_argument("--mask-ratio", type=float, default=None, help="share of (channel, 1 s patch) cells masked")
     p.add_argument("--epochs", type=int, default=None, help="training epochs")

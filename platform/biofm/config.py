@@ -177,10 +177,16 @@ class PretrainConfig:
     ``cache_mb`` MB in memory (float32: 10 kB per 2-channel window) is read once into each
     worker's memory and fully reshuffled every epoch; larger ones stream from Parquet every
     epoch, files in a new order, through a buffer of ``shuffle_buffer`` windows (0: always
-    stream). See :mod:`biofm.train.batches`.
+    stream). See :mod:`biofm.train.batches`. ``init``: ``random``, or IBM's published TTM weights
+    (a Hugging Face id or a local folder, ``@revision`` optional), whose architecture then
+    replaces ``d_model`` and ``num_layers``: see :mod:`biofm.model.ttm_weights`.
+    ``init_weights: false`` takes only that architecture, with random weights (the control of a
+    comparison).
     """
 
     channels: tuple[str, ...] = ("PPG", "ECG")
+    init: str = "random"
+    init_weights: bool = True
     d_model: int = 192
     num_layers: int = 4
     dropout: float = 0.1

@@ -41,9 +41,10 @@ def settings_hash(settings: dict) -> str:
     return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def check_sources(cfg: PipelineConfig) -> None:
-    """Stop before any work when a source the pipeline needs cannot be reached, naming every one
-    at once and the settings that point the run at local copies, as one command line."""
+def check_sources(cfg: PipelineConfig, pre: PretrainConfig) -> None:
+    """Stop before any work when a source the pipeline needs cannot be reached (the recordings,
+    and the published weights pretraining starts from), naming every one at once and the settings
+    that point the run at local copies, as one command line."""
     from biofm.sources import butppg
     from biofm.sources.vitaldb import open_source
 
@@ -66,6 +67,14 @@ def check_sources(cfg: PipelineConfig) -> None:
             except SourceUnreachable as e:
                 problems.append(str(e))
                 fixes["butppg_raw_dir"] = "<BUT-PPG 2.0.0 folder>"
+    if pre.init != "random":
+        from biofm.model import ttm_weights
+
+        try:
+            ttm_weights.fetch(*ttm_weights.parse(pre.init))
+        except BiofmError as e:
+            problems.append(str(e))
+            fixes["pretrain"] = '"{init: <folder of the TTM checkpoint>}"'
     if problems:
         flags = " ".join(f"--set {k}={v}" for k, v in fixes.items())
         raise SourceUnreachable("\n  ".join(["nothing was started:", *problems])
@@ -112,7 +121,7 @@ def run_pipeline(cfg: PipelineConfig, force: tuple[str, ...] = (), address: str 
     but = load_config(ButppgConfig, cfg.butppg_config)
     fine = with_overrides(FinetuneConfig, cfg.finetune_config, cfg.finetune, "pipeline finetune")
     search = None if cfg.tune is None else with_overrides(TuneSearchConfig, cfg.tune_config, cfg.tune, "pipeline tune")
-    check_sources(cfg)  # before the heavy imports below: offline, it answers in a second
+    check_sources(cfg, pre)  # before the heavy imports below: offline, it answers in a second
     storage.check_writable(out)
 
     from biofm.infer import embed

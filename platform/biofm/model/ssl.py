@@ -3,9 +3,15 @@
 Shapes: signals ``[B, C, T]`` (T = 1250 samples: 10 s at 125 Hz, z-scored), patches of
 ``patch`` samples (125 = 1 s, P = 10 per window), latents ``[B, C, P, D]`` (D = d_model),
 masks ``[B, C, P]`` (True = masked cell).
+
+An encoder whose context is longer than the window (IBM's published geometry, see
+:mod:`biofm.model.ttm_weights`) sees the window zero-padded at its end; P is then the number of
+patches that hold window samples (``ceil(T / patch)``) and the padding's latents are dropped.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import nn
@@ -13,26 +19,36 @@ from tsfm_public.models.tinytimemixer import TinyTimeMixerConfig, TinyTimeMixerF
 
 
 def ttm_config(num_channels: int, num_layers: int = 4, d_model: int = 192, context: int = 1250,
-               patch: int = 125, dropout: float = 0.1) -> TinyTimeMixerConfig:
-    """TTM encoder config: one patch per second, channels mixed, no built-in scaling."""
-    return TinyTimeMixerConfig(
-        context_length=context, patch_length=patch, patch_stride=patch,
-        num_input_channels=num_channels, d_model=d_model, num_layers=num_layers,
-        mode="mix_channel", scaling=False, dropout=dropout, prediction_length=patch,
-        use_positional_encoding=False, adaptive_patching_levels=0,
-    )
+               patch: int = 125, dropout: float = 0.1, **architecture) -> TinyTimeMixerConfig:
+    """TTM encoder config: one patch per second, channels mixed, no built-in scaling.
+    ``architecture``: other TinyTimeMixerConfig keys (a published checkpoint's) and
+    ``signal_length`` (samples per window, when shorter than ``context``)."""
+    return TinyTimeMixerConfig(**{
+        "use_positional_encoding": False, "adaptive_patching_levels": 0, **architecture,
+        "context_length": context, "patch_length": patch, "patch_stride": patch, "num_input_channels": num_channels,
+        "d_model": d_model, "num_layers": num_layers, "mode": "mix_channel", "scaling": False, "dropout": dropout,
+        "prediction_length": patch})
 
 
 class Encoder(nn.Module):
-    """TTM encoder: ``[B, C, T]`` -> latents ``[B, C, P, D]``; :meth:`tokens` gives ``[B, P, D]``."""
+    """TTM encoder: ``[B, C, T]`` -> latents ``[B, C, P, D]``; :meth:`tokens` gives ``[B, P, D]``.
+
+    ``config.signal_length`` (samples per window, default the context length) may be shorter
+    than ``config.context_length``: windows are then zero-padded at the end and only the
+    ``patches`` that hold window samples are returned."""
 
     def __init__(self, config: TinyTimeMixerConfig):
         super().__init__()
         self.config = config
         self.ttm = TinyTimeMixerModel(config)
+        self.length = getattr(config, "signal_length", None) or config.context_length
+        self.patches = math.ceil(self.length / config.patch_length)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.ttm(past_values=x.transpose(1, 2)).last_hidden_state
+        padding = self.config.context_length - x.shape[-1]
+        if padding:
+            x = nn.functional.pad(x, (0, padding))
+        return self.ttm(past_values=x.transpose(1, 2)).last_hidden_state[:, :, :self.patches]
 
     def tokens(self, x: torch.Tensor) -> torch.Tensor:
         return self(x).mean(dim=1)
@@ -48,9 +64,13 @@ class Encoder(nn.Module):
         model.save_pretrained(folder)
 
     @property
-    def layers(self) -> nn.ModuleList:
-        """The mixer layers, first to last ("unfreeze the last N" counts these)."""
-        return self.ttm.encoder.mlp_mixer_encoder.mixers
+    def layers(self) -> list[nn.Module]:
+        """The mixer layers, first to last ("unfreeze the last N" counts these); with adaptive
+        patching, every level's layers in the order they run."""
+        mixers = self.ttm.encoder.mlp_mixer_encoder.mixers
+        if self.config.adaptive_patching_levels > 0:
+            return [layer for level in mixers for layer in level.mixer_layers]
+        return list(mixers)
 
 
 def random_mask(batch: int, channels: int, patches: int, ratio: float, same_across_channels: bool = False,
@@ -78,16 +98,27 @@ class MaskedSignalModel(nn.Module):
         self.encoder = Encoder(config)
         self.decoder = nn.Linear(config.d_model, config.patch_length)
 
+    @property
+    def patches(self) -> int:
+        """Patches per window, P."""
+        return self.encoder.patches
+
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``x`` ``[B, C, T]``, ``mask`` ``[B, C, P]`` -> (reconstruction ``[B, C, T]``, latents)."""
-        keep = (~mask).repeat_interleave(self.patch, dim=-1).to(x.dtype)
+        keep = patch_samples(mask, self.patch, x.shape[-1]).logical_not().to(x.dtype)
         latents = self.encoder(x * keep)
-        return self.decoder(latents).flatten(-2), latents
+        return self.decoder(latents).flatten(-2)[..., :x.shape[-1]], latents
+
+
+def patch_samples(mask: torch.Tensor, patch: int, samples: int) -> torch.Tensor:
+    """A mask of patches ``[B, C, P]`` as a mask of samples ``[B, C, samples]`` (the last patch
+    may run past the window's end)."""
+    return mask.repeat_interleave(patch, dim=-1)[..., :samples]
 
 
 def masked_mse(recon: torch.Tensor, x: torch.Tensor, mask: torch.Tensor, patch: int) -> torch.Tensor:
     """Mean squared error over the masked cells' samples only."""
-    cells = mask.repeat_interleave(patch, dim=-1).to(x.dtype)
+    cells = patch_samples(mask, patch, x.shape[-1]).to(x.dtype)
     return ((recon - x) ** 2 * cells).sum() / cells.sum().clamp(min=1)
 
 

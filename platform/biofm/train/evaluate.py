@@ -42,7 +42,7 @@ MIN_WINDOWS = 100  # below this many windows evaluate-ssl's figures mean little
 def interpolate_masked(x: np.ndarray, mask: np.ndarray, patch: int) -> np.ndarray:
     """Baseline: fill masked samples ``[B, C, T]`` by linear interpolation between the nearest
     unmasked samples (holding the edge value past the ends)."""
-    keep = ~np.repeat(mask, patch, axis=-1)
+    keep = ~np.repeat(mask, patch, axis=-1)[..., :x.shape[-1]]
     out = np.zeros_like(x)
     t = np.arange(x.shape[-1])
     for b in range(x.shape[0]):
@@ -55,6 +55,7 @@ def interpolate_masked(x: np.ndarray, mask: np.ndarray, patch: int) -> np.ndarra
 def evaluate_ssl(checkpoint_path: str | Path, data_dir: str | Path, split: str = "val") -> dict:
     """Masked-cell MSE per channel of the model, of predicting zero (the z-scored mean) and of
     linear interpolation, on the same fixed masks."""
+    from biofm.model.ssl import patch_samples
     from biofm.preprocess import check_data_spec, read_data_spec
     from biofm.train.pretrain import load_pretrained, window_masks
 
@@ -63,7 +64,7 @@ def evaluate_ssl(checkpoint_path: str | Path, data_dir: str | Path, split: str =
     cfg, channels = desc["pretrain_config"], desc["channels"]
     split_dir = storage.join(data_dir, split)
     check_data_spec(desc["data_spec"], read_data_spec(split_dir), str(split_dir))
-    patch, patches = model.patch, model.encoder.config.num_patches
+    patch, patches = model.patch, model.patches
     sq = {k: np.zeros(len(channels)) for k in ("model", "zero", "linear_interp")}
     count, windows = np.zeros(len(channels)), 0
     for x, cases, idx in iter_windows(split_dir, channels):
@@ -71,7 +72,7 @@ def evaluate_ssl(checkpoint_path: str | Path, data_dir: str | Path, split: str =
                             cfg["mask_same_across_channels"])
         with torch.no_grad():
             recon = model(torch.from_numpy(x), mask)[0].numpy()
-        cells = np.repeat(mask.numpy(), patch, axis=-1)
+        cells = patch_samples(mask, patch, x.shape[-1]).numpy()
         for name, pred in (("model", recon), ("zero", np.zeros_like(x)),
                            ("linear_interp", interpolate_masked(x, mask.numpy(), patch))):
             sq[name] += (((pred - x) ** 2) * cells).sum(axis=(0, 2))
@@ -113,7 +114,7 @@ def smoke(data_dir: str | Path, output_dir: str | Path, max_windows: int = 64, b
         raise BiofmError(f"{split_dir} has {len(x)} windows; the smoke test needs at least {batch_size}")
     model = MaskedSignalModel(ttm_config(len(cfg.channels), cfg.num_layers, cfg.d_model, dropout=cfg.dropout))
     stft = MultiResolutionSTFTLoss(cfg.stft_ffts)
-    patches, patch = model.encoder.config.num_patches, model.patch
+    patches, patch = model.patches, model.patch
     g = torch.Generator().manual_seed(seed)
     fixed_mask = random_mask(len(x), len(cfg.channels), patches, cfg.mask_ratio, generator=g)
     data = torch.from_numpy(x)

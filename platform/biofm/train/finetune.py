@@ -24,7 +24,7 @@ from biofm import output, storage
 from biofm.config import FinetuneConfig, to_jsonable
 from biofm.errors import BiofmError, ConfigError
 from biofm.model.classifier import Classifier, inflate_encoder
-from biofm.model.ssl import Encoder, ttm_config
+from biofm.model.ssl import Encoder
 from biofm.train import checkpoint
 from biofm.train.batches import WaitClock, WindowBatches, data_wait_note, scan
 from biofm.train.metrics import choose_threshold, classification_metrics, classifier_warnings
@@ -86,7 +86,7 @@ def build_classifier(cfg: FinetuneConfig, pretrained: str | Path | None, data_sp
         encoder = inflate_encoder(state, ttm, old, channels, cfg.inflation, cfg.seed)
     else:
         torch.manual_seed(cfg.seed)
-        encoder = Encoder(ttm_config(len(channels), ttm.num_layers, ttm.d_model, dropout=ttm.dropout))
+        encoder = Encoder(TinyTimeMixerConfig.from_dict({**ttm.to_dict(), "num_input_channels": len(channels)}))
     torch.manual_seed(cfg.seed)
     model = Classifier(encoder, dropout=cfg.dropout)
     description = {"kind": "ppg_quality_classifier", "ttm_config": json.loads(json.dumps(encoder.config.to_dict(), default=str)),

@@ -46,7 +46,7 @@ def plot_reconstructions(model, split_dir: str, description: dict, path: str, n:
 
     spec, cfg = description["data_spec"], description["pretrain_config"]
     x, case_ids, window_idx = first_windows(split_dir, description["channels"], n)
-    patches, patch = model.encoder.config.num_patches, model.patch
+    patches, patch = model.patches, model.patch
     mask = window_masks(case_ids, window_idx, x.shape[1], patches, cfg["mask_ratio"], cfg["val_mask_seed"],
                         cfg["mask_same_across_channels"])
     with torch.no_grad():

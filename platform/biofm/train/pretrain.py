@@ -24,7 +24,9 @@ import torch
 from biofm import output, storage
 from biofm.config import PretrainConfig, to_jsonable
 from biofm.errors import BiofmError, ConfigError
-from biofm.model.ssl import MaskedSignalModel, MultiResolutionSTFTLoss, masked_mse, random_mask, ttm_config
+from biofm.model.ssl import MaskedSignalModel, MultiResolutionSTFTLoss, masked_mse, random_mask
+from biofm.model.ttm_weights import describe as describe_init
+from biofm.model.ttm_weights import initial_model
 from biofm.train import checkpoint
 from biofm.train.batches import Split, WaitClock, WindowBatches, data_wait_note, scan
 from biofm.train.ray_run import check_run_dir, fit, mixed_precision, worker_print
@@ -57,9 +59,10 @@ def _allreduce(values: list[float], device) -> list[float]:
 def train_loop(config: dict) -> None:
     """Runs on every Ray Train worker. ``config``: ``cfg`` (PretrainConfig fields), ``train`` and
     ``val`` (:class:`~biofm.train.batches.Split`), ``description`` (model config, channels, data spec),
-    ``output_dir`` (for TensorBoard)."""
+    ``initial_state`` (the weights to start from), ``output_dir`` (for TensorBoard)."""
     import ray.train
     import ray.train.torch
+    from tsfm_public.models.tinytimemixer import TinyTimeMixerConfig
 
     output.configure_worker(config["quiet"])
     cfg = PretrainConfig(**config["cfg"])
@@ -70,7 +73,8 @@ def train_loop(config: dict) -> None:
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // ctx.get_local_world_size()))
     torch.manual_seed(cfg.seed + rank)
     device = ray.train.torch.get_device()
-    model = MaskedSignalModel(ttm_config(len(cfg.channels), cfg.num_layers, cfg.d_model, dropout=cfg.dropout))
+    model = MaskedSignalModel(TinyTimeMixerConfig.from_dict(config["description"]["ttm_config"]))
+    model.load_state_dict(config["initial_state"])
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     state = {"epoch": 0, "global_step": 0, "bad_steps": 0, "history": []}
     restored = ray.train.get_checkpoint()
@@ -84,7 +88,7 @@ def train_loop(config: dict) -> None:
     core = model.module if hasattr(model, "module") else model
     stft = MultiResolutionSTFTLoss(cfg.stft_ffts).to(device)
     autocast, scaler = mixed_precision(cfg.amp, device)
-    channels, patches, patch = len(cfg.channels), core.encoder.config.num_patches, core.patch
+    channels, patches, patch = len(cfg.channels), core.patches, core.patch
     train_batches, val_batches = loaders(cfg, config["train"], config["val"], rank, world, device)
     tracker = Tracker(config["output_dir"], "pretrain", config["cfg"]) if rank == 0 else None
     total_steps = cfg.epochs * len(train_batches)
@@ -184,7 +188,6 @@ def pretrain(cfg: PretrainConfig, data_dir: str | Path, output_dir: str | Path, 
 
     data_dir, output_dir = storage.normalize(data_dir), storage.normalize(output_dir)
     ray_dir = check_run_dir(output_dir, resume, "pretraining")
-    ensure_ray(address)
     train, val = (scan(storage.join(data_dir, s), cfg.channels) for s in ("train", "val"))
     spec = train.spec
     if not same_data(spec, val.spec):
@@ -192,17 +195,24 @@ def pretrain(cfg: PretrainConfig, data_dir: str | Path, output_dir: str | Path, 
     if train.windows < cfg.num_workers or val.windows == 0:
         raise BiofmError(f"{data_dir} has {train.windows} train and {val.windows} val windows: too few "
                          f"for {cfg.num_workers} worker(s)")
-    model_cfg = ttm_config(len(cfg.channels), cfg.num_layers, cfg.d_model, dropout=cfg.dropout).to_dict()
-    description = {"kind": "masked_signal_model", "ttm_config": json.loads(json.dumps(model_cfg, default=str)),
-                   "channels": list(cfg.channels), "data_spec": spec, "pretrain_config": to_jsonable(cfg)}
-    loop_config = {"cfg": dataclasses.asdict(cfg), "description": description, "train": train, "val": val,
-                   "output_dir": output_dir}
+    model, init = initial_model(cfg, spec["window_samples"])
+    ensure_ray(address)
+    model_cfg = model.encoder.config
+    cfg = dataclasses.replace(cfg, d_model=model_cfg.d_model, num_layers=model_cfg.num_layers)
+    print(f"[pretrain] starting from {describe_init(init)}", flush=True)
+    description = {"kind": "masked_signal_model",
+                   "ttm_config": json.loads(json.dumps(model_cfg.to_dict(), default=str)),
+                   "channels": list(cfg.channels), "data_spec": spec, "pretrain_config": to_jsonable(cfg),
+                   "init": {k: v for k, v in init.items() if k not in ("new", "unused")}}
+    loop_config = {"cfg": dataclasses.asdict(cfg), "description": description, "initial_state": model.state_dict(),
+                   "train": train, "val": val, "output_dir": output_dir}
     best, history = fit(train_loop, loop_config, cfg, ray_dir, "val_loss", "min")
-    write_artifacts(output_dir, best, history, cfg, data_dir)
+    write_artifacts(output_dir, best, history, cfg, data_dir, init)
     return history[-1]
 
 
-def write_artifacts(output_dir: str, best: dict, history: list[dict], cfg: PretrainConfig, data_dir: str) -> None:
+def write_artifacts(output_dir: str, best: dict, history: list[dict], cfg: PretrainConfig, data_dir: str,
+                    init: dict) -> None:
     """best_model.pt, training_history.json, training_config.json, encoder/ (Hugging Face), PNGs."""
     from biofm.train.plots import plot_history, plot_reconstructions
 
@@ -210,7 +220,7 @@ def write_artifacts(output_dir: str, best: dict, history: list[dict], cfg: Pretr
     checkpoint.save(out("best_model.pt"), best["model"], best["description"])
     storage.write_text(out("training_history.json"), json.dumps(history, indent=1))
     storage.write_text(out("training_config.json"), json.dumps(
-        {**to_jsonable(cfg), "data_dir": data_dir, "best_epoch": best["training"]["epoch"]}, indent=1))
+        {**to_jsonable(cfg), "init": init, "data_dir": data_dir, "best_epoch": best["training"]["epoch"]}, indent=1))
     model = load_pretrained(out("best_model.pt"))
     with storage.local_folder(out("encoder")) as d:
         model.encoder.save_pretrained(d)
