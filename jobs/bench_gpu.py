@@ -7,6 +7,8 @@
    the split streamed from Parquet and held in memory: windows/s over the epochs after the first,
    and the share of each epoch spent waiting for data, on bench_train's one-hour cases.
 4. The ingest benchmark (jobs/bench_ingest.py, 200 files), its batches handed to the GPU.
+5. Embeddings (jobs/bench_inference.py's runs) on the GPU: biofm embed with one GPU actor against
+   a plain loop on the GPU, the same windows and encoder.
 
 Writes ``gpu_figures.json`` (and ``ingest.json``) to ``--out`` and prints a table. Without a GPU it
 stops with a message (``--allow-cpu`` runs it anyway, to check the script itself).
@@ -39,6 +41,28 @@ def device_facts() -> dict:
             "cuda": torch.version.cuda, "bf16": torch.cuda.is_bf16_supported()}
 
 
+def embed_figures(out: Path, cases: int, batch_size: int = 1024) -> dict:
+    """Windows/s of biofm embed with one GPU actor (all the CPUs for Ray) against a plain loop on
+    the GPU, on bench_inference's windows."""
+    import os
+
+    from bench_inference import build_split, plain_loop, ray_embed, write_checkpoint
+
+    split = build_split(out, cases, 1)
+    ckpt = write_checkpoint(split, out / "bench_inference.pt")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    plain = plain_loop(ckpt, split, os.cpu_count() or 1, batch_size, device)
+    ray_run = ray_embed(ckpt, split, out / "embed_out", None, batch_size, num_gpus=1.0 if device == "cuda" else 0.0)
+    rate = plain["windows"] / plain["seconds"]
+    result = {"plain_windows_per_s": rate, **{k: v for k, v in ray_run.items() if k != "memory"},
+              "steady_vs_plain": ray_run["steady_windows_per_s"] / rate,
+              "end_to_end_vs_plain": ray_run["windows"] / ray_run["seconds"] / rate}
+    print(f"embed on {device}: plain {rate:.0f} windows/s; biofm embed steady {ray_run['steady_windows_per_s']:.0f} "
+          f"({result['steady_vs_plain']:.2f} x), end to end {result['end_to_end_vs_plain']:.2f} x after "
+          f"{ray_run['startup_s']:.1f} s of start-up", flush=True)
+    return result
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True)
@@ -46,6 +70,7 @@ def main() -> int:
     p.add_argument("--cases", type=int, default=40, help="one-hour training cases (344 windows each)")
     p.add_argument("--ingest-cases", type=int, default=200, help="files for the ingest benchmark (0: skip it)")
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[128, 512])
+    p.add_argument("--embed-cases", type=int, default=48, help="one-hour cases for the embedding benchmark")
     p.add_argument("--allow-cpu", action="store_true")
     args = p.parse_args()
     facts = device_facts()
@@ -82,6 +107,7 @@ def main() -> int:
                 print(f"batch {batch:4d} AMP {'on ' if amp else 'off'} {ingest:8s}: {r['windows_per_s']:8.0f} windows/s, "
                       f"waiting {100 * r['data_wait_fraction']:.1f}%, first batch {r['first_batch_s']:.2f} s", flush=True)
     ray.shutdown()
+    figures["embed"] = embed_figures(out, args.embed_cases)
     (out / "gpu_figures.json").write_text(json.dumps(figures, indent=1))
     print(json.dumps(figures["smoke_pipeline_s"]))
     if args.ingest_cases:

@@ -56,7 +56,7 @@ def write_checkpoint(split_dir: Path, path: Path) -> str:
     return checkpoint.save(path, MaskedSignalModel(model_cfg).state_dict(), desc)
 
 
-def plain_loop(ckpt: str, split_dir: Path, threads: int, batch_size: int) -> dict:
+def plain_loop(ckpt: str, split_dir: Path, threads: int, batch_size: int, device: str = "cpu") -> dict:
     """The encoder and pooling of biofm embed, over the training loops' batches, in this process."""
     from biofm.infer import load_encoder
     from biofm.model.classifier import pool
@@ -64,10 +64,11 @@ def plain_loop(ckpt: str, split_dir: Path, threads: int, batch_size: int) -> dic
 
     torch.set_num_threads(threads)
     encoder, _ = load_encoder(ckpt)
+    encoder.to(device)
     t0, n = time.perf_counter(), 0
     with torch.no_grad():
-        for batch in WindowBatches(scan(str(split_dir)), ["signal"], batch_size).epoch(0):
-            n += len(pool(encoder(batch["signal"])))
+        for batch in WindowBatches(scan(str(split_dir)), ["signal"], batch_size, device=torch.device(device)).epoch(0):
+            n += len(pool(encoder(batch["signal"])).cpu())
     return {"windows": n, "seconds": time.perf_counter() - t0}
 
 
@@ -81,9 +82,8 @@ def private_mb(process: psutil.Process) -> tuple[float, float]:
 
 class TimedEmbedder(Embedder):
     """biofm's Embedder, recording each batch's start, end and windows, and every 4th batch the
-    actor's memory (``path``/<pid>.jsonl)."""
+    actor's memory (``$BENCH_TIMING_DIR/<pid>.jsonl``)."""
 
-    path = ""
     calls = 0
 
     def __call__(self, batch):
@@ -91,12 +91,12 @@ class TimedEmbedder(Embedder):
         out = super().__call__(batch)
         t1, self.calls = time.time(), self.calls + 1
         memory = private_mb(psutil.Process()) if self.calls % 4 == 1 else (None, None)
-        with open(Path(self.path) / f"{os.getpid()}.jsonl", "a") as f:
+        with open(Path(os.environ["BENCH_TIMING_DIR"]) / f"{os.getpid()}.jsonl", "a") as f:
             f.write(json.dumps([t0, t1, len(out["embedding"]), *memory]) + "\n")
         return out
 
 
-def ray_embed(ckpt: str, split_dir: Path, out: Path, cpus: int, batch_size: int) -> dict:
+def ray_embed(ckpt: str, split_dir: Path, out: Path, cpus: int | None, batch_size: int, num_gpus: float = 0.0) -> dict:
     """biofm embed on a fresh local Ray with ``cpus`` CPUs: seconds end to end, start-up, steady
     windows/s, and the memory of its actors as the windows go through."""
     import ray
@@ -107,12 +107,12 @@ def ray_embed(ckpt: str, split_dir: Path, out: Path, cpus: int, batch_size: int)
     timing = out.with_name(out.name + "_timing")
     shutil.rmtree(timing, ignore_errors=True)
     timing.mkdir(parents=True)
-    ray.init(num_cpus=cpus, include_dashboard=False, **output.ray_init_options())
-    TimedEmbedder.path = str(timing)
+    ray.init(num_cpus=cpus, include_dashboard=False, runtime_env={"env_vars": {"BENCH_TIMING_DIR": str(timing)}},
+             **output.ray_init_options())
     infer.Embedder = TimedEmbedder  # measurement only: the same model calls, timed
     try:
         t0 = time.time()
-        m = infer.embed(ckpt, str(split_dir), str(out), batch_size=batch_size)
+        m = infer.embed(ckpt, str(split_dir), str(out), batch_size=batch_size, num_gpus=num_gpus)
         seconds = time.time() - t0
     finally:
         infer.Embedder = Embedder

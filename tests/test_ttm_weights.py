@@ -193,3 +193,24 @@ def test_a_model_started_from_ibm_weights_goes_through_every_later_stage(ibm, bu
     assert scratch["ttm_config"]["adaptive_patching_levels"] == 3 and scratch["ttm_config"]["context_length"] == 1536
     predicted = predict(str(tmp_path / "ft" / "best_model.pt"), str(REAL_BUTPPG), str(tmp_path / "pred"), plots=0)
     assert predicted["recordings_ok"] == 51
+
+
+def test_compare_init_runs_differ_only_in_the_weights(tmp_path):
+    import importlib.util
+    import subprocess
+    import sys
+
+    spec = importlib.util.spec_from_file_location("compare_init", ROOT / "jobs" / "compare_init.py")
+    job = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(job)
+    runs = job.variant_configs(PretrainConfig(epochs=3), "ibm-granite/granite-timeseries-ttm-r2@1536-96-r2")
+    assert [(c.init, c.init_weights, c.epochs) for c in runs.values()] == [
+        ("ibm-granite/granite-timeseries-ttm-r2@1536-96-r2", False, 3),
+        ("ibm-granite/granite-timeseries-ttm-r2@1536-96-r2", True, 3)]
+    cv = {v: {"mean": 0.8125, "std": 0.05} for v in job.VARIANTS}
+    table = job.format_table({"random": {"val_loss": 1.5, "masked_mse": {"model": 0.61, "zero": 1.0,
+                                                                        "linear_interp": 0.7}, "cv_auroc": cv}})
+    assert table.splitlines()[-1] == "| random | 1.5000 | 0.6100 | 1.0000 | 0.7000 | 0.812 ± 0.050 | 0.812 ± 0.050 |"
+    done = subprocess.run([sys.executable, str(ROOT / "jobs" / "compare_init.py"), "--output", str(tmp_path)],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0 and "give --init (IBM's checkpoint) or --stand-in" in done.stderr
