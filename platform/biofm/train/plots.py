@@ -57,7 +57,7 @@ def plot_reconstructions(model, split_dir: str, description: dict, path: str, n:
         for c, name in enumerate(description["channels"]):
             ax = axes[i, c]
             for p in np.flatnonzero(mask[i, c].numpy()):
-                ax.axvspan(p * patch / spec["sample_rate_hz"], (p + 1) * patch / spec["sample_rate_hz"],
+                ax.axvspan(p * patch / spec["sample_rate_hz"], min((p + 1) * patch, x.shape[-1]) / spec["sample_rate_hz"],
                            color="orange", alpha=0.2, lw=0)
             ax.plot(t, x[i, c], lw=0.8, label="original")
             ax.plot(t, recon[i, c].numpy(), lw=0.8, label="reconstruction")
