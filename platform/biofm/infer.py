@@ -84,11 +84,18 @@ class Embedder:
         return out
 
 
+def _read_windows(batch: dict[str, np.ndarray], columns: list[str]):
+    """Ray Data task: the rows of each file in ``batch["path"]`` (``columns`` only), a table per file."""
+    for path in batch["path"]:
+        yield storage.read_file(path, columns)
+
+
 def actor_pool(concurrency: int | None = None, num_gpus: float = 0.0) -> tuple[int, int, float]:
     """``(cluster CPUs, actors, CPUs per actor)`` for a pool that holds a model: ``concurrency``
     actors, or one per GPU share with ``num_gpus``, or the free CPUs less one. One free CPU stays
-    for Ray Data's file listing (a whole CPU) and its reads and writes (a quarter each): actors
-    holding every CPU would starve them, and the job would wait forever. Sized by what is free
+    for the tasks that feed and drain the pool (predict's preprocessing takes a whole CPU per
+    task, embed's reads and the writes a quarter): actors holding every CPU would starve them,
+    and the job would wait forever. Sized by what is free
     now, not the cluster's total: other work (a placement group another run left reserved) can
     hold part of it."""
     import ray
@@ -129,7 +136,11 @@ def embed(checkpoint_path: str, data_dir: str, output: str, batch_size: int = 25
 
     ensure_ray(address)
     cpus, actors, actor_cpus = actor_pool(concurrency, num_gpus)
-    ds = ray.data.read_parquet(list(split.files), columns=columns, num_cpus=0.25)
+    # the scan above knows every file: one read task per file, with the training loops' reader.
+    # ray.data.read_parquet reads every footer again first: for 192 files on 2 CPUs the first
+    # window reached the model after 16 s instead of 6.5 s (the actor's own start).
+    ds = ray.data.from_items([{"path": f} for f in split.files], override_num_blocks=min(len(split.files), 4 * cpus))
+    ds = ds.map_batches(_read_windows, fn_kwargs={"columns": columns}, batch_size=None, num_cpus=0.25)
     ds = ds.map_batches(Embedder, batch_size=batch_size, batch_format="numpy", concurrency=actors, num_gpus=num_gpus,
                         num_cpus=actor_cpus, fn_constructor_kwargs={
                             "checkpoint_path": storage.normalize(checkpoint_path),
