@@ -122,6 +122,27 @@ def test_a_hub_id_without_network_or_cache_fails_at_once(tmp_path, monkeypatch, 
     assert str(tmp_path / "cache") in message and "--init /path/to/folder" in message
 
 
+def test_a_hub_id_loads_from_the_hugging_face_cache_offline(ibm, tmp_path, monkeypatch, dead_url):
+    """The cache as huggingface_hub lays it out (refs/<revision> -> snapshots/<commit>/)."""
+    import shutil
+
+    import huggingface_hub.constants as hub
+
+    repo = tmp_path / "hub" / "models--ibm-granite--granite-timeseries-ttm-r2"
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    shutil.copytree(ibm["r2-1536-96"], repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "1536-96-r2").write_text(commit)
+    monkeypatch.setattr(hub, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(hub, "ENDPOINT", dead_url)
+    monkeypatch.setattr(hub, "HF_HUB_OFFLINE", True)
+    _, record = initial_model(PretrainConfig(init="ibm-granite/granite-timeseries-ttm-r2@1536-96-r2"), 1250)
+    assert (record["source"], record["revision"]) == ("ibm-granite/granite-timeseries-ttm-r2", "1536-96-r2")
+    assert record["folder"] == str(repo / "snapshots" / commit) and record["tensors_loaded"] == 98
+    with pytest.raises(BiofmError, match="HF_HUB_OFFLINE is set"):  # a revision the cache lacks
+        initial_model(PretrainConfig(init="ibm-granite/granite-timeseries-ttm-r2@1024-96-r2"), 1250)
+
+
 def test_inflation_and_staged_unfreezing_on_the_published_architecture(ibm):
     model, _ = initial_model(PretrainConfig(init=str(ibm["r2-1536-96"]), dropout=0.0), 1250)
     state = {k.removeprefix("encoder."): v for k, v in model.state_dict().items() if k.startswith("encoder.")}
