@@ -84,13 +84,13 @@ class TimedEmbedder(Embedder):
     """biofm's Embedder, recording each batch's start, end and windows, and every 4th batch the
     actor's memory (``$BENCH_TIMING_DIR/<pid>.jsonl``)."""
 
-    calls = 0
+    batches = 0
 
     def __call__(self, batch):
         t0 = time.time()
         out = super().__call__(batch)
-        t1, self.calls = time.time(), self.calls + 1
-        memory = private_mb(psutil.Process()) if self.calls % 4 == 1 else (None, None)
+        t1, self.batches = time.time(), self.batches + 1
+        memory = private_mb(psutil.Process()) if self.batches % 4 == 1 else (None, None)
         with open(Path(os.environ["BENCH_TIMING_DIR"]) / f"{os.getpid()}.jsonl", "a") as f:
             f.write(json.dumps([t0, t1, len(out["embedding"]), *memory]) + "\n")
         return out

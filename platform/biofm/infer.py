@@ -52,7 +52,35 @@ def load_encoder(path: str):
     return model.encoder.eval(), description
 
 
-class Embedder:
+def _malloc_trim():
+    """glibc's ``malloc_trim``, or None elsewhere."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return None
+
+
+_MALLOC_TRIM = _malloc_trim()
+
+
+class _Trimmed:
+    """A Ray Data callable class that gives freed memory back to the OS every 16th batch. An actor
+    otherwise grows by a quarter over its first ~40,000 windows (freed activation blocks kept in
+    glibc's pools) before it holds; trimmed, it stays flat at no measurable cost (bench_inference)."""
+
+    calls = 0
+
+    def trimmed(self, out: dict) -> dict:
+        self.calls += 1
+        if self.calls % 16 == 0 and _MALLOC_TRIM is not None:
+            _MALLOC_TRIM(0)
+        return out
+
+
+class Embedder(_Trimmed):
     """Ray Data's callable class: the encoder of ``checkpoint`` loaded once per actor. A batch of
     ``signal`` ``[B, C_data, T]`` (+ ``present`` ``[B, C_data]``) -> ``embedding`` ``[B, D]``
     (and ``tokens`` ``[B, P, D]``, the mean over channels), ids passed through."""
@@ -81,7 +109,7 @@ class Embedder:
         n = len(x)
         out.setdefault("window_idx", np.zeros(n, np.int32))  # BUT-PPG: one window per record
         out.setdefault("start_s", np.zeros(n, np.float64))
-        return out
+        return self.trimmed(out)
 
 
 def _read_windows(batch: dict[str, np.ndarray], columns: list[str]):
@@ -249,7 +277,7 @@ def _wfdb_tracks(record: Path, channels: dict) -> dict[str, tuple[np.ndarray, fl
     return found
 
 
-class Predictor:
+class Predictor(_Trimmed):
     """Ray Data's callable class: the classifier loaded once per actor; probability of good quality
     and the label at the checkpoint's threshold for each window."""
 
@@ -268,7 +296,7 @@ class Predictor:
         out = {k: v for k, v in batch.items() if k not in ("signal", "present")}
         out["probability"] = p
         out["label"] = (p >= self.threshold).astype(np.int8)
-        return out
+        return self.trimmed(out)
 
 
 def recordings_in(folder: str) -> tuple[str, list[str]]:
