@@ -70,6 +70,8 @@ def test_step_zero_computes_what_the_published_backbone_does(ibm, name, window):
     recon, latents = model(x, random_mask(4, 2, patches, 0.4))
     assert recon.shape == x.shape and latents.shape == ours.shape
     assert len(model.encoder.layers) == 6
+    with pytest.raises(ValueError, match=f"windows of {arch['context_length'] + 1} samples: this encoder takes at most"):
+        model.encoder(zscored(1, 2, arch["context_length"] + 1))
 
 
 def test_architecture_only_and_bad_checkpoints(ibm, tmp_path):

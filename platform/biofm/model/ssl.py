@@ -46,6 +46,8 @@ class Encoder(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         padding = self.config.context_length - x.shape[-1]
+        if padding < 0:
+            raise ValueError(f"windows of {x.shape[-1]} samples: this encoder takes at most {self.config.context_length}")
         if padding:
             x = nn.functional.pad(x, (0, padding))
         return self.ttm(past_values=x.transpose(1, 2)).last_hidden_state[:, :, :self.patches]
