@@ -166,7 +166,8 @@ def test_inflation_and_staged_unfreezing_on_the_published_architecture(ibm):
 @requires_realdata(REAL_VITAL)
 @requires_realdata(REAL_BUTPPG)
 @pytest.mark.timeout(600)
-def test_a_model_started_from_ibm_weights_goes_through_every_later_stage(ibm, butppg_data, tmp_path):
+def test_a_model_started_from_ibm_weights_goes_through_every_later_stage(ibm, butppg_data, tmp_path, capsys):
+    from biofm.cli import main
     from biofm.infer import predict
     from biofm.preprocess import build_windows
     from biofm.sources.vitaldb import DirectorySource
@@ -183,8 +184,13 @@ def test_a_model_started_from_ibm_weights_goes_through_every_later_stage(ibm, bu
     cfg = PretrainConfig(init=str(ibm["r2-1536-96"]), epochs=2, batch_size=16, lr=1e-3, warmup_epochs=1,
                          cpus_per_worker=0.5, d_model=64, num_layers=3)
     fm = tmp_path / "fm"
+    assert main(["pretrain", "--init", str(tmp_path / "no-ttm"), "--data-dir", str(tmp_path / "windows"),
+                 "--output-dir", str(fm)]) == 2  # the flag reaches the run, which stops before Ray starts
+    assert f"init {tmp_path / 'no-ttm'}: no such folder" in capsys.readouterr().err
     final = pretrain(cfg, tmp_path / "windows", fm)
     assert final["epoch"] == 2 and final["val_loss"] == final["val_loss"]  # finite
+    assert (f"[pretrain] starting from {ibm['r2-1536-96']}: loaded 98 tensors (2,026,560 parameters); new 50 "
+            "(52,136 parameters: 48 of channel mixing, as the identity, and the decoder)") in capsys.readouterr().out
 
     config = json.loads((fm / "training_config.json").read_text())
     init = config["init"]
