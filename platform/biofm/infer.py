@@ -123,9 +123,8 @@ def actor_pool(concurrency: int | None = None, num_gpus: float = 0.0) -> tuple[i
     actors, or one per GPU share with ``num_gpus``, or the free CPUs less one. One free CPU stays
     for the tasks that feed and drain the pool (predict's preprocessing takes a whole CPU per
     task, embed's reads and the writes a quarter): actors holding every CPU would starve them,
-    and the job would wait forever. Sized by what is free
-    now, not the cluster's total: other work (a placement group another run left reserved) can
-    hold part of it."""
+    and the job would wait forever. Sized by what is free now, not the cluster's total: other
+    work (a placement group another run left reserved) can hold part of it."""
     import ray
 
     cpus = int(ray.cluster_resources().get("CPU", 1))

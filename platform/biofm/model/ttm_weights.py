@@ -65,22 +65,21 @@ def fetch(source: str, revision: str | None) -> Path:
     from huggingface_hub import constants, snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
+    name = f"{source}@{revision}" if revision else source
     try:
         return Path(snapshot_download(source, revision=revision, allow_patterns=[
             "config.json", "*.safetensors", "pytorch_model.bin"]))
     except LocalEntryNotFoundError as e:
-        offline = constants.HF_HUB_OFFLINE
+        why = "HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE else "the Hugging Face hub is unreachable"
+        download = f"hf download {source}" + (f" --revision {revision}" if revision else "")
         raise BiofmError(
-            f"cannot get {source}{'@' + revision if revision else ''}: "
-            f"{'HF_HUB_OFFLINE is set' if offline else 'the Hugging Face hub is unreachable'} and the cache "
-            f"({constants.HF_HUB_CACHE}) does not "
-            f"hold it ({str(e).splitlines()[0]}). Download it where there is network "
-            f"(hf download {source}{' --revision ' + revision if revision else ''}) and copy the cache, "
-            f"or give a local folder: --init /path/to/folder (config.json + model.safetensors)") from None
+            f"cannot get {name}: {why} and the cache ({constants.HF_HUB_CACHE}) does not hold it "
+            f"({str(e).splitlines()[0]}). Download it where there is network ({download}) and copy the cache, "
+            "or give a local folder: --init /path/to/folder (config.json + model.safetensors)") from None
     except (HfHubHTTPError, ValueError, OSError) as e:
-        raise BiofmError(f"cannot get {source}{'@' + revision if revision else ''} from the Hugging Face hub: "
-                         f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''} (neither a local folder "
-                         "nor a model id it knows)") from None
+        first = str(e).splitlines()[0] if str(e) else ""
+        raise BiofmError(f"cannot get {name} from the Hugging Face hub: {type(e).__name__}: {first} (neither a "
+                         "local folder nor a model id it knows)") from None
 
 
 def write_stand_in(folder: str | Path, name: str, seed: int = 0) -> Path:
