@@ -1,17 +1,21 @@
 """GPU check and figures in one run, for a machine with a CUDA GPU (a lent device: one call).
 
-1. The device: name, memory, torch and CUDA versions, bf16 support.
-2. The smoke pipeline (configs/smoke.yaml on ../shared/realdata), training on the GPU: seconds
-   per stage.
-3. Pretraining throughput on Ray Train, one worker on the GPU, batch 128 and 512, AMP on and off,
-   the split streamed from Parquet and held in memory: windows/s over the epochs after the first,
-   and the share of each epoch spent waiting for data, on bench_train's one-hour cases.
-4. The ingest benchmark (jobs/bench_ingest.py, 200 files), its batches handed to the GPU.
-5. Embeddings (jobs/bench_inference.py's runs) on the GPU: biofm embed with one GPU actor against
-   a plain loop on the GPU, the same windows and encoder.
+The device first (name, memory, torch and CUDA versions, bf16 support), then these steps, in the
+order ``--steps`` gives (all four by default):
 
-Writes ``gpu_figures.json`` (and ``ingest.json``) to ``--out`` and prints a table. Without a GPU it
-stops with a message (``--allow-cpu`` runs it anyway, to check the script itself).
+- embed: embeddings (jobs/bench_inference.py's runs) on the GPU: biofm embed with one actor on
+  the whole GPU and with four on a quarter each, against a plain loop on the GPU, the same
+  windows and encoder.
+- pretrain: Ray Train, one worker on the GPU, batch 128 and 512, AMP on and off, the split
+  streamed from Parquet and held in memory: windows/s over the epochs after the first, and the
+  share of each epoch spent waiting for data, on bench_train's one-hour cases.
+- smoke: the smoke pipeline (configs/smoke.yaml on ../shared/realdata), training on the GPU:
+  seconds per stage.
+- ingest: the ingest benchmark (jobs/bench_ingest.py, 200 files), its batches handed to the GPU.
+
+Writes ``gpu_figures.json`` (and ``ingest.json``) to ``--out`` after each step, so a run cut short
+keeps what it measured. Without a GPU it stops with a message (``--allow-cpu`` runs it anyway, to
+check the script itself).
 
     python jobs/bench_gpu.py --out /tmp/gpu
 """
@@ -42,8 +46,9 @@ def device_facts() -> dict:
 
 
 def embed_figures(out: Path, cases: int, batch_size: int = 1024) -> dict:
-    """Windows/s of biofm embed with one GPU actor (all the CPUs for Ray) against a plain loop on
-    the GPU, on bench_inference's windows."""
+    """Windows/s of biofm embed on the GPU against a plain loop on the GPU, on bench_inference's
+    windows: one actor holding the whole GPU, then four sharing it (``--num-gpus 0.25``), which
+    overlap one another's host work (reading, copying to the GPU) with the GPU's."""
     import os
 
     from bench_inference import build_split, plain_loop, ray_embed, write_checkpoint
@@ -52,25 +57,74 @@ def embed_figures(out: Path, cases: int, batch_size: int = 1024) -> dict:
     ckpt = write_checkpoint(split, out / "bench_inference.pt")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     plain = plain_loop(ckpt, split, os.cpu_count() or 1, batch_size, device)
-    ray_run = ray_embed(ckpt, split, out / "embed_out", None, batch_size, num_gpus=1.0 if device == "cuda" else 0.0)
     rate = plain["windows"] / plain["seconds"]
-    result = {"plain_windows_per_s": rate, **{k: v for k, v in ray_run.items() if k != "memory"},
-              "steady_vs_plain": ray_run["steady_windows_per_s"] / rate,
-              "end_to_end_vs_plain": ray_run["windows"] / ray_run["seconds"] / rate}
-    print(f"embed on {device}: plain {rate:.0f} windows/s; biofm embed steady {ray_run['steady_windows_per_s']:.0f} "
-          f"({result['steady_vs_plain']:.2f} x), end to end {result['end_to_end_vs_plain']:.2f} x after "
-          f"{ray_run['startup_s']:.1f} s of start-up", flush=True)
+    result = {"plain_windows_per_s": rate}
+    for share in (1.0, 0.25):
+        run = ray_embed(ckpt, split, out / "embed_out", None, batch_size, num_gpus=share if device == "cuda" else 0.0)
+        result[f"num_gpus_{share}"] = r = {**{k: v for k, v in run.items() if k != "memory"},
+                                           "steady_vs_plain": run["steady_windows_per_s"] / rate,
+                                           "end_to_end_vs_plain": run["windows"] / run["seconds"] / rate}
+        print(f"embed on {device}, {r['actors']} actor(s) of {share:g} GPU: plain {rate:.0f} windows/s; biofm embed "
+              f"steady {r['steady_windows_per_s']:.0f} ({r['steady_vs_plain']:.2f} x), end to end "
+              f"{r['end_to_end_vs_plain']:.2f} x after {r['startup_s']:.1f} s of start-up", flush=True)
     return result
+
+
+def pretrain_figures(out: Path, cases: int, epochs: int, batch_sizes: list[int]) -> list[dict]:
+    """Ray Train, one GPU worker: windows/s and the share of time waiting for data, per batch size,
+    AMP on and off, the split streamed and held in memory."""
+    import ray
+
+    from biofm.config import PretrainConfig, load_config
+
+    cfg = load_config(PretrainConfig, ROOT / "configs/ssl_pretrain.yaml")
+    data = build_windows_once(out, cases)
+    ray.init()
+    runs = []
+    for batch in batch_sizes:
+        for amp in (True, False):
+            for ingest, cache_mb in (("streamed", 0.0), ("cached", cfg.cache_mb)):
+                run = dataclasses.replace(cfg, epochs=epochs, batch_size=batch, amp=amp, num_workers=1,
+                                          cache_mb=cache_mb)
+                r = ray_train(run, data, out / f"pretrain_b{batch}_amp{int(amp)}_{ingest}")
+                runs.append({"batch_size": batch, "amp": amp, "ingest": ingest, **r})
+                print(f"batch {batch:4d} AMP {'on ' if amp else 'off'} {ingest:8s}: {r['windows_per_s']:8.0f} windows/s, "
+                      f"waiting {100 * r['data_wait_fraction']:.1f}%, first batch {r['first_batch_s']:.2f} s", flush=True)
+    ray.shutdown()
+    return runs
+
+
+def smoke_figures(out: Path) -> dict:
+    """Seconds per stage of the smoke pipeline on the real recordings, training on the GPU."""
+    import ray
+
+    from biofm.config import PipelineConfig, with_overrides
+    from biofm.pipeline import run_pipeline
+
+    smoke = with_overrides(PipelineConfig, ROOT / "configs/smoke.yaml", {
+        "output_dir": str(out / "smoke"), "case_set": str(REALDATA / "vital"),
+        "vital_source": str(REALDATA / "vital"), "butppg_raw_dir": str(REALDATA / "butppg")}, "bench_gpu")
+    ray.init()
+    stages = {r["stage"]: r["seconds"] for r in run_pipeline(smoke)}
+    ray.shutdown()
+    print(json.dumps(stages), flush=True)
+    return stages
+
+
+STEPS = ("embed", "pretrain", "smoke", "ingest")
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True)
+    p.add_argument("--steps", nargs="+", choices=STEPS, default=list(STEPS),
+                   help="what to measure, in this order; gpu_figures.json is written after each")
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--cases", type=int, default=40, help="one-hour training cases (344 windows each)")
-    p.add_argument("--ingest-cases", type=int, default=200, help="files for the ingest benchmark (0: skip it)")
+    p.add_argument("--ingest-cases", type=int, default=200, help="files for the ingest benchmark")
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[128, 512])
-    p.add_argument("--embed-cases", type=int, default=48, help="one-hour cases for the embedding benchmark")
+    p.add_argument("--embed-cases", type=int, default=192,
+                   help="one-hour cases for the embedding benchmark (344 windows each)")
     p.add_argument("--allow-cpu", action="store_true")
     args = p.parse_args()
     facts = device_facts()
@@ -78,41 +132,27 @@ def main() -> int:
         print("no CUDA GPU here: run this on a GPU machine (or pass --allow-cpu to check the script)")
         return 2
     if not REALDATA.is_dir():
-        print(f"the smoke pipeline reads {REALDATA}, which is absent")
+        print(f"the benchmarks read {REALDATA}, which is absent")
         return 2
-    import ray
-
-    from biofm.config import PipelineConfig, PretrainConfig, load_config, with_overrides
-    from biofm.pipeline import run_pipeline
-
     out = Path(args.out)
-    ray.init()
-    facts["ray_resources"] = {k: v for k, v in ray.cluster_resources().items() if k in ("CPU", "GPU")}
-    print(json.dumps(facts))
-    smoke = with_overrides(PipelineConfig, ROOT / "configs/smoke.yaml", {
-        "output_dir": str(out / "smoke"), "case_set": str(REALDATA / "vital"),
-        "vital_source": str(REALDATA / "vital"), "butppg_raw_dir": str(REALDATA / "butppg")}, "bench_gpu")
-    stages = {r["stage"]: r["seconds"] for r in run_pipeline(smoke)}
-    figures = {"facts": facts, "smoke_pipeline_s": stages, "pretrain": []}
+    out.mkdir(parents=True, exist_ok=True)
+    figures = {"facts": facts}
+    print(json.dumps(facts), flush=True)
 
-    cfg = load_config(PretrainConfig, ROOT / "configs/ssl_pretrain.yaml")
-    data = build_windows_once(out, args.cases)
-    for batch in args.batch_sizes:
-        for amp in (True, False):
-            for ingest, cache_mb in (("streamed", 0.0), ("cached", cfg.cache_mb)):
-                run = dataclasses.replace(cfg, epochs=args.epochs, batch_size=batch, amp=amp, num_workers=1,
-                                          cache_mb=cache_mb)
-                r = ray_train(run, data, out / f"pretrain_b{batch}_amp{int(amp)}_{ingest}")
-                figures["pretrain"].append({"batch_size": batch, "amp": amp, "ingest": ingest, **r})
-                print(f"batch {batch:4d} AMP {'on ' if amp else 'off'} {ingest:8s}: {r['windows_per_s']:8.0f} windows/s, "
-                      f"waiting {100 * r['data_wait_fraction']:.1f}%, first batch {r['first_batch_s']:.2f} s", flush=True)
-    ray.shutdown()
-    figures["embed"] = embed_figures(out, args.embed_cases)
-    (out / "gpu_figures.json").write_text(json.dumps(figures, indent=1))
-    print(json.dumps(figures["smoke_pipeline_s"]))
-    if args.ingest_cases:
-        subprocess.run([sys.executable, str(ROOT / "jobs/bench_ingest.py"), "--cases", str(args.ingest_cases),
-                        "--skip-ray-data", "--workdir", str(out), "--out", str(out / "ingest.json")], check=True)
+    def save():
+        (out / "gpu_figures.json").write_text(json.dumps(figures, indent=1))
+
+    for step in args.steps:
+        if step == "embed":
+            figures["embed"] = embed_figures(out, args.embed_cases)
+        elif step == "pretrain":
+            figures["pretrain"] = pretrain_figures(out, args.cases, args.epochs, args.batch_sizes)
+        elif step == "smoke":
+            figures["smoke_pipeline_s"] = smoke_figures(out)
+        else:
+            subprocess.run([sys.executable, str(ROOT / "jobs/bench_ingest.py"), "--cases", str(args.ingest_cases),
+                            "--skip-ray-data", "--workdir", str(out), "--out", str(out / "ingest.json")], check=True)
+        save()
     return 0
 
 
