@@ -188,3 +188,20 @@ def test_predict_on_a_physionet_wfdb_folder(classifier, tmp_path):
     table = pq.read_table(tmp_path / "out" / "predictions.parquet").to_pandas()
     assert list(table["window_idx"]) == list(range(6)) and list(table["start_s"]) == [0.0, 10.0, 20.0, 30.0, 40.0, 50.0]
     assert (table["ppg_beats"] >= 10).all() and m["timelines"] == ["rec1"]
+
+
+def test_bench_inference_steady_rate_leaves_out_warm_up_and_its_own_measuring(monkeypatch):
+    """The embedding benchmark's steady rate: each model's first 8 batches and the seconds the
+    benchmark spent reading memory are left out, for the plain loop and the actors alike."""
+    monkeypatch.syspath_prepend(str(ROOT / "jobs"))
+    import bench_inference as bench
+
+    cold = [(i * 0.5, i * 0.5 + 0.5, 100) for i in range(8)]  # 8 batches at 200 windows/s
+    warm = [(4.0 + i * 0.1, 4.0 + i * 0.1 + 0.1, 100) for i in range(20)]  # 20 at 1,000 windows/s
+    assert bench.steady_rate([cold + warm]) == pytest.approx(1000.0)
+    assert bench.steady_rate([warm[::-1] + cold]) == pytest.approx(1000.0)  # order of the records does not matter
+    assert bench.steady_rate([cold + warm], measuring=1.0) == pytest.approx(2000.0)
+    # two actors over the same 2 s: their warm windows over that span
+    assert bench.steady_rate([cold + warm, cold + warm]) == pytest.approx(2000.0)
+    # a model with fewer than 16 batches keeps its second half
+    assert bench.warm(warm[:6]) == warm[3:6]
