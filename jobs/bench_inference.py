@@ -147,7 +147,7 @@ def ray_embed(ckpt: str, split_dir: Path, out: Path, cpus: int | None, batch_siz
     done = np.cumsum([c[2] for c in calls])
     memory = [(int(n), c[3], c[4]) for n, c in zip(done, calls) if c[3] is not None]
     # reading /proc/<pid>/smaps takes 40-60 ms between batches: the benchmark's own time, left out
-    last = calls[-1][1]
+    last = max(c[1] for c in calls)
     warm_from = min(warm(actor)[0][0] for actor in per_actor)
     measuring = sum(c[5] for c in calls if c[1] < last) / len(per_actor)
     measuring_warm = sum(c[5] for c in calls if warm_from <= c[0] and c[1] < last) / len(per_actor)
