@@ -47,8 +47,8 @@ def device_facts() -> dict:
 
 def embed_figures(out: Path, cases: int, batch_size: int = 1024) -> dict:
     """Windows/s of biofm embed on the GPU against a plain loop on the GPU, on bench_inference's
-    windows: one actor holding the whole GPU, then four sharing it (``--num-gpus 0.25``), which
-    overlap one another's host work (reading, copying to the GPU) with the GPU's."""
+    windows: one actor holding the whole GPU, then four sharing it (``--num-gpus 0.25``), to see
+    whether their host work (taking batches, copying them to the GPU) overlapping helps."""
     import os
 
     from bench_inference import build_split, plain_loop, ray_embed, write_checkpoint

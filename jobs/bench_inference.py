@@ -79,7 +79,8 @@ def plain_loop(ckpt: str, split_dir: Path, threads: int, batch_size: int, device
         for batch in WindowBatches(scan(str(split_dir)), ["signal"], batch_size, device=torch.device(device)).epoch(0):
             n = len(pool(encoder(batch["signal"])).cpu())
             calls.append((calls[-1][1] if calls else t0, time.perf_counter(), n))
-    return {"windows": sum(c[2] for c in calls), "seconds": calls[-1][1] - t0, "steady_windows_per_s": steady_rate([calls])}
+    return {"windows": sum(c[2] for c in calls), "seconds": calls[-1][1] - t0,
+            "steady_windows_per_s": steady_rate([calls])}
 
 
 def warm(model: list) -> list:
@@ -105,7 +106,7 @@ def private_mb(process: psutil.Process) -> tuple[float, float]:
 
 class TimedEmbedder(Embedder):
     """biofm's Embedder, recording each batch's start, end and windows, and every 5th batch the
-    actor's memory and the seconds that reading it took (``$BENCH_TIMING_DIR/<pid>.jsonl``).
+    actor's memory, and the seconds this record-keeping took (``$BENCH_TIMING_DIR/<pid>.jsonl``).
     Every 5th, not 4th or 16th: the actor trims every 16 batches, and a period sharing a factor
     with 16 would see the same few points of the saw-tooth."""
 
@@ -146,7 +147,7 @@ def ray_embed(ckpt: str, split_dir: Path, out: Path, cpus: int | None, batch_siz
     calls = sorted(c for actor in per_actor for c in actor)
     done = np.cumsum([c[2] for c in calls])
     memory = [(int(n), c[3], c[4]) for n, c in zip(done, calls) if c[3] is not None]
-    # reading /proc/<pid>/smaps takes 40-60 ms between batches: the benchmark's own time, left out
+    # the record-keeping (reading /proc/<pid>/smaps: 40-60 ms) runs between batches: the benchmark's own time, left out
     last = max(c[1] for c in calls)
     warm_from = min(warm(actor)[0][0] for actor in per_actor)
     measuring = sum(c[5] for c in calls if c[1] < last) / len(per_actor)
