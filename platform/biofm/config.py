@@ -303,7 +303,9 @@ class TuneSearchConfig:
     or ``{grid: [...]}``. ``mode: grid`` runs every combination of the ``grid`` values once;
     ``random`` draws ``num_samples`` configurations (crossed with any ``grid`` entries). ASHA
     stops poor trials on val AUROC after ``grace_period`` epochs. Each trial trains one worker
-    with ``cpus_per_trial`` CPUs and ``gpus_per_trial`` of a GPU (0: CPU only).
+    with ``cpus_per_trial`` CPUs and ``gpus_per_trial`` of a GPU (0: CPU only). A trial whose
+    process dies (its node lost) is started again up to ``trial_max_failures`` times and continues
+    its fine-tuning run from that run's last checkpoint.
     """
 
     finetune_config: str = "configs/finetune_butppg.yaml"
@@ -315,6 +317,7 @@ class TuneSearchConfig:
     cpus_per_trial: float = 0.5
     gpus_per_trial: float = 0.0
     max_concurrent_trials: int = 2
+    trial_max_failures: int = 2
     seed: int = 0
     search: dict[str, Any] = dataclasses.field(default_factory=dict)
 
@@ -326,8 +329,10 @@ class TuneSearchConfig:
         if self.grace_period >= self.max_epochs:
             raise ValueError(f"grace_period ({self.grace_period}) must be below max_epochs ({self.max_epochs}), "
                              "or ASHA can stop no trial")
-        if self.reduction_factor < 2 or self.cpus_per_trial <= 0 or not 0 <= self.gpus_per_trial <= 1:
-            raise ValueError("need reduction_factor >= 2, cpus_per_trial > 0, 0 <= gpus_per_trial <= 1")
+        if (self.reduction_factor < 2 or self.cpus_per_trial <= 0 or not 0 <= self.gpus_per_trial <= 1
+                or self.trial_max_failures < 0):
+            raise ValueError("need reduction_factor >= 2, cpus_per_trial > 0, 0 <= gpus_per_trial <= 1, "
+                             "trial_max_failures >= 0")
         fields = {f.name for f in dataclasses.fields(FinetuneConfig)} - {"channels", "pretrain_channels", "epochs"}
         for key, spec in self.search.items():
             if key not in fields:

@@ -132,7 +132,7 @@ def run_search(tcfg: TuneSearchConfig, base: FinetuneConfig, pretrained: str | P
                                         reduction_factor=tcfg.reduction_factor, stop_last_trials=False),
                 search_alg=BasicVariantGenerator(random_state=tcfg.seed, max_concurrent=tcfg.max_concurrent_trials)),
             run_config=tune.RunConfig(name=name, storage_path=storage.normalize(output_dir),
-                                      failure_config=tune.FailureConfig(max_failures=0),
+                                      failure_config=tune.FailureConfig(max_failures=tcfg.trial_max_failures),
                                       sync_config=tune.SyncConfig(sync_period=5)),
         )
     results = tuner.fit()

@@ -14,7 +14,6 @@ import dataclasses
 import functools
 import json
 import math
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -28,7 +27,8 @@ from biofm.model.ssl import Encoder
 from biofm.train import checkpoint
 from biofm.train.batches import WaitClock, WindowBatches, data_wait_note, scan
 from biofm.train.metrics import choose_threshold, classification_metrics, classifier_warnings
-from biofm.train.ray_run import RUN_NAME, check_run_dir, fit, mixed_precision, worker_print
+from biofm.train.ray_run import (RUN_NAME, check_run_dir, fit, mixed_precision, report_epoch, restored_training,
+                                 seed_epoch, worker_print)
 from biofm.train.tracking import Tracker
 
 def read_split(split_dir: str | Path) -> dict[str, np.ndarray]:
@@ -144,23 +144,25 @@ def train_loop(config: dict) -> None:
     cfg = FinetuneConfig(**config["cfg"])
     ctx = ray.train.get_context()
     rank = ctx.get_world_rank()
-    torch.manual_seed(cfg.seed + rank)
     device = ray.train.torch.get_device()
     desc = config["description"]
     model = Classifier(Encoder(TinyTimeMixerConfig.from_dict(desc["ttm_config"])), dropout=cfg.dropout)
     model.load_state_dict(config["state"])
-    state = {"epoch": 0, "history": [], "stage": 1}
+    autocast, scaler = mixed_precision(cfg.amp, device)
+    state = {"epoch": 0, "history": [], "stage": 1, "attempts": 0}
     saved_optimizer = None
-    restored = ray.train.get_checkpoint()
-    if restored:
-        with restored.as_directory() as d:
-            blob = checkpoint.load(d)
+    blob = restored_training()
+    if blob:
         model.load_state_dict(blob["model"])
         state = {k: blob["training"][k] for k in state}
         saved_optimizer = blob["training"]["optimizer"]
+        if blob["training"]["scaler"]:  # empty where AMP was off (CPU, bf16)
+            scaler.load_state_dict(blob["training"]["scaler"])
+        if rank == 0:
+            worker_print(f"[finetune] continuing from the checkpoint of epoch {state['epoch']}")
+    state["attempts"] += 1
     model.to(device)
     criterion = torch.nn.CrossEntropyLoss(weight=torch.tensor(config["class_weights"], dtype=torch.float32, device=device))
-    autocast, scaler = mixed_precision(cfg.amp, device)
     columns, world = ["signal", "present", "label"], ctx.get_world_size()
     train_batches = WindowBatches(config["train"], columns, cfg.batch_size, train=True, seed=cfg.seed, rank=rank,
                                   world=world, cache_mb=math.inf, repeat=config["repeat"], device=device)
@@ -179,6 +181,7 @@ def train_loop(config: dict) -> None:
             saved_optimizer = None
             # DDP must be rebuilt when the set of trainable parameters changes
             ddp = ray.train.torch.prepare_model(model, move_to_device=False) if ctx.get_world_size() > 1 else model
+        seed_epoch(cfg.seed, rank, epoch)
         model.train()
         if stage == 1 and cfg.init != "scratch":
             model.encoder.eval()  # frozen: no dropout noise in the features the head learns from
@@ -213,16 +216,12 @@ def train_loop(config: dict) -> None:
                    "val_loss": val_loss, "val_auroc": auroc, "val_auprc": val["auprc"],
                    "val_balanced_accuracy": val["balanced_accuracy"], "val_f1_good": val["f1_good"],
                    "val_accuracy": val["accuracy"], "records_per_s": n / ingest["train_s"], **ingest,
-                   "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad)}
+                   "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
+                   "attempt": state["attempts"]}
         state.update(epoch=epoch + 1, stage=stage)
         state["history"].append({**metrics, "val_confusion": val["confusion"]})  # [[tn, fp], [fn, tp]]
-        with tempfile.TemporaryDirectory() as d:
-            ckpt = None
-            if rank == 0:
-                checkpoint.save(Path(d) / checkpoint.FILENAME, model.state_dict(), desc,
-                                {**state, "optimizer": optimizer.state_dict()})
-                ckpt = ray.train.Checkpoint.from_directory(d)
-            ray.train.report(metrics, checkpoint=ckpt)
+        report_epoch(metrics, rank, lambda path: checkpoint.save(
+            path, model.state_dict(), desc, {**state, "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict()}))
         if rank == 0:
             tracker.log(metrics, epoch + 1)
             worker_print(f"[finetune] epoch {epoch + 1}/{cfg.epochs} stage {stage} train loss "

@@ -14,7 +14,6 @@ import functools
 import json
 import math
 import os
-import tempfile
 import zlib
 from pathlib import Path
 
@@ -29,7 +28,8 @@ from biofm.model.ttm_weights import describe as describe_init
 from biofm.model.ttm_weights import initial_model
 from biofm.train import checkpoint
 from biofm.train.batches import Split, WaitClock, WindowBatches, data_wait_note, scan
-from biofm.train.ray_run import check_run_dir, fit, mixed_precision, worker_print
+from biofm.train.ray_run import (check_run_dir, fit, mixed_precision, report_epoch, restored_training, seed_epoch,
+                                 worker_print)
 from biofm.train.tracking import Tracker
 
 def window_masks(case_ids, window_idx, channels: int, patches: int, ratio: float, seed: int,
@@ -71,23 +71,25 @@ def train_loop(config: dict) -> None:
     # Ray pins a worker to one torch thread per CPU it reserved; the CPU left for Ray Data's
     # reads is mostly idle, so the node's cores are shared among its workers instead.
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // ctx.get_local_world_size()))
-    torch.manual_seed(cfg.seed + rank)
     device = ray.train.torch.get_device()
     model = MaskedSignalModel(TinyTimeMixerConfig.from_dict(config["description"]["ttm_config"]))
     model.load_state_dict(config["initial_state"])
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    state = {"epoch": 0, "global_step": 0, "bad_steps": 0, "history": []}
-    restored = ray.train.get_checkpoint()
-    if restored:
-        with restored.as_directory() as d:
-            blob = checkpoint.load(d)
+    autocast, scaler = mixed_precision(cfg.amp, device)
+    state = {"epoch": 0, "global_step": 0, "bad_steps": 0, "history": [], "attempts": 0}
+    blob = restored_training()
+    if blob:
         model.load_state_dict(blob["model"])
         optimizer.load_state_dict(blob["training"]["optimizer"])
+        if blob["training"]["scaler"]:  # empty where AMP was off (CPU, bf16)
+            scaler.load_state_dict(blob["training"]["scaler"])
         state = {k: blob["training"][k] for k in state}
+        if rank == 0:
+            worker_print(f"[pretrain] continuing from the checkpoint of epoch {state['epoch']}")
+    state["attempts"] += 1
     model = ray.train.torch.prepare_model(model)
     core = model.module if hasattr(model, "module") else model
     stft = MultiResolutionSTFTLoss(cfg.stft_ffts).to(device)
-    autocast, scaler = mixed_precision(cfg.amp, device)
     channels, patches, patch = len(cfg.channels), core.patches, core.patch
     train_batches, val_batches = loaders(cfg, config["train"], config["val"], rank, world, device)
     tracker = Tracker(config["output_dir"], "pretrain", config["cfg"]) if rank == 0 else None
@@ -109,6 +111,7 @@ def train_loop(config: dict) -> None:
                                      f"{state['bad_steps']} bad steps (max_bad_steps={cfg.max_bad_steps})")
 
     for epoch in range(state["epoch"], cfg.epochs):
+        seed_epoch(cfg.seed, rank, epoch)
         model.train()
         sums, clock = np.zeros(4), WaitClock(train_batches.epoch(epoch))
         for step, batch in enumerate(clock, 1):
@@ -151,16 +154,13 @@ def train_loop(config: dict) -> None:
             "val_loss": val_loss / max(n_val, 1), "val_masked_mse": val_mse / max(n_val, 1),
             "windows_per_s": n / ingest["train_s"], **ingest,
             "lr": optimizer.param_groups[0]["lr"], "bad_steps": state["bad_steps"], "workers": world,
+            "attempt": state["attempts"],  # 1 for the run's first start, +1 per restart or resume
         }
         state["history"].append(metrics)
         state["epoch"] = epoch + 1
-        with tempfile.TemporaryDirectory() as d:
-            ckpt = None
-            if rank == 0:
-                checkpoint.save(Path(d) / checkpoint.FILENAME, core.state_dict(), config["description"],
-                                {**state, "optimizer": optimizer.state_dict()})
-                ckpt = ray.train.Checkpoint.from_directory(d)
-            ray.train.report(metrics, checkpoint=ckpt)
+        report_epoch(metrics, rank, lambda path: checkpoint.save(
+            path, core.state_dict(), config["description"],
+            {**state, "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict()}))
         if rank == 0:
             tracker.log(metrics, epoch + 1)
             worker_print(f"[pretrain] epoch {epoch + 1}/{cfg.epochs} train {metrics['train_loss']:.4f} "

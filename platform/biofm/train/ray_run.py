@@ -7,6 +7,9 @@ last one there; a failed worker restarts from the last; rerunning with ``resume`
 from __future__ import annotations
 
 import sys
+import tempfile
+import zlib
+from pathlib import Path
 
 from biofm import storage
 from biofm.errors import BiofmError
@@ -31,6 +34,43 @@ def worker_print(line: str) -> None:
     """Print a progress line once from a Ray Train worker. Ray Train patches ``print`` to log the
     line and, on a worker whose stdout Ray has wrapped, to print it too: every line came out twice."""
     print(line, file=sys.__stdout__, flush=True)
+
+
+def seed_epoch(seed: int, rank: int, epoch: int) -> None:
+    """Seed torch (masks, dropout; CPU and every GPU) from ``seed``, the worker's ``rank`` and the
+    0-based ``epoch``, so an epoch run again after a restart draws what it drew the first time."""
+    import torch
+
+    torch.manual_seed(zlib.crc32(f"{seed}:{rank}:{epoch}".encode()))
+
+
+def restored_training() -> dict | None:
+    """The checkpoint blob a restarted worker continues from (Ray Train's latest committed
+    checkpoint: after a worker or node failure, or for a run resumed with ``--resume``), or None."""
+    import ray.train
+
+    restored = ray.train.get_checkpoint()
+    if not restored:
+        return None
+    with restored.as_directory() as d:
+        return checkpoint.load(d)
+
+
+def report_epoch(metrics: dict, rank: int, save, commit_timeout_s: float = 120.0) -> None:
+    """Report an epoch's ``metrics`` with a checkpoint that rank 0 writes by ``save(path)``, and
+    wait until Ray Train has committed it. Ray's controller collects reports when it next polls
+    the workers (every 2 s): a worker lost before then took its report with it, and the restart
+    began one epoch earlier, or from scratch after the first. Once this returns, a failure redoes
+    at most the epoch after it."""
+    import ray.train
+
+    with tempfile.TemporaryDirectory() as d:
+        ckpt = None
+        if rank == 0:
+            save(Path(d) / checkpoint.FILENAME)
+            ckpt = ray.train.Checkpoint.from_directory(d)
+        ray.train.report(metrics, checkpoint=ckpt)
+    ray.train.get_all_reported_checkpoints(ray.train.CheckpointConsistencyMode.COMMITTED, timeout_s=commit_timeout_s)
 
 
 def mixed_precision(amp: bool, device):
