@@ -6,20 +6,12 @@ from __future__ import annotations
 
 import functools
 import json
-import os
-import shutil
-import signal
-import socket
 import subprocess
-import sys
-import tempfile
 import threading
 import time
 import uuid
 from http.server import SimpleHTTPRequestHandler
-from pathlib import Path
 
-import psutil
 import pytest
 import yaml
 
@@ -31,6 +23,7 @@ from biofm.pipeline import MARKER, run_stage
 from biofm.preprocess import read_data_spec, read_manifest
 from biofm.train.finetune import finetune, load_classifier, predict, read_split
 from conftest import REAL_BUTPPG, REAL_VITAL, ROOT, _Server, requires_realdata
+from ray_cluster import LocalCluster
 
 
 def test_a_stage_is_skipped_continued_or_rebuilt_by_its_settings(tmp_path, capsys):
@@ -128,53 +121,16 @@ def test_cluster_yaml_passes_rays_own_validation():
     assert not [f for f in tracked if "auth_token" in f]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture
 def ray_head(s3):
-    """A real Ray head (`ray start --head --block`) on 127.0.0.1 with its own temp dir, so no
-    other Ray in this session sees it, token authentication on with a token of its own (as
-    cluster.yaml starts every node), and the session's S3 server in its environment; stopped with
-    everything it started. ``env`` is a client's environment that holds the token."""
-    temp = tempfile.mkdtemp(prefix="rh", dir="/tmp")  # short: Ray's socket paths must stay < 108 chars
-    port, dash, agent, agent_grpc, metrics, env_agent, client = (_free_port() for _ in range(7))
-    token = Path(temp) / "auth_token"
-    token.write_text(uuid.uuid4().hex + uuid.uuid4().hex)
-    env = {**os.environ, **s3, "RAY_DATA_DISABLE_PROGRESS_BARS": "1", "RAY_USAGE_STATS_ENABLED": "0",
-           "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token),
-           "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}  # the job's `python` is this one
-    for name in ("RAY_ADDRESS", "RAY_AUTH_TOKEN"):
-        env.pop(name, None)
-    ray_bin = Path(sys.executable).parent / "ray"
-    head = subprocess.Popen([str(ray_bin), "start", "--head", "--block", "--node-ip-address=127.0.0.1",
-                             f"--port={port}", f"--dashboard-port={dash}", "--dashboard-host=127.0.0.1",
-                             # fixed default ports would collide with the session's own Ray
-                             f"--dashboard-agent-listen-port={agent}", f"--dashboard-agent-grpc-port={agent_grpc}",
-                             f"--metrics-export-port={metrics}", f"--runtime-env-agent-port={env_agent}",
-                             f"--ray-client-server-port={client}",
-                             "--num-cpus=2", "--object-store-memory=400000000", f"--temp-dir={temp}",
-                             "--include-dashboard=true"],
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    url = f"http://127.0.0.1:{dash}"
+    """A real Ray head with 2 CPUs on 127.0.0.1 (tests/ray_cluster.py: its own temp dir, token
+    authentication on with a token of its own, as cluster.yaml starts every node, and the
+    session's S3 server in its environment); stopped with everything it started."""
+    cluster = LocalCluster(head_cpus=2, extra_env=s3, object_store_mb=400)
     try:
-        yield url, env, ray_bin
+        yield cluster
     finally:
-        family = [head, *psutil.Process(head.pid).children(recursive=True)] if head.poll() is None else []
-        head.send_signal(signal.SIGTERM)
-        try:
-            head.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            pass
-        for p in family:
-            try:
-                p.kill()
-            except (psutil.NoSuchProcess, ProcessLookupError):
-                pass
-        shutil.rmtree(temp, ignore_errors=True)
+        cluster.stop()
 
 
 @pytest.mark.slow
@@ -184,7 +140,6 @@ def ray_head(s3):
 def test_smoke_pipeline_submitted_as_a_ray_job(ray_head, ray_session, public_sources, tmp_path, capsys):
     """The main job's own sources (the VitalDB API, BUT-PPG downloaded from PhysioNet), served
     from 127.0.0.1; every stage writes to an s3:// URI, as on a cluster without a shared file system."""
-    url, env, ray_bin = ray_head
     out = f"s3://biofm/{uuid.uuid4().hex[:8]}/smoke"
     at = functools.partial(storage.join, out)
     raw = tmp_path / "but_ppg_raw"
@@ -192,40 +147,17 @@ def test_smoke_pipeline_submitted_as_a_ray_job(ray_head, ray_session, public_sou
                   "--set", f"case_set={REAL_VITAL}", "--set", "vital_source=api",
                   "--set", f"api_url={public_sources}/vital", "--set", f"physionet_url={public_sources}/",
                   "--set", f"butppg_raw_dir={raw}"]
-
-    def ray(*args, timeout=120, client=env):
-        return subprocess.run([str(ray_bin), *args], cwd=ROOT, env=client, capture_output=True, text=True,
-                              timeout=timeout)
-
-    def said(*args, timeout=60):  # the job CLI prints some answers on stderr
-        done = ray(*args, timeout=timeout)
-        return done.stdout + done.stderr
-
-    deadline = time.time() + 90
-    while True:  # the job API answers once the head's dashboard and its agent are up
-        submitted = ray("job", "submit", "--address", url, "--working-dir", ".", "--runtime-env",
-                        "configs/runtime_env.yaml", "--no-wait", "--", *entrypoint)
-        if submitted.returncode == 0 or time.time() > deadline:
-            break
-        time.sleep(2)
-    assert submitted.returncode == 0, submitted.stderr[-2000:]
-    job_id = next(w.strip("'") for w in (submitted.stdout + submitted.stderr).split() if "raysubmit_" in w)
+    job_id = ray_head.submit(entrypoint)
     # the head lets in its owner only: no token (none in the environment, none in ~/.ray), or another one
     home = tmp_path / "stranger"
     home.mkdir()
-    tokenless = {k: v for k, v in env.items() if not k.startswith("RAY_AUTH_")} | {"HOME": str(home)}
-    for stranger in (tokenless, {**env, "RAY_AUTH_TOKEN": "f" * 64}):
-        refused = ray("job", "submit", "--address", url, "--no-wait", "--", "echo", "hi", client=stranger)
+    tokenless = {k: v for k, v in ray_head.env.items() if not k.startswith("RAY_AUTH_")} | {"HOME": str(home)}
+    for stranger in (tokenless, {**ray_head.env, "RAY_AUTH_TOKEN": "f" * 64}):
+        refused = ray_head.ray("job", "submit", "--address", ray_head.url, "--no-wait", "--", "echo", "hi", env=stranger)
         said_back = (refused.stdout + refused.stderr).lower()
         assert refused.returncode != 0 and "raysubmit_" not in said_back and "token" in said_back, said_back[-2000:]
-    deadline, status = time.time() + 420, ""
-    while time.time() < deadline and not any(s in status for s in ("succeeded", "failed", "stopped")):
-        time.sleep(3)
-        status = said("job", "status", "--address", url, job_id).lower()  # "Job '...' succeeded"
-    logs = said("job", "logs", "--address", url, job_id)
-    if "succeeded" not in status:
-        ray("job", "stop", "--address", url, job_id, timeout=60)
-    assert f"job '{job_id.lower()}' succeeded" in status, f"{status}\n{logs[-4000:]}"
+    status, logs = ray_head.wait(job_id, 420)
+    assert status == "succeeded", f"{status}\n{logs[-4000:]}"
 
     assert "[pipeline] done: ran splits, windows, pretrain, butppg, finetune" in logs
     assert "[prepare-butppg] downloading 51 records (210 files)" in logs

@@ -181,23 +181,31 @@ def test_report_shows_where_each_trial_stopped(tmp_path):
     base = json.loads(json.dumps(FinetuneConfig().__dict__, default=list))
     (exp).mkdir()
     (exp / "biofm_search.json").write_text(json.dumps({"search": {"max_epochs": 3}, "base": base}))
+    lost = "Failure # 1 (occurred at 2026-11-27_10-00-02)\nThe actor died unexpectedly (its node was lost)\n"
     trials = {"aaaaa_00000": ([0.6, 0.7, 0.75], {"lr": 1e-4}, ""),
               "aaaaa_00001": ([0.55], {"lr": 1e-3}, ""),  # ASHA stopped it at its first rung
-              "aaaaa_00002": ([], {"lr": 0.0}, "Traceback ...\nConfigError: lr must be positive")}
+              "aaaaa_00002": ([], {"lr": 0.0}, "Traceback ...\nConfigError: lr must be positive"),
+              "aaaaa_00003": ([0.5, 0.6, 0.65], {"lr": 2e-4}, lost),  # retried after epoch 1, then finished
+              "aaaaa_00004": ([0.52], {"lr": 3e-4}, lost)}  # lost after its last report: not retried
     for i, (tid, (aurocs, params, error)) in enumerate(trials.items()):
         folder = exp / f"finetune_trial_{tid}_{i}_lr={params['lr']}_2026-11-27_10-00-00"
         folder.mkdir()
         (folder / "params.json").write_text(json.dumps(params))
+        dates = ["2026-11-27_10-00-01", "2026-11-27_10-00-09", "2026-11-27_10-00-12"]  # Tune's date format
         (folder / "result.json").write_text("".join(
-            json.dumps({"epoch": e, "val_auroc": a, "trial_id": tid}) + "\n" for e, a in enumerate(aurocs, 1)))
+            json.dumps({"epoch": e, "val_auroc": a, "trial_id": tid, "date": d}) + "\n"
+            for (e, a), d in zip(enumerate(aurocs, 1), dates)))
         if error:
             (folder / "error.txt").write_text(error)
     summary = analyse(exp)
-    assert summary == {"trials": 3, "completed": 1, "stopped_early": 1, "errors": 1, "best_trial": "aaaaa_00000",
+    assert summary == {"trials": 5, "completed": 2, "stopped_early": 1, "errors": 2, "best_trial": "aaaaa_00000",
                        "best_val_auroc": 0.75, "best_params": {"lr": 1e-4}}
     rows = list(csv.reader((exp / "trials.csv").read_text().splitlines()))
-    assert [r[:3] for r in rows[1:]] == [["aaaaa_00000", "completed", "3"], ["aaaaa_00001", "stopped early", "1"],
-                                         ["aaaaa_00002", "error", "0"]]
-    assert rows[3][-1] == "ConfigError: lr must be positive"
+    assert rows[0][:6] == ["trial", "status", "epochs", "best_val_auroc", "best_epoch", "failures"]
+    assert [r[:3] + [r[5]] for r in rows[1:]] == [
+        ["aaaaa_00000", "completed", "3", "0"], ["aaaaa_00003", "completed", "3", "1"],
+        ["aaaaa_00001", "stopped early", "1", "0"], ["aaaaa_00004", "error", "1", "1"], ["aaaaa_00002", "error", "0", "1"]]
+    assert rows[5][-1] == "ConfigError: lr must be positive" and rows[2][-1] == ""
+    assert rows[4][-1] == "The actor died unexpectedly (its node was lost)"
     assert load_config(FinetuneConfig, exp / "best_config.yaml") == FinetuneConfig(lr=1e-4)
     assert (exp / "val_auroc_by_epoch.png").stat().st_size > 5_000

@@ -16,7 +16,13 @@ import warnings
 QUIET = "BIOFM_QUIET"
 
 
+# biofm's own progress lines: Ray's log deduplication would fold those of two worker processes
+# (a restarted worker's epoch lines after the lost one's) into "[repeated 2x across cluster]"
+PROGRESS_LINES = r"\[(pipeline|pretrain|finetune|build-windows|prepare-butppg|prepare-splits|embed|predict|tune|smoke)[\] ]"
+
+
 def configure(verbose: bool) -> None:
+    os.environ.setdefault("RAY_DEDUP_LOGS_ALLOW_REGEX", PROGRESS_LINES)  # read when ray is first imported
     if verbose:
         os.environ.pop(QUIET, None)
         return

@@ -164,15 +164,19 @@ def load_trials(exp_dir: str) -> tuple[dict, list[dict]]:
         results = [json.loads(line) for line in read("result.json").splitlines() if line.strip()]
         results = [r for r in results if "val_auroc" in r]
         error = read("error.txt").strip()
+        # Tune appends "Failure # n (occurred at <date>)" per failure; a trial retried after one
+        # (its node lost) and reporting later is judged by its epochs, not by the failure
+        failed_at = re.findall(r"Failure # \d+ \(occurred at ([\d_-]+)\)", error)
+        recovered = bool(error and failed_at and results and results[-1].get("date", "") > max(failed_at))
         epochs = max((r["epoch"] for r in results), default=0)
-        status = "error" if error else "completed" if epochs >= max_epochs else "stopped early"
+        status = "error" if error and not recovered else "completed" if epochs >= max_epochs else "stopped early"
         best = max(results, key=lambda r: r["val_auroc"], default=None)
         trials.append({
             "trial": results[0]["trial_id"] if results else _trial_id(storage.name(folder)), "folder": storage.name(folder),
             "params": json.loads(read("params.json")),
             "status": status, "epochs": epochs, "best_val_auroc": best["val_auroc"] if best else float("nan"),
             "best_epoch": best["epoch"] if best else 0, "history": [(r["epoch"], r["val_auroc"]) for r in results],
-            "error": error.splitlines()[-1] if error else ""})
+            "failures": len(failed_at) or int(bool(error)), "error": error.splitlines()[-1] if error and not recovered else ""})
     trials.sort(key=lambda t: (t["status"] == "error", -t["best_val_auroc"] if t["epochs"] else 1.0))
     return state, trials
 
@@ -193,9 +197,9 @@ def analyse(exp_dir: str | Path) -> dict:
     print(format_table(trials, keys))
     table = io.StringIO(newline="")
     w = csv.writer(table)
-    w.writerow(["trial", "status", "epochs", "best_val_auroc", "best_epoch", *keys, "error"])
+    w.writerow(["trial", "status", "epochs", "best_val_auroc", "best_epoch", "failures", *keys, "error"])
     for t in trials:
-        w.writerow([t["trial"], t["status"], t["epochs"], t["best_val_auroc"], t["best_epoch"],
+        w.writerow([t["trial"], t["status"], t["epochs"], t["best_val_auroc"], t["best_epoch"], t["failures"],
                     *[t["params"].get(k) for k in keys], t["error"]])
     storage.write_text(storage.join(exp_dir, "trials.csv"), table.getvalue())
     ok = [t for t in trials if t["status"] != "error" and t["epochs"] > 0]

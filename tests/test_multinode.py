@@ -1,0 +1,266 @@
+"""Lost nodes on a real multi-node Ray cluster (tests/ray_cluster.py: a head without CPUs and
+1-CPU worker nodes, token authentication on, jobs sent with `ray job submit`, outputs on the
+session's S3 server). Each test kills a node with SIGKILL while a job runs on it, then checks
+that the job finished with every case, window, epoch and trial exactly once."""
+
+from __future__ import annotations
+
+import csv
+import functools
+import json
+import re
+import time
+import uuid
+from http.server import BaseHTTPRequestHandler
+
+import numpy as np
+import pytest
+
+from biofm import storage
+from biofm.config import ChannelsConfig, WindowsConfig, load_config
+from biofm.preprocess import build_windows, read_manifest
+from biofm.sources.vitaldb import ApiSource
+from conftest import REAL_BUTPPG, REAL_VITAL, ROOT, _Server, requires_realdata
+from ray_cluster import LocalCluster
+
+pytestmark = [pytest.mark.slow, requires_realdata(REAL_VITAL), pytest.mark.timeout(600)]
+
+CASES = [str(i) for i in range(1, 13)]  # twelve cases served from the six real recordings
+RECORDINGS = sorted(REAL_VITAL.glob("*.vital"))
+
+
+@pytest.fixture(scope="module")
+def cluster(s3):
+    """One cluster for the module: a head without CPUs and two 1-CPU worker nodes. A test that
+    kills a node adds one back, so the next test starts with two again."""
+    c = LocalCluster(head_cpus=0, extra_env=s3)
+    try:
+        c.add_node()
+        c.add_node()
+        yield c
+    finally:
+        c.stop()
+
+
+@pytest.fixture(scope="module")
+def slow_api():
+    """The real recordings as the VitalDB API on 127.0.0.1 (case ``i`` is recording ``(i-1) % 6``),
+    each answer held back 1.5 s so that a node can be lost while cases are in flight."""
+    import threading
+
+    class Slow(BaseHTTPRequestHandler):
+        def do_GET(self):
+            name = self.path.strip("/").removesuffix(".vital")
+            if not name.isdigit():  # the reachability check asks for the root
+                self.send_response(404)
+                self.end_headers()
+                return
+            self.server.hits[name] = self.server.hits.get(name, 0) + 1
+            body = RECORDINGS[(int(name) - 1) % len(RECORDINGS)].read_bytes()
+            time.sleep(1.5)
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = _Server(("127.0.0.1", 0), Slow)
+    server.hits = {}
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield server
+    server.shutdown()
+    server.server_close()
+
+
+def _replace_lost_node(cluster: LocalCluster, lost: str) -> None:
+    assert lost not in cluster.workers()
+    cluster.add_node()
+
+
+def test_build_windows_loses_a_node_and_every_case_ends_once(cluster, slow_api, ray_session, tmp_path):
+    """The node's case in flight is read again elsewhere; the result equals an uninterrupted run's."""
+    api = f"http://127.0.0.1:{slow_api.server_address[1]}"
+    out = f"s3://biofm/{uuid.uuid4().hex[:8]}/windows"
+    split_file = f"s3://biofm/{uuid.uuid4().hex[:8]}/splits.json"
+    storage.write_text(split_file, json.dumps({"train": CASES, "val": [], "test": []}))
+    job = cluster.submit(["python", "jobs/build_windows.py", "--split-file", split_file, "--split", "train",
+                          "--outdir", out, "--source", "api", "--api-url", api])
+    deadline, done = time.time() + 120, []
+    while time.time() < deadline and len(done) < 3:  # a quarter of the cases written: kill a node midway
+        done = storage.list_files(storage.join(out, "train", "_cases"), ".json") if storage.exists(
+            storage.join(out, "train", "_cases")) else []
+        time.sleep(0.3)
+    assert len(done) >= 3, cluster.logs(job)[-3000:]
+    victim = cluster.node_running("ray::") or cluster.workers()[0]  # a node with Ray Data tasks on it
+    cluster.kill_node(victim)
+    _replace_lost_node(cluster, victim)
+    status, logs = cluster.wait(job, 300)
+    assert "succeeded" in status, logs[-4000:]
+    redone = sum(slow_api.hits.values()) - len(CASES)
+    assert redone >= 1, f"no case was in flight on the lost node: {slow_api.hits}"
+
+    manifest = read_manifest(out, "train")
+    assert manifest["cases_in"] == len(CASES) == manifest["cases_ok"] + manifest["cases_skipped"]
+    assert sorted(manifest["cases"]) == sorted(CASES)
+    files = storage.list_files(storage.join(out, "train"), ".parquet")
+    assert sorted(storage.name(f).removesuffix(".parquet") for f in files) == sorted(
+        c for c, o in manifest["cases"].items() if o["status"] == "ok")
+    # the same cases built by an uninterrupted run, here, give the same windows
+    channels = load_config(ChannelsConfig, ROOT / "configs/channels.yaml").select(["PPG", "ECG"])
+    reference = build_windows(CASES, ApiSource(base_url=api), channels, load_config(WindowsConfig, ROOT / "configs/windows.yaml"),
+                              tmp_path / "reference", "train")
+    assert {c: o["windows_kept"] for c, o in manifest["cases"].items() if o["status"] == "ok"} == {
+        c: o["windows_kept"] for c, o in reference["cases"].items() if o["status"] == "ok"}
+    assert manifest["windows_kept"] == reference["windows_kept"] > 0
+    assert manifest["windows_rejected"] == reference["windows_rejected"]
+    for f in files:
+        ours = storage.read_table(f)
+        theirs = storage.read_table(str(tmp_path / "reference" / "train" / storage.name(f)))
+        assert ours.column("window_idx").to_pylist() == theirs.column("window_idx").to_pylist()
+        assert np.array_equal(ours.column("signal").combine_chunks().to_numpy_ndarray(),
+                              theirs.column("signal").combine_chunks().to_numpy_ndarray())
+
+
+@pytest.fixture(scope="module")
+def windows_on_s3(ray_session):
+    """Windows of the six real recordings (one split, 0.25 s stride: 2,000 windows in six files)
+    on S3, built here."""
+    import dataclasses
+
+    from biofm.sources.vitaldb import DirectorySource
+
+    out = f"s3://biofm/{uuid.uuid4().hex[:8]}/dense"
+    channels = load_config(ChannelsConfig, ROOT / "configs/channels.yaml").select(["PPG", "ECG"])
+    cfg = dataclasses.replace(load_config(WindowsConfig, ROOT / "configs/windows.yaml"), stride_s=0.25)
+    build_windows([p.stem for p in RECORDINGS], DirectorySource(str(REAL_VITAL)), channels, cfg, out, "train")
+    return out
+
+
+def _embeddings(folder: str) -> dict[tuple[str, int], np.ndarray]:
+    rows = {}
+    for f in storage.list_files(folder, ".parquet"):
+        t = storage.read_table(f)
+        for case, idx, emb in zip(t.column("case_id").to_pylist(), t.column("window_idx").to_pylist(),
+                                  t.column("embedding").to_pylist()):
+            assert (case, idx) not in rows, f"window {case}:{idx} embedded twice"
+            rows[(case, idx)] = np.asarray(emb)
+    return rows
+
+
+def test_embed_loses_the_node_of_its_actor_and_every_window_ends_once(cluster, windows_on_s3, ray_session, tmp_path):
+    from biofm.infer import embed
+    from conftest import write_pretrained
+
+    ckpt = write_pretrained(f"s3://biofm/{uuid.uuid4().hex[:8]}/fm.pt")
+    out = f"s3://biofm/{uuid.uuid4().hex[:8]}/embedded"
+    target = storage.join(out, "embeddings")
+    split = storage.join(windows_on_s3, "train")
+    job = cluster.submit(["python", "jobs/embed.py", "--checkpoint", ckpt, "--data-dir", split, "--output", out,
+                          "--batch-size", "64"])
+    deadline = time.time() + 120
+    while time.time() < deadline and not (storage.exists(target) and storage.list_files(target, ".parquet")):
+        time.sleep(0.2)  # the first file of embeddings written: the others are still to come
+    victim = cluster.node_running("Embedder")
+    assert victim, cluster.logs(job)[-3000:]
+    cluster.kill_node(victim)
+    written_before = len(storage.list_files(target, ".parquet"))
+    _replace_lost_node(cluster, victim)
+    status, logs = cluster.wait(job, 300)
+    assert "succeeded" in status, logs[-4000:]
+
+    assert written_before < len(storage.list_files(target, ".parquet")), "the node was lost after the last batch"
+    manifest = json.loads(storage.read_text(storage.join(out, "manifest.json")))
+    windows = read_manifest(windows_on_s3, "train")["windows_kept"]
+    assert manifest["windows_in"] == manifest["embeddings"] == windows
+    ours = _embeddings(target)
+    reference = _embeddings(str(tmp_path / "reference" / "embeddings")) if embed(
+        ckpt, split, str(tmp_path / "reference"), batch_size=64) else {}
+    assert len(ours) == windows and ours.keys() == reference.keys()
+    worst = max(float(np.abs(ours[k] - reference[k]).max()) for k in ours)
+    assert worst < 1e-4, worst
+
+
+def _epoch_lines(logs: str, what: str, total: int) -> list[int]:
+    """The epochs of ``[what] epoch k/total`` lines, in the order printed (a worker prints an
+    epoch's line once its checkpoint is committed)."""
+    return [int(m) for m in re.findall(rf"\[{what}\] epoch (\d+)/{total} ", logs)]
+
+
+@requires_realdata(REAL_BUTPPG)
+def test_pipeline_survives_a_lost_node_and_a_lost_cluster(cluster, s3):
+    """The pipeline job on S3. Pretraining (two DDP workers, one per node): a node is lost after
+    epoch 1, a node is added back, training goes on; then the whole cluster is lost. The same
+    `ray job submit` on a fresh cluster skips the finished stages and continues pretraining
+    from its last checkpoint in storage; in its Tune search a node is lost under a trial."""
+    out = f"s3://biofm/{uuid.uuid4().hex[:8]}/pipeline"
+    at = functools.partial(storage.join, out)
+    epochs = 6
+    tune = ("{mode: grid, max_epochs: 3, grace_period: 2, max_concurrent_trials: 2, cpus_per_trial: 0.5, "
+            "search: {init: {grid: [pretrained, scratch]}, head_epochs: {grid: [1]}, batch_size: {grid: [16]}}}")
+    entrypoint = ["python", "jobs/pipeline.py", "--config", "configs/smoke.yaml", "--output-dir", out,
+                  "--set", f"case_set={REAL_VITAL}", "--set", f"vital_source={REAL_VITAL}",
+                  "--set", f"butppg_raw_dir={REAL_BUTPPG}", "--set", "butppg_download=false",
+                  "--set", f"pretrain={{epochs: {epochs}, num_layers: 2, batch_size: 8, warmup_epochs: 0, "
+                           "num_workers: 2, cpus_per_worker: 1}", "--set", f"tune={tune}"]
+    job = cluster.submit(entrypoint)
+    logs = cluster.wait_for_log(job, f"[pretrain] epoch 1/{epochs} ", 240)
+    seen_before_node_loss = max(_epoch_lines(logs, "pretrain", epochs))
+    victim = cluster.node_running("RayTrainWorker")
+    assert victim, logs[-3000:]
+    lost_at = cluster.kill_node(victim)
+    _replace_lost_node(cluster, victim)
+    logs = cluster.wait_for_log(job, "[pretrain] continuing from the checkpoint of epoch", 240)
+    node_loss_to_resumed_s = time.time() - lost_at
+    resumed = "[pretrain] continuing from the checkpoint of epoch"
+    logs = cluster.wait_for_log(job, "[pretrain] epoch ", 240, after=resumed)
+    after_node_loss = logs[logs.rfind(resumed):]
+    seen_before_cluster_loss = max(_epoch_lines(after_node_loss, "pretrain", epochs))
+    assert seen_before_cluster_loss < epochs, "pretraining finished before the cluster could be lost"
+    first_logs = cluster.logs(job)
+    for name in list(cluster.nodes):  # the whole cluster, head included, gone at once
+        cluster.kill_node(name)
+
+    fresh = LocalCluster(head_cpus=0, extra_env=s3)
+    try:
+        fresh.add_node()
+        fresh.add_node()
+        job = fresh.submit(entrypoint)
+        fresh.wait_for_log(job, "[finetune] epoch 1/3 ", 420)  # a trial's first epoch: lose its node
+        victim = fresh.node_running("RayTrainWorker")
+        assert victim
+        fresh.kill_node(victim)
+        _replace_lost_node(fresh, victim)
+        status, second_logs = fresh.wait(job, 420)
+    finally:
+        fresh.stop()
+    assert "succeeded" in status, second_logs[-5000:]
+
+    assert "[pipeline] splits: up to date" in second_logs and "[pipeline] windows: up to date" in second_logs
+    assert "[pipeline] pretrain: continuing" in second_logs
+    history = json.loads(storage.read_text(at("foundation_model", "training_history.json")))
+    assert [h["epoch"] for h in history] == list(range(1, epochs + 1))
+    attempts = [h["attempt"] for h in history]
+    assert sorted(set(attempts)) == [1, 2, 3] and attempts == sorted(attempts), attempts
+    # no committed epoch ran twice: the restarts began after the last epoch seen committed
+    resumed_after = [attempts.index(2), attempts.index(3)]  # the epoch each restart continued from
+    assert resumed_after[0] >= seen_before_node_loss and resumed_after[1] >= seen_before_cluster_loss, (
+        resumed_after, seen_before_node_loss, seen_before_cluster_loss)
+    printed = _epoch_lines(first_logs, "pretrain", epochs) + _epoch_lines(second_logs, "pretrain", epochs)
+    assert all(printed.count(e) <= 1 for e in range(1, epochs + 1)), printed
+    assert f"[pretrain] continuing from the checkpoint of epoch {resumed_after[1]}" in second_logs
+    assert all(h["workers"] == 2 for h in history)
+    assert storage.is_file(at("foundation_model", "best_model.pt"))
+
+    # the search: each trial once in the report, the one whose node was lost continued
+    rows = list(csv.DictReader(storage.read_text(at("tune", "finetune_schedules", "trials.csv")).splitlines()))
+    assert len(rows) == len({r["trial"] for r in rows}) == 2 and {r["status"] for r in rows} <= {"completed", "stopped early"}
+    continued = re.findall(r"\[finetune\] continuing from the checkpoint of epoch (\d+)", second_logs)
+    assert continued and all(int(e) >= 1 for e in continued), second_logs[-4000:]
+    for trial in storage.list_dirs(at("tune", "finetune_schedules", "trials")):
+        h = json.loads(storage.read_text(storage.join(trial, "training_history.json")))
+        assert [r["epoch"] for r in h] == list(range(1, len(h) + 1))
+    print(f"\n[measured] node lost -> pretraining resumed: {node_loss_to_resumed_s:.1f} s; "
+          f"epochs redone: {resumed_after[0] - seen_before_node_loss} after the node, "
+          f"{resumed_after[1] - seen_before_cluster_loss} after the cluster")
