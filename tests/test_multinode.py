@@ -100,6 +100,8 @@ def test_build_windows_loses_a_node_and_every_case_ends_once(cluster, slow_api, 
     assert "succeeded" in status, logs[-4000:]
     redone = sum(slow_api.hits.values()) - len(CASES)
     assert redone >= 1, f"no case was in flight on the lost node: {slow_api.hits}"
+    print(f"\n[measured] build-windows: {len(done)} of {len(CASES)} cases written when the node was lost, "
+          f"{redone} case(s) read again")
 
     manifest = read_manifest(out, "train")
     assert manifest["cases_in"] == len(CASES) == manifest["cases_ok"] + manifest["cases_skipped"]
@@ -171,6 +173,8 @@ def test_embed_loses_the_node_of_its_actor_and_every_window_ends_once(cluster, w
     assert "succeeded" in status, logs[-4000:]
 
     assert written_before < len(storage.list_files(target, ".parquet")), "the node was lost after the last batch"
+    print(f"\n[measured] embed: {written_before} of {len(storage.list_files(target, '.parquet'))} files written "
+          "when the node of the actor was lost")
     manifest = json.loads(storage.read_text(storage.join(out, "manifest.json")))
     windows = read_manifest(windows_on_s3, "train")["windows_kept"]
     assert manifest["windows_in"] == manifest["embeddings"] == windows

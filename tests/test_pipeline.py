@@ -106,6 +106,8 @@ def test_cluster_yaml_passes_rays_own_validation():
     nodes = config["available_node_types"]
     assert nodes["head"]["resources"] == {"CPU": 0} and config["head_node_type"] == "head"
     assert nodes["gpu_workers"]["resources"]["GPU"] == 1 and nodes["gpu_workers"]["min_workers"] == 0
+    assert nodes["gpu_workers"]["node_config"]["InstanceMarketOptions"] == {"MarketType": "spot"}
+    assert "InstanceMarketOptions" not in nodes["head"]["node_config"]  # losing the head ends the job
     assert nodes["cpu_workers"]["resources"]["CPU"] >= 8 and "GPU" not in nodes["cpu_workers"]["resources"]
     assert "--dashboard-host=127.0.0.1" in " ".join(config["head_start_ray_commands"])
     opened = [p["FromPort"] for p in raw["provider"]["security_group"]["IpPermissions"]]

@@ -6,6 +6,7 @@ last one there; a failed worker restarts from the last; rerunning with ``resume`
 
 from __future__ import annotations
 
+import os
 import sys
 import tempfile
 import zlib
@@ -16,6 +17,7 @@ from biofm.errors import BiofmError
 from biofm.train import checkpoint
 
 RUN_NAME = "ray_train"
+POLL_INTERVAL_S = 0.25
 
 
 def check_run_dir(output_dir: str, resume: bool, what: str, name: str = RUN_NAME) -> str:
@@ -59,9 +61,9 @@ def restored_training() -> dict | None:
 def report_epoch(metrics: dict, rank: int, save, commit_timeout_s: float = 120.0) -> None:
     """Report an epoch's ``metrics`` with a checkpoint that rank 0 writes by ``save(path)``, and
     wait until Ray Train has committed it. Ray's controller collects reports when it next polls
-    the workers (every 2 s): a worker lost before then took its report with it, and the restart
-    began one epoch earlier, or from scratch after the first. Once this returns, a failure redoes
-    at most the epoch after it."""
+    the workers (every ``POLL_INTERVAL_S``; Ray's default is 2 s): a worker lost before then took
+    its report with it, and the restart began one epoch earlier, or from scratch after the first.
+    Once this returns, a failure redoes at most the epoch after it."""
     import ray.train
 
     with tempfile.TemporaryDirectory() as d:
@@ -119,6 +121,10 @@ def fit(train_loop, loop_config: dict, cfg, storage_path: str, metric: str, mode
     from ray.train.torch import TorchTrainer
 
     from biofm import output
+
+    # how often Train's controller polls the workers (Ray: 2 s); each epoch waits for the poll that
+    # commits its checkpoint (report_epoch), and a lost worker is noticed at the next one
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", str(POLL_INTERVAL_S))
 
     trainer = TorchTrainer(
         train_loop,
