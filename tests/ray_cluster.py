@@ -119,6 +119,13 @@ class LocalCluster:
                     pass
         return None
 
+    def node_of(self, pid: int) -> str | None:
+        """The live worker node whose processes include ``pid``."""
+        for name in self.workers():
+            if pid in {p.pid for p in psutil.Process(self.nodes[name].pid).children(recursive=True)}:
+                return name
+        return None
+
     def kill_node(self, name: str) -> float:
         """SIGKILL node ``name``: its raylet, agents and workers. Returns the time it was killed."""
         kill_tree(self.nodes[name].pid)

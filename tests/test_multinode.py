@@ -9,16 +9,19 @@ import csv
 import functools
 import json
 import re
+import threading
 import time
 import uuid
-from http.server import BaseHTTPRequestHandler
+from http.server import BaseHTTPRequestHandler, SimpleHTTPRequestHandler
 
 import numpy as np
 import pytest
 
 from biofm import storage
-from biofm.config import ChannelsConfig, WindowsConfig, load_config
-from biofm.preprocess import build_windows, read_manifest
+from biofm.config import ChannelsConfig, FinetuneConfig, WindowsConfig, load_config
+from biofm.errors import BiofmError
+from biofm.preprocess import build_windows, read_data_spec, read_manifest
+from biofm.train.finetune import finetune, load_classifier, predict, read_split
 from biofm.sources.vitaldb import ApiSource
 from conftest import REAL_BUTPPG, REAL_VITAL, ROOT, _Server, requires_realdata
 from ray_cluster import LocalCluster
@@ -46,7 +49,6 @@ def cluster(s3):
 def slow_api():
     """The real recordings as the VitalDB API on 127.0.0.1 (case ``i`` is recording ``(i-1) % 6``),
     each answer held back 1.5 s so that a node can be lost while cases are in flight."""
-    import threading
 
     class Slow(BaseHTTPRequestHandler):
         def do_GET(self):
@@ -58,10 +60,13 @@ def slow_api():
             self.server.hits[name] = self.server.hits.get(name, 0) + 1
             body = RECORDINGS[(int(name) - 1) % len(RECORDINGS)].read_bytes()
             time.sleep(1.5)
-            self.send_response(200)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
+            try:
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+            except (BrokenPipeError, ConnectionResetError):  # the reader's node was lost
+                pass
 
         def log_message(self, *args):
             pass
@@ -193,22 +198,34 @@ def _epoch_lines(logs: str, what: str, total: int) -> list[int]:
 
 
 @requires_realdata(REAL_BUTPPG)
-def test_pipeline_survives_a_lost_node_and_a_lost_cluster(cluster, s3):
-    """The pipeline job on S3. Pretraining (two DDP workers, one per node): a node is lost after
-    epoch 1, a node is added back, training goes on; then the whole cluster is lost. The same
-    `ray job submit` on a fresh cluster skips the finished stages and continues pretraining
-    from its last checkpoint in storage; in its Tune search a node is lost under a trial."""
+def test_pipeline_survives_a_lost_node_and_a_lost_cluster(cluster, s3, public_sources, tmp_path):
+    """The main job with its own sources (the VitalDB API, BUT-PPG downloaded from PhysioNet,
+    served from 127.0.0.1), every stage writing to S3. Pretraining (two DDP workers, one per
+    node): a node is lost after epoch 1, a node is added back, training goes on; then the whole
+    cluster is lost. The same `ray job submit` on a fresh cluster skips the finished stages and
+    continues pretraining from its last checkpoint in storage; in its Tune search the node under
+    a trial is lost after the trial's first epoch."""
     out = f"s3://biofm/{uuid.uuid4().hex[:8]}/pipeline"
     at = functools.partial(storage.join, out)
+    raw = tmp_path / "but_ppg_raw"
     epochs = 6
     tune = ("{mode: grid, max_epochs: 3, grace_period: 2, max_concurrent_trials: 2, cpus_per_trial: 0.5, "
             "search: {init: {grid: [pretrained, scratch]}, head_epochs: {grid: [1]}, batch_size: {grid: [16]}}}")
     entrypoint = ["python", "jobs/pipeline.py", "--config", "configs/smoke.yaml", "--output-dir", out,
-                  "--set", f"case_set={REAL_VITAL}", "--set", f"vital_source={REAL_VITAL}",
-                  "--set", f"butppg_raw_dir={REAL_BUTPPG}", "--set", "butppg_download=false",
+                  "--set", f"case_set={REAL_VITAL}", "--set", "vital_source=api",
+                  "--set", f"api_url={public_sources}/vital", "--set", f"physionet_url={public_sources}/",
+                  "--set", f"butppg_raw_dir={raw}",
                   "--set", f"pretrain={{epochs: {epochs}, num_layers: 2, batch_size: 8, warmup_epochs: 0, "
-                           "num_workers: 2, cpus_per_worker: 1}", "--set", f"tune={tune}"]
+                           "num_workers: 2, cpus_per_worker: 1}", "--set", f"tune={tune}", "--set", "embed={split: val}"]
     job = cluster.submit(entrypoint)
+    # the head lets in its owner only: no token (none in the environment, none in ~/.ray), or another one
+    home = tmp_path / "stranger"
+    home.mkdir()
+    tokenless = {k: v for k, v in cluster.env.items() if not k.startswith("RAY_AUTH_")} | {"HOME": str(home)}
+    for stranger in (tokenless, {**cluster.env, "RAY_AUTH_TOKEN": "f" * 64}):
+        refused = cluster.ray("job", "submit", "--address", cluster.url, "--no-wait", "--", "echo", "hi", env=stranger)
+        said_back = (refused.stdout + refused.stderr).lower()
+        assert refused.returncode != 0 and "raysubmit_" not in said_back and "token" in said_back, said_back[-2000:]
     logs = cluster.wait_for_log(job, f"[pretrain] epoch 1/{epochs} ", 240)
     seen_before_node_loss = max(_epoch_lines(logs, "pretrain", epochs))
     victim = cluster.node_running("RayTrainWorker")
@@ -231,9 +248,10 @@ def test_pipeline_survives_a_lost_node_and_a_lost_cluster(cluster, s3):
         fresh.add_node()
         fresh.add_node()
         job = fresh.submit(entrypoint)
-        fresh.wait_for_log(job, "[finetune] epoch 1/3 ", 420)  # a trial's first epoch: lose its node
-        victim = fresh.node_running("RayTrainWorker")
-        assert victim
+        logs = fresh.wait_for_log(job, "[finetune] epoch 1/3 ", 420)  # a trial's first epoch: lose its node
+        line = next(line for line in logs.splitlines() if "[finetune] epoch 1/3 " in line)
+        victim = fresh.node_of(int(re.search(r"pid=(\d+)", line).group(1)))
+        assert victim, line
         fresh.kill_node(victim)
         _replace_lost_node(fresh, victim)
         status, second_logs = fresh.wait(job, 420)
@@ -241,8 +259,27 @@ def test_pipeline_survives_a_lost_node_and_a_lost_cluster(cluster, s3):
         fresh.stop()
     assert "succeeded" in status, second_logs[-5000:]
 
-    assert "[pipeline] splits: up to date" in second_logs and "[pipeline] windows: up to date" in second_logs
     assert "[pipeline] pretrain: continuing" in second_logs
+    assert "[pipeline] done: ran pretrain, butppg, finetune, tune, embed; skipped splits, windows" in second_logs
+    report = json.loads(storage.read_text(at("pipeline.json")))
+    assert [s["stage"] for s in report["stages"]] == ["splits", "windows", "pretrain", "butppg", "finetune", "tune", "embed"]
+    splits = json.loads(storage.read_text(at("splits", "splits_fasttrack.json")))
+    train, val = (read_manifest(at("vitaldb_windows"), s) for s in ("train", "val"))
+    assert train["cases_in"] == 2 and val["cases_in"] == 1 and train["windows_kept"] > 0
+    assert train["source"] == f"{public_sources}/vital"
+    assert set(train["cases"]) == set(splits["train"][:2]) and set(val["cases"]) == set(splits["val"][:1])
+    assert sum(o["windows_kept"] for o in train["cases"].values()) == train["windows_kept"] == sum(
+        storage.read_table(f).num_rows for f in storage.list_files(at("vitaldb_windows", "train"), ".parquet"))
+    assert "[prepare-butppg] downloading 51 records (210 files)" in second_logs
+    assert "108 ECG/ACC files are not on the mirror" in second_logs  # the real subset is PPG only: 51 ECG + 3 ACC pairs
+    assert sorted(p.name for p in raw.iterdir()) == sorted(p.name for p in REAL_BUTPPG.iterdir())
+    assert json.loads(storage.read_text(at("but_ppg", "manifest.json")))["records_ok"] == 51
+    assert storage.is_file(at("foundation_model", "encoder", "config.json"))
+    assert storage.list_dirs(at("foundation_model", "ray", "ray_train")), "Ray Train's checkpoints are under the URI"
+    _check_staged_fine_tuning(at("but_ppg_finetuned"), at("but_ppg"), at("foundation_model", "best_model.pt"))
+    assert second_logs.count("[finetune] epoch 2/2 ") == 1  # each progress line once (Ray's print patch doubled them)
+    embedded = json.loads(storage.read_text(at("embeddings", "manifest.json")))  # read from and written to S3
+    assert embedded["embeddings"] == val["windows_kept"] and embedded["data_dir"] == at("vitaldb_windows", "val")
     history = json.loads(storage.read_text(at("foundation_model", "training_history.json")))
     assert [h["epoch"] for h in history] == list(range(1, epochs + 1))
     attempts = [h["attempt"] for h in history]
@@ -258,13 +295,87 @@ def test_pipeline_survives_a_lost_node_and_a_lost_cluster(cluster, s3):
     assert storage.is_file(at("foundation_model", "best_model.pt"))
 
     # the search: each trial once in the report, the one whose node was lost continued
+    spans = _trial_spans(at("tune", "finetune_schedules"))
+    overlap = min(end for _, end in spans) - max(start for start, _ in spans)
+    assert len(spans) == 2 and overlap > 5, f"the trials ran one after the other: {spans}"
+    assert storage.is_file(at("tune", "finetune_schedules", "best_config.yaml"))
     rows = list(csv.DictReader(storage.read_text(at("tune", "finetune_schedules", "trials.csv")).splitlines()))
     assert len(rows) == len({r["trial"] for r in rows}) == 2 and {r["status"] for r in rows} <= {"completed", "stopped early"}
     continued = re.findall(r"\[finetune\] continuing from the checkpoint of epoch (\d+)", second_logs)
     assert continued and all(int(e) >= 1 for e in continued), second_logs[-4000:]
+    restarted = []
     for trial in storage.list_dirs(at("tune", "finetune_schedules", "trials")):
         h = json.loads(storage.read_text(storage.join(trial, "training_history.json")))
         assert [r["epoch"] for r in h] == list(range(1, len(h) + 1))
-    print(f"\n[measured] node lost -> pretraining resumed: {node_loss_to_resumed_s:.1f} s; "
-          f"epochs redone: {resumed_after[0] - seen_before_node_loss} after the node, "
-          f"{resumed_after[1] - seen_before_cluster_loss} after the cluster")
+        attempts = [r["attempt"] for r in h]
+        assert attempts == sorted(attempts)
+        if attempts[-1] > 1:
+            restarted.append(attempts.index(attempts[-1]))  # the epoch the last attempt continued from
+    assert restarted and set(restarted) <= {int(e) for e in continued}, (restarted, continued)
+    print(f"\n[measured] node lost -> pretraining resumed: {node_loss_to_resumed_s:.1f} s; pretraining continued "
+          f"after epoch {resumed_after[0]} (last seen {seen_before_node_loss}) and after epoch {resumed_after[1]} "
+          f"(last seen {seen_before_cluster_loss}) of {epochs}; Tune trials continued after epoch(s) {restarted}")
+
+
+@pytest.fixture
+def public_sources(tmp_path):
+    """The real recordings served from 127.0.0.1 as the VitalDB API (``<url>/vital/<id>.vital``)
+    and a PhysioNet mirror (``<url>/butppg/2.0.0/...``)."""
+    site = tmp_path / "site"
+    (site / "butppg").mkdir(parents=True)
+    (site / "butppg" / "2.0.0").symlink_to(REAL_BUTPPG)
+    (site / "vital").symlink_to(REAL_VITAL)
+
+    class Quiet(SimpleHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+    server = _Server(("127.0.0.1", 0), functools.partial(Quiet, directory=str(site)))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+def _trial_spans(exp: str) -> list[tuple[float, float]]:
+    """Per trial of a Tune experiment, (start, last report) in seconds since the epoch, from
+    Tune's result.json: the first report's timestamp less the time the trial had run by then."""
+    spans = []
+    for result_file in [storage.join(d, "result.json") for d in storage.list_dirs(exp)]:
+        if not storage.is_file(result_file):
+            continue  # trials/, the fine-tuning runs of the trials
+        rows = [json.loads(line) for line in storage.read_text(result_file).splitlines() if line.strip()]
+        assert [r["epoch"] for r in rows] == list(range(1, len(rows) + 1)), result_file  # each epoch once
+        spans.append((rows[0]["timestamp"] - rows[0]["time_total_s"], rows[-1]["timestamp"]))
+    return spans
+
+
+def _check_staged_fine_tuning(out: str, data: str, pretrained: str) -> None:
+    """The fine-tuning stage's whole path: inflation, stage 1 (head) then stage 2, best epoch by
+    val AUROC, threshold from val, test metrics and every artifact."""
+    files = storage.list_files(out)
+    for name in ("best_model.pt", "training_history.json", "training_config.json", "test_metrics.json",
+                 "roc_curve.png", "learning_curves.png"):
+        assert files.get(storage.join(out, name), 0) > 0, name
+    history = json.loads(storage.read_text(storage.join(out, "training_history.json")))
+    assert [h["stage"] for h in history] == [1, 2]
+    n_val = len(read_split(storage.join(data, "val"))["label"])
+    assert all(sum(map(sum, h["val_confusion"])) == n_val for h in history)
+    assert storage.list_files(storage.join(out, "tensorboard")), "TensorBoard scalars go with the run"
+    n_train = len(read_split(storage.join(data, "train"))["label"])  # every record once per epoch
+    assert all(round(h["records_per_s"] * h["train_s"]) == n_train for h in history)
+    assert all(0 <= h["data_wait_fraction"] <= 1 and 0 <= h["first_batch_wait_s"] <= h["train_s"] for h in history)
+    head = 192 * 2 + 2
+    assert history[0]["trainable_params"] == head and history[1]["trainable_params"] > 10 * head
+    metrics = json.loads(storage.read_text(storage.join(out, "test_metrics.json")))
+    test = read_split(storage.join(data, "test"))
+    assert metrics["test"]["n"] == len(test["label"]) == sum(map(sum, metrics["test"]["confusion"]))
+    model, desc = load_classifier(storage.join(out, "best_model.pt"))
+    assert desc["channels"] == ["ACC_X", "ACC_Y", "ACC_Z", "PPG", "ECG"] and desc["init"] == "pretrained"
+    assert desc["threshold"] == metrics["test"]["threshold"]
+    assert desc["data_spec"] == read_data_spec(storage.join(data, "train"))
+    predicted = (predict(model, test["signal"], test["present"]) >= desc["threshold"]).astype(int)
+    confusion = metrics["test"]["confusion"]
+    assert int((predicted == test["label"]).sum()) == confusion[0][0] + confusion[1][1]
+    with pytest.raises(BiofmError, match="--resume"):
+        finetune(FinetuneConfig(), pretrained, data, out)
