@@ -26,17 +26,22 @@ ROOT = Path(__file__).resolve().parents[1]
 RAY = Path(sys.executable).parent / "ray"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _node_ports() -> list[str]:
-    """Ports of one node: Ray's fixed defaults would collide between nodes on one machine."""
-    return [f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
-            f"--metrics-export-port={free_port()}", f"--runtime-env-agent-port={free_port()}",
-            f"--node-manager-port={free_port()}", f"--object-manager-port={free_port()}"]
+def free_ports(n: int, taken: set[int]) -> list[int]:
+    """``n`` distinct free ports on 127.0.0.1, none in ``taken`` (which they join): the sockets
+    stay open until all are chosen, so the OS cannot hand out one port twice."""
+    sockets, ports = [], []
+    try:
+        while len(ports) < n:
+            s = socket.socket()
+            s.bind(("127.0.0.1", 0))
+            sockets.append(s)
+            if s.getsockname()[1] not in taken:
+                ports.append(s.getsockname()[1])
+    finally:
+        for s in sockets:
+            s.close()
+    taken.update(ports)
+    return ports
 
 
 def kill_tree(pid: int) -> None:
@@ -59,7 +64,8 @@ class LocalCluster:
 
     def __init__(self, head_cpus: int = 0, extra_env: dict | None = None, object_store_mb: int = 200):
         self.temp = tempfile.mkdtemp(prefix="rc", dir="/tmp")  # short: Ray's socket paths stay < 108 chars
-        self.port, self.dashboard_port = free_port(), free_port()
+        self.taken: set[int] = set()
+        self.port, self.dashboard_port, client_port = free_ports(3, self.taken)
         self.object_store = str(object_store_mb * 1_000_000)
         token = Path(self.temp) / "auth_token"
         token.write_text(uuid.uuid4().hex + uuid.uuid4().hex)
@@ -72,7 +78,14 @@ class LocalCluster:
         self.nodes: dict[str, subprocess.Popen] = {}
         self._start("head", ["--head", f"--port={self.port}", f"--dashboard-port={self.dashboard_port}",
                              "--dashboard-host=127.0.0.1", "--include-dashboard=true",
-                             f"--ray-client-server-port={free_port()}", f"--num-cpus={head_cpus}"], expect=1)
+                             f"--ray-client-server-port={client_port}", f"--num-cpus={head_cpus}"], expect=1)
+
+    def _node_ports(self) -> list[str]:
+        """Ports of one node: Ray's fixed defaults would collide between nodes on one machine."""
+        agent, agent_grpc, metrics, env_agent, manager, objects = free_ports(6, self.taken)
+        return [f"--dashboard-agent-listen-port={agent}", f"--dashboard-agent-grpc-port={agent_grpc}",
+                f"--metrics-export-port={metrics}", f"--runtime-env-agent-port={env_agent}",
+                f"--node-manager-port={manager}", f"--object-manager-port={objects}"]
 
     def _start(self, name: str, args: list[str], expect: int, timeout_s: float = 90) -> None:
         """Start node ``name`` with a temp dir of its own (a node's runtime-env agent deletes the
@@ -82,7 +95,7 @@ class LocalCluster:
         log = open(temp / "node.log", "w")
         self.nodes[name] = subprocess.Popen(
             [str(RAY), "start", "--block", "--node-ip-address=127.0.0.1", f"--object-store-memory={self.object_store}",
-             f"--temp-dir={temp}", *_node_ports(), *args],
+             f"--temp-dir={temp}", *self._node_ports(), *args],
             env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         deadline = time.time() + timeout_s
         while self.alive_nodes() < expect:  # one at a time: nodes started together time out on one machine

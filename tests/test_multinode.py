@@ -48,7 +48,7 @@ def cluster(s3):
 @pytest.fixture(scope="module")
 def slow_api():
     """The real recordings as the VitalDB API on 127.0.0.1 (case ``i`` is recording ``(i-1) % 6``),
-    each answer held back 1.5 s so that a node can be lost while cases are in flight."""
+    each answer held back 1 s so that a node can be lost while cases are in flight."""
 
     class Slow(BaseHTTPRequestHandler):
         def do_GET(self):
@@ -59,7 +59,7 @@ def slow_api():
                 return
             self.server.hits[name] = self.server.hits.get(name, 0) + 1
             body = RECORDINGS[(int(name) - 1) % len(RECORDINGS)].read_bytes()
-            time.sleep(1.5)
+            time.sleep(1.0)
             try:
                 self.send_response(200)
                 self.send_header("Content-Length", str(len(body)))
@@ -132,15 +132,15 @@ def test_build_windows_loses_a_node_and_every_case_ends_once(cluster, slow_api, 
 
 @pytest.fixture(scope="module")
 def windows_on_s3(ray_session):
-    """Windows of the six real recordings (one split, 0.25 s stride: 2,000 windows in six files)
-    on S3, built here."""
+    """Windows of the six real recordings (one split, 0.5 s stride: about 950 windows in six
+    files) on S3, built here."""
     import dataclasses
 
     from biofm.sources.vitaldb import DirectorySource
 
     out = f"s3://biofm/{uuid.uuid4().hex[:8]}/dense"
     channels = load_config(ChannelsConfig, ROOT / "configs/channels.yaml").select(["PPG", "ECG"])
-    cfg = dataclasses.replace(load_config(WindowsConfig, ROOT / "configs/windows.yaml"), stride_s=0.25)
+    cfg = dataclasses.replace(load_config(WindowsConfig, ROOT / "configs/windows.yaml"), stride_s=0.5)
     build_windows([p.stem for p in RECORDINGS], DirectorySource(str(REAL_VITAL)), channels, cfg, out, "train")
     return out
 
