@@ -154,9 +154,9 @@ def train_loop(config: dict) -> None:
     blob = restored_training()
     if blob:
         model.load_state_dict(blob["model"])
-        state = {k: blob["training"][k] for k in state}
+        state |= {k: blob["training"][k] for k in state if k in blob["training"]}  # "attempts": absent in older runs
         saved_optimizer = blob["training"]["optimizer"]
-        if blob["training"]["scaler"]:  # empty where AMP was off (CPU, bf16)
+        if blob["training"].get("scaler"):  # empty where AMP was off (CPU, bf16); absent before it was saved
             scaler.load_state_dict(blob["training"]["scaler"])
         if rank == 0:
             worker_print(f"[finetune] continuing from the checkpoint of epoch {state['epoch']}")

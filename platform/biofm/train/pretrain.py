@@ -81,9 +81,9 @@ def train_loop(config: dict) -> None:
     if blob:
         model.load_state_dict(blob["model"])
         optimizer.load_state_dict(blob["training"]["optimizer"])
-        if blob["training"]["scaler"]:  # empty where AMP was off (CPU, bf16)
+        if blob["training"].get("scaler"):  # empty where AMP was off (CPU, bf16); absent before it was saved
             scaler.load_state_dict(blob["training"]["scaler"])
-        state = {k: blob["training"][k] for k in state}
+        state |= {k: blob["training"][k] for k in state if k in blob["training"]}  # "attempts": absent in older runs
         if rank == 0:
             worker_print(f"[pretrain] continuing from the checkpoint of epoch {state['epoch']}")
     state["attempts"] += 1
