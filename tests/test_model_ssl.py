@@ -11,7 +11,7 @@ from biofm.model.ssl import (MaskedSignalModel, MultiResolutionSTFTLoss, masked_
 from biofm.train import checkpoint
 from biofm.train.evaluate import interpolate_masked
 from biofm.train.pretrain import _lr_factor, window_masks
-from biofm.train.ray_run import mixed_precision, worker_cpus
+from biofm.train.ray_run import mixed_precision, seed_epoch, worker_cpus
 
 
 @pytest.fixture(scope="module")
@@ -75,6 +75,20 @@ def test_window_masks_depend_on_the_window_not_the_order():
     b = window_masks(["3", "1", "2"], [7, 0, 5], 2, 10, 0.4, seed=9)
     assert torch.equal(a[[2, 0, 1]], b) and (a.sum(dim=(1, 2)) == 8).all()
     assert not torch.equal(a, window_masks(["1", "2", "3"], [0, 5, 7], 2, 10, 0.4, seed=10))
+
+
+def test_an_epoch_run_again_draws_what_it_drew_the_first_time():
+    """seed_epoch before each epoch: a restarted worker redoing epoch 3 draws the same masks and
+    dropout as the lost one did, whatever ran before it; other epochs and ranks draw others."""
+    def draws(seed, rank, epoch, before=0):
+        torch.rand(before)  # whatever the process drew earlier (a fresh worker draws nothing)
+        seed_epoch(seed, rank, epoch)
+        return random_mask(16, 2, 10, 0.4), torch.nn.functional.dropout(torch.ones(64), 0.5)
+
+    first, again = draws(0, 0, 3, before=1000), draws(0, 0, 3)
+    assert torch.equal(first[0], again[0]) and torch.equal(first[1], again[1])
+    for other in (draws(0, 0, 4), draws(0, 1, 3), draws(1, 0, 3)):
+        assert not torch.equal(first[0], other[0])
 
 
 def test_learning_rate_schedule():

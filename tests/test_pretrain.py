@@ -85,6 +85,12 @@ def test_pretrain_survives_a_killed_worker_and_writes_artifacts(interrupted_run,
     assert [h["epoch"] for h in history] == list(range(1, TINY.epochs + 1))
     # the worker's own record: the restarted worker began at epoch 2, from epoch 1's checkpoint
     assert [h["attempt"] for h in history] == [1] + [2] * (TINY.epochs - 1)
+    # what a restart continues from (the fixture has resumed once more): optimizer, learning-rate step, AMP scaler
+    last = max((checkpoint.load(p) for p in (out / "ray").rglob("checkpoint_*/model.pt")),
+               key=lambda b: b["training"]["epoch"])["training"]
+    assert {"optimizer", "scaler", "global_step", "epoch", "attempts", "history"} <= set(last)
+    assert last["epoch"] == TINY.epochs + 1 and last["attempts"] == 3 and last["global_step"] > 0  # after --resume
+    assert last["optimizer"]["state"]
     for key in ("train_loss", "train_mse", "train_stft", "val_loss", "val_masked_mse", "windows_per_s", "lr"):
         assert all(torch.isfinite(torch.tensor(h[key])) for h in history), key
     assert history[0]["bad_steps"] == 0 and history[0]["windows_per_s"] > 0
