@@ -19,6 +19,13 @@ def test_resample_keeps_frequency_and_amplitude(fs_in):
     assert np.abs(y[250:-250]).max() == pytest.approx(1.0, abs=0.02)
 
 
+def test_resample_keeps_an_offset_at_the_edges():
+    """A PPG recorded at -254 units (BUT-PPG) must not gain a spike at each end."""
+    x = -254.0 + sine(1.2, 30.0, 10)
+    y = signals.resample(x, 30.0, 125.0)
+    assert len(y) == 1250 and np.abs(y + 254.0).max() < 1.5
+
+
 def test_resample_removes_aliases():
     # 100 Hz at 500 Hz would alias to 25 Hz at 125 Hz without the anti-aliasing filter.
     y = signals.resample(sine(100, 500, 10), 500, 125)
@@ -93,7 +100,8 @@ def test_beats_and_heart_rate(hr):
         assert signals.heart_rate_bpm(beats, 125) == pytest.approx(hr, rel=0.06)
 
 
-def test_noise_has_no_plausible_rhythm():
+def test_beat_detector_edge_cases():
+    """Noise itself: tests/test_quality.py."""
     noise = np.random.default_rng(0).standard_normal(1250)
     assert signals.detect_beats(np.zeros(1250), 125, "ppg").size == 0
     assert np.isnan(signals.heart_rate_bpm(np.array([3]), 125))

@@ -83,6 +83,10 @@ class WindowsConfig:
     max_nan_fraction: float = 0.05
     max_flat_fraction: float = 0.2
     max_clip_fraction: float = 0.05
+    ppg_min_template_match: float = 0.82
+    ppg_min_pulse_band_power: float = 0.87
+    ecg_min_template_match: float = 0.66
+    ecg_min_beat_agreement: float = 0.8
 
     def __post_init__(self):
         if self.sample_rate_hz <= 0 or self.window_s <= 0 or self.stride_s <= 0:
@@ -94,9 +98,13 @@ class WindowsConfig:
             raise ValueError(f"min_beats must be >= 1, got {self.min_beats}")
         if not 0 < self.hr_bpm[0] < self.hr_bpm[1]:
             raise ValueError(f"hr_bpm must satisfy 0 < low < high, got {list(self.hr_bpm)}")
-        for name in ("max_nan_fraction", "max_flat_fraction", "max_clip_fraction"):
+        for name in ("max_nan_fraction", "max_flat_fraction", "max_clip_fraction", "ppg_min_pulse_band_power",
+                     "ecg_min_beat_agreement"):
             if not 0 <= getattr(self, name) <= 1:
                 raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
+        for name in ("ppg_min_template_match", "ecg_min_template_match"):
+            if not -1 <= getattr(self, name) <= 1:
+                raise ValueError(f"{name} must be in [-1, 1] (a correlation), got {getattr(self, name)}")
 
     @property
     def window_samples(self) -> int:

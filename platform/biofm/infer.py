@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -233,7 +234,8 @@ def _recording_windows(row: dict, kind: str, folder: str, channels: dict, window
             readable = {n: s for n, s in readable.items() if n in tracks}
         else:
             tracks = read_tracks(Path(folder) / f"{rid}.vital", readable)
-        columns, rejected, total = make_windows(tracks, readable, windows, {})
+        columns, reasons = make_windows(tracks, readable, windows, {})
+        rejected, total = Counter(r for r in reasons if r), len(reasons)
         n = len(columns["window_idx"])
         if n == 0:
             raise CaseSkipped("no_usable_windows", f"all {total} windows failed quality checks ({dict(rejected)})")

@@ -58,13 +58,13 @@ def data_spec(channels: dict[str, ChannelSpec], windows: WindowsConfig) -> dict:
 
 
 def make_windows(tracks: dict[str, tuple[np.ndarray, float, str]], channels: dict[str, ChannelSpec],
-                 cfg: WindowsConfig, timings: dict) -> tuple[dict, Counter, int]:
+                 cfg: WindowsConfig, timings: dict) -> tuple[dict, list[str]]:
     """Cut quality-checked windows from native-rate tracks (as :func:`read_tracks` returns).
 
-    Returns ``(columns, rejected, n_windows)``: the kept windows' columns (``window_idx`` [N],
-    ``start_s`` [N] in seconds, ``signal`` [N, C, T] float32 z-scored, per-channel quality
-    ``[N]``), rejection counts by reason (``"PPG:clipped"``...), and the number of windows cut.
-    ``timings`` gains the seconds spent per stage.
+    Returns ``(columns, reasons)``: the kept windows' columns (``window_idx`` [N], ``start_s`` [N]
+    in seconds, ``signal`` [N, C, T] float32 z-scored, per-channel quality ``[N]``) and, for every
+    window cut, why it was rejected (``"PPG:clipped"``...; ``""`` where kept: see
+    :func:`check_windows`). ``timings`` gains the seconds spent per stage.
     """
     fs, length = cfg.sample_rate_hz, cfg.window_samples
     duration = min(len(x) / rate for x, rate, _ in tracks.values())
@@ -88,34 +88,7 @@ def make_windows(tracks: dict[str, tuple[np.ndarray, float, str]], channels: dic
     t2 = time.perf_counter()
 
     windows = np.stack([signals.cut_windows(filtered[n], starts, length) for n in channels], axis=1)
-    keep = np.ones(len(starts), dtype=bool)
-    reasons = np.full(len(starts), "", dtype=object)
-    quality = {}
-
-    def reject(mask, reason):
-        new = mask & keep
-        reasons[new] = reason
-        keep[new] = False
-
-    for c, (name, spec) in enumerate(channels.items()):
-        raw, rate, _ = tracks[name]
-        q = signals.raw_quality(raw, rate, starts_s, cfg.window_s)
-        key = name.lower()
-        reject(q["nan_fraction"] > cfg.max_nan_fraction, f"{name}:missing")
-        reject(q["flat_fraction"] > cfg.max_flat_fraction, f"{name}:flat")
-        reject(windows[:, c].std(axis=-1) < 1e-8, f"{name}:flat")
-        reject(q["clip_fraction"] > cfg.max_clip_fraction, f"{name}:clipped")
-        beats = np.zeros(len(starts), dtype=np.int16)
-        hr = np.full(len(starts), np.nan, dtype=np.float32)
-        if spec.quality != "none":
-            for i in np.flatnonzero(keep):
-                peaks = signals.detect_beats(windows[i, c], fs, spec.quality)
-                beats[i], hr[i] = len(peaks), signals.heart_rate_bpm(peaks, fs)
-            reject(beats < cfg.min_beats, f"{name}:too_few_beats")
-            lo, hi = cfg.hr_bpm
-            reject(~((hr >= lo) & (hr <= hi)), f"{name}:implausible_hr")
-        quality.update({f"{key}_{k}": v for k, v in q.items()})
-        quality[f"{key}_beats"], quality[f"{key}_hr_bpm"] = beats, hr
+    keep, reasons, quality = check_windows(windows, {n: tracks[n][:2] for n in channels}, starts_s, channels, cfg)
     t3 = time.perf_counter()
     timings["resample"] = timings.get("resample", 0.0) + t1 - t0
     timings["filter"] = timings.get("filter", 0.0) + t2 - t1
@@ -127,7 +100,56 @@ def make_windows(tracks: dict[str, tuple[np.ndarray, float, str]], channels: dic
         "signal": signals.zscore(windows[keep]).astype(np.float32),
         **{k: v[keep] for k, v in quality.items()},
     }
-    return columns, Counter(reasons[~keep].tolist()), len(starts)
+    return columns, reasons.tolist()
+
+
+def check_windows(windows: np.ndarray, raw: dict[str, tuple[np.ndarray, float]], starts_s: np.ndarray,
+                  channels: dict[str, ChannelSpec], cfg: WindowsConfig) -> tuple[np.ndarray, np.ndarray, dict]:
+    """The quality checks of band-passed windows ``[N, C, T]`` (at ``cfg.sample_rate_hz``) cut at
+    ``starts_s`` (seconds) from the recordings ``raw`` (name -> ``(x [n], fs Hz)``, native rate, NaN
+    where missing).
+
+    Per channel, in this order, the first failure is a window's reason (``"PPG:flat"``): missing,
+    flat, clipped (:func:`signals.raw_quality`); then, for channels with a beat detector,
+    too_few_beats, implausible_hr, low_template_match and, for PPG, low_pulse_band_power, for
+    ECG, detectors_disagree (:func:`signals.beat_quality`). A rejected window is not checked
+    further. Returns ``keep`` ``[N]`` bool, ``reasons`` ``[N]`` (``""`` where kept) and the
+    indices as columns ``<ch>_<index>`` ``[N]``.
+    """
+    n = len(windows)
+    keep = np.ones(n, dtype=bool)
+    reasons = np.full(n, "", dtype=object)
+    quality = {}
+
+    def reject(mask, reason):
+        new = mask & keep
+        reasons[new] = reason
+        keep[new] = False
+
+    for c, (name, spec) in enumerate(channels.items()):
+        x, rate = raw[name]
+        q = signals.raw_quality(x, rate, starts_s, cfg.window_s)
+        reject(q["nan_fraction"] > cfg.max_nan_fraction, f"{name}:missing")
+        reject(q["flat_fraction"] > cfg.max_flat_fraction, f"{name}:flat")
+        reject(windows[:, c].std(axis=-1) < 1e-8, f"{name}:flat")
+        reject(q["clip_fraction"] > cfg.max_clip_fraction, f"{name}:clipped")
+        sqi = {k: np.full(n, np.nan, dtype=np.float32) for k in signals.SQI_NAMES.get(spec.quality, ("hr_bpm",))}
+        sqi["beats"] = np.zeros(n, dtype=np.int16)
+        if spec.quality != "none":
+            checked = np.flatnonzero(keep)
+            for k, v in signals.beat_quality(windows[checked, c], cfg.sample_rate_hz, spec.quality, spec.band_hz).items():
+                sqi[k][checked] = v
+            lo, hi = cfg.hr_bpm
+            reject(sqi["beats"] < cfg.min_beats, f"{name}:too_few_beats")
+            reject(~((sqi["hr_bpm"] >= lo) & (sqi["hr_bpm"] <= hi)), f"{name}:implausible_hr")
+            if spec.quality == "ppg":
+                reject(~(sqi["template_match"] >= cfg.ppg_min_template_match), f"{name}:low_template_match")
+                reject(~(sqi["pulse_band_power"] >= cfg.ppg_min_pulse_band_power), f"{name}:low_pulse_band_power")
+            else:
+                reject(~(sqi["template_match"] >= cfg.ecg_min_template_match), f"{name}:low_template_match")
+                reject(~(sqi["beat_agreement"] >= cfg.ecg_min_beat_agreement), f"{name}:detectors_disagree")
+        quality.update({f"{name.lower()}_{k}": v for k, v in (q | sqi).items()})
+    return keep, reasons, quality
 
 
 def windows_table(case_id: str, columns: dict, spec: dict) -> pa.Table:
@@ -161,7 +183,8 @@ def process_case(case_id: str, source, channels: dict[str, ChannelSpec], cfg: Wi
         with source.local_file(case_id) as path:
             tracks = read_tracks(path, channels)
         timings["read"] = time.perf_counter() - t0
-        columns, rejected, n_total = make_windows(tracks, channels, cfg, timings)
+        columns, reasons = make_windows(tracks, channels, cfg, timings)
+        rejected, n_total = Counter(r for r in reasons if r), len(reasons)
         outcome.update(
             tracks={n: t for n, (_, _, t) in tracks.items()},
             rates_hz={n: r for n, (_, r, _) in tracks.items()},

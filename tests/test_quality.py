@@ -1,0 +1,180 @@
+"""Window quality: the signal-quality indices, and each rule of check_windows with its reason and
+its place in the order (no Ray)."""
+
+import dataclasses
+
+import numpy as np
+import pytest
+
+from biofm import signals
+from biofm.config import ChannelsConfig, WindowsConfig, load_config
+from biofm.preprocess import make_windows
+from conftest import REALDATA, ROOT, heartbeat_signals, requires_realdata
+
+CHANNELS = load_config(ChannelsConfig, ROOT / "configs/channels.yaml")
+WINDOWS = load_config(WindowsConfig, ROOT / "configs/windows.yaml")
+FS = 125.0
+
+
+def reasons(tracks: dict, names=("PPG",), cfg=WINDOWS) -> list[str]:
+    """The reason of each window of ``tracks`` (name -> (x, fs)): '' where kept."""
+    cols, why = make_windows({n: (x, fs, n) for n, (x, fs) in tracks.items()}, CHANNELS.select(names), cfg, {})
+    assert cols["window_idx"].tolist() == [i for i, r in enumerate(why) if not r]
+    return why
+
+
+def pulse(seconds=10.0, hr=72.0, seed=0, fs=FS):
+    return heartbeat_signals(seconds, fs, hr_bpm=hr, seed=seed)
+
+
+def test_template_match_beat_agreement_and_band_power():
+    beats = np.arange(50, 1250, 100)
+    x = np.zeros(1250)
+    x[beats] = 1.0
+    x = np.convolve(x, np.hanning(21), "same")
+    assert signals.template_match(x, beats) == pytest.approx(1.0)
+    assert signals.template_match(x, beats[:2]) == 0.0          # no template from 2 beats
+    assert signals.template_match(-x, beats) == pytest.approx(1.0)
+    noisy = x + np.random.default_rng(0).standard_normal(1250)
+    assert signals.template_match(noisy, beats) < 0.5
+
+    a = np.array([100, 200, 300, 400])
+    assert signals.beat_agreement(a, a + 18, FS) == 1.0          # 144 ms apart: within 150 ms
+    assert signals.beat_agreement(a, a + 19, FS) == 0.0          # 152 ms: not
+    assert signals.beat_agreement(a, np.array([100, 200, 900]), FS) == pytest.approx(2 / 5)
+    assert signals.beat_agreement(a, np.array([], dtype=int), FS) == 0.0
+
+    t = np.arange(1250) / FS
+    assert signals.band_power_share(np.sin(2 * np.pi * 1.2 * t), FS, (0.5, 4), (0.5, 10)) == pytest.approx(1.0)
+    assert signals.band_power_share(np.sin(2 * np.pi * 7.0 * t), FS, (0.5, 4), (0.5, 10)) < 1e-3
+    mixed = np.sin(2 * np.pi * 1.2 * t) + np.sin(2 * np.pi * 7.0 * t)
+    assert signals.band_power_share(mixed, FS, (0.5, 4), (0.5, 10)) == pytest.approx(0.5, abs=0.01)
+    assert signals.band_power_share(np.zeros(1250), FS, (0.5, 4), (0.5, 10)) == 0.0
+
+
+@pytest.mark.parametrize("kind", ["ppg", "ecg"])
+def test_noise_has_no_plausible_rhythm(kind):
+    """Noise has 'beats' at plausible rates, but no beat looks like the others: white noise and
+    noise band-passed like the channel are rejected, every window of 40, while pulses pass."""
+    name = kind.upper()
+    band = CHANNELS.channels[name].band_hz
+    rng = np.random.default_rng(7)
+    noise = rng.standard_normal(int(400 * FS))
+    for x in (noise, signals.bandpass(noise, FS, band)):
+        sqi = signals.beat_quality(signals.bandpass(x[:12500], FS, band).reshape(10, 1250), FS, kind, band)
+        assert (sqi["beats"] >= 3).all() and ((sqi["hr_bpm"] >= 30) & (sqi["hr_bpm"] <= 200)).all()  # what the old checks let through
+        why = reasons({name: (x, FS)}, (name,))
+        assert len(why) == 40 and all(why), why
+        assert set(why) <= {f"{name}:low_template_match", f"{name}:low_pulse_band_power", f"{name}:detectors_disagree"}
+    ppg, ecg = pulse(400.0)
+    assert reasons({name: (ppg if kind == "ppg" else ecg, FS)}, (name,)) == [""] * 40
+
+
+def _spikes(w):
+    spikes = np.zeros(1250)
+    spikes[::104] = 1.0
+    w[:] = np.convolve(spikes, np.hanning(5), "same") + 0.01 * np.sin(np.arange(1250) / 3)  # a rhythm, no pulse shape
+
+
+def _missing_and_noise(w):
+    w[200:] = np.random.default_rng(8).standard_normal(1050)
+    w[:200] = np.nan                                                 # missing and noise: missing first
+
+
+RULE_CASES = {  # what is done to the middle window of 30 s of pulses -> its reason (min_beats 4)
+    "missing": (lambda w: w.__setitem__(slice(0, 200), np.nan), "PPG:missing"),             # 16% NaN
+    "stuck": (lambda w: w.__setitem__(slice(300, 700), w[300]), "PPG:flat"),                 # 32% repeats
+    "constant": (lambda w: w.__setitem__(slice(None), 3.0), "PPG:flat"),
+    "clipped": (lambda w: np.clip(w, None, np.quantile(w, 0.8), out=w), "PPG:clipped"),     # 20% at the max
+    "one beat": (lambda w: w.__setitem__(slice(None), pulse(10.0, hr=6.0, seed=4)[0]), "PPG:too_few_beats"),
+    "25 /min": (lambda w: w.__setitem__(slice(None), pulse(10.0, hr=25.0, seed=5)[0]), "PPG:implausible_hr"),
+    "noise": (lambda w: w.__setitem__(slice(None), np.random.default_rng(6).standard_normal(1250)),
+              "PPG:low_template_match"),
+    "spikes": (_spikes, "PPG:low_pulse_band_power"),
+    "missing and noise": (_missing_and_noise, "PPG:missing"),
+}
+
+
+@pytest.mark.parametrize("case", list(RULE_CASES))
+def test_each_rule_rejects_with_its_reason_in_order(case):
+    """Each rule rejects the window it is for, with its reason; the first rule failed is the one
+    recorded; the windows around it are kept."""
+    change, expected = RULE_CASES[case]
+    x = pulse(30.0, seed=1)[0]
+    change(x[1250:2500])
+    # min_beats 4: a band-pass rings around a lone pulse, so fewer than 3 peaks hardly ever occur
+    assert reasons({"PPG": (x, FS)}, cfg=dataclasses.replace(WINDOWS, min_beats=4)) == ["", expected, ""]
+
+
+def test_channels_are_checked_in_their_order():
+    """A window bad in two channels records the first channel's reason."""
+    ppg, ecg = pulse(20.0)
+    noise = np.random.default_rng(9).standard_normal(1250)
+    both = {"PPG": (np.r_[ppg[:1250], noise], FS), "ECG": (np.r_[noise, noise], FS)}
+    assert reasons(both, ("PPG", "ECG")) == ["ECG:low_template_match", "PPG:low_template_match"]
+
+
+def test_each_threshold_is_the_configured_one():
+    """The rules read their thresholds from windows.yaml: loosening one lets its windows through."""
+    noise = np.random.default_rng(6).standard_normal(2500)
+    assert reasons({"PPG": (noise, FS)}) == ["PPG:low_template_match"] * 2
+    loose = dataclasses.replace(WINDOWS, ppg_min_template_match=-1.0)
+    assert set(reasons({"PPG": (noise, FS)}, cfg=loose)) == {"PPG:low_pulse_band_power"}
+    looser = dataclasses.replace(loose, ppg_min_pulse_band_power=0.0)
+    assert reasons({"PPG": (noise, FS)}, cfg=looser) == ["", ""]
+    ecg_noise = {"ECG": (noise, FS)}
+    assert set(reasons(ecg_noise, ("ECG",))) == {"ECG:low_template_match"}
+    assert set(reasons(ecg_noise, ("ECG",), dataclasses.replace(WINDOWS, ecg_min_template_match=-1.0))) == {
+        "ECG:detectors_disagree"}
+    few = pulse(20.0, hr=25.0)[0]
+    assert reasons({"PPG": (few, FS)}) == ["PPG:implausible_hr"] * 2
+    assert reasons({"PPG": (few, FS)}, cfg=dataclasses.replace(WINDOWS, hr_bpm=(20.0, 200.0))) == ["", ""]
+    assert reasons({"PPG": (few, FS)}, cfg=dataclasses.replace(WINDOWS, hr_bpm=(20.0, 200.0), min_beats=5)) == [
+        "PPG:too_few_beats"] * 2
+
+
+def test_detectors_that_disagree_reject_an_ecg_window(monkeypatch):
+    _, ecg = pulse(20.0)
+    assert reasons({"ECG": (ecg, FS)}, ("ECG",)) == ["", ""]
+    monkeypatch.setattr(signals, "qrs_amplitude_peaks", lambda qrs_band, fs: np.array([10, 700]))
+    assert reasons({"ECG": (ecg, FS)}, ("ECG",)) == ["ECG:detectors_disagree"] * 2
+
+
+def test_quality_indices_are_columns_of_the_kept_windows():
+    ppg, ecg = pulse(30.0)
+    cols, _ = make_windows({"PPG": (ppg, FS, "p"), "ECG": (ecg, FS, "e")}, CHANNELS.select(["PPG", "ECG"]),
+                              WINDOWS, {})
+    assert {k for k in cols if k.startswith(("ppg_", "ecg_"))} == {
+        f"{c}_{k}" for c in ("ppg", "ecg") for k in ("nan_fraction", "flat_fraction", "clip_fraction", "beats",
+                                                       "hr_bpm", "template_match")} | {"ppg_pulse_band_power",
+                                                                                       "ecg_beat_agreement"}
+    assert (cols["ppg_template_match"] > 0.95).all() and (cols["ecg_beat_agreement"] >= 0.9).all()
+    assert (cols["ppg_pulse_band_power"] > 0.95).all()
+
+
+@requires_realdata(REALDATA / "ppg_arrhythmia")
+def test_atrial_fibrillation_is_kept_like_sinus_rhythm():
+    """Irregular rhythm is not noise: real AF segments pass about as often as sinus segments."""
+    import scipy.io
+
+    kept = {0: [], 5: []}
+    for f in sorted((REALDATA / "ppg_arrhythmia").glob("MPA_*.mat"))[:12]:
+        m = scipy.io.loadmat(f)
+        for label in kept:
+            for x in m["ppgseg"][m["labels"][:, 0] == label][:15]:
+                kept[label].append(reasons({"PPG": (x.astype(float), 100.0)}) == [""])
+    sinus, af = np.mean(kept[0]), np.mean(kept[5])
+    assert len(kept[0]) > 60 and len(kept[5]) > 60
+    assert sinus >= 0.97 and af >= sinus - 0.05, (sinus, af)
+
+
+@requires_realdata(REALDATA / "vital")
+def test_real_monitor_recordings_keep_their_pulses():
+    from biofm.sources.vitaldb import read_tracks
+
+    kept = total = 0
+    for p in sorted((REALDATA / "vital").glob("*.vital")):
+        cols, why = make_windows(read_tracks(p, CHANNELS.select(["PPG", "ECG"])), CHANNELS.select(["PPG", "ECG"]),
+                                 WINDOWS, {})
+        kept, total = kept + len(cols["window_idx"]), total + len(why)
+    assert (kept, total) == (51, 62)   # as before the signal-quality indices (jobs/bench_quality.py)
