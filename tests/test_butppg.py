@@ -61,6 +61,19 @@ def test_real_subset_builds_subject_disjoint_stratified_splits(ray_session, tmp_
     assert json.loads(pq.read_schema(tmp_path / "train" / "but_ppg.parquet").metadata[b"biofm"])["channels"] == list(CHANNELS)
     again = build(REAL_BUTPPG, tmp_path / "again")
     assert again["splits"] == m["splits"]
+    # stratified by each subject's share of good records: what split_groups deals out with those
+    # shares, which here is not what the same seed gives without them
+    from biofm.config import ButppgConfig
+    from biofm.splits import split_groups
+
+    by_subject = {}
+    for r in m["records"].values():
+        by_subject.setdefault(r["subject_id"], []).append(r["label"])
+    rate = {s: float(np.mean(v)) for s, v in by_subject.items()}
+    cfg = ButppgConfig()
+    stratified = split_groups(list(rate), cfg.split_ratios, cfg.seed, positive_rate=rate)
+    assert {s: v["subjects"] for s, v in m["splits"].items()} == stratified
+    assert stratified != split_groups(list(rate), cfg.split_ratios, cfg.seed)
 
 
 def test_full_layout_five_channels_and_acc_only_from_112001(ray_session, tmp_path):

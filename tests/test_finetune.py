@@ -16,7 +16,7 @@ from biofm.config import ButppgConfig, ChannelsConfig, FinetuneConfig, WindowsCo
 from biofm.errors import ConfigError
 from biofm.preprocess import data_spec
 from biofm.train import checkpoint, transfer
-from biofm.train.finetune import build_classifier, oversampling, read_split
+from biofm.train.finetune import build_classifier, class_weights, oversampling, read_split
 from conftest import REAL_BUTPPG, ROOT, requires_realdata, write_pretrained
 
 CHANNELS = load_config(ChannelsConfig, ROOT / "configs/channels.yaml")
@@ -114,3 +114,35 @@ def test_variants_differ_only_where_they_should():
     assert transfer.variant_config(TINY, "finetuned") == TINY
     assert dataclasses.replace(transfer.variant_config(TINY, "scratch"), init="pretrained") == TINY
     assert dataclasses.replace(transfer.variant_config(TINY, "linear_probe"), unfreeze_last_n=2) == TINY
+
+
+def test_class_weighted_cross_entropy_is_the_default():
+    labels = np.array([0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 1])        # 3 poor, 9 good
+    assert FinetuneConfig().class_balance == "weighted"
+    assert class_weights("weighted", labels) == pytest.approx([2.0, 2 / 3])
+    assert class_weights("sampler", labels) == class_weights("none", labels) == [1.0, 1.0]
+    # each class weighs as much in the loss: weights times counts are equal
+    w = np.array(class_weights("weighted", labels))
+    assert w[0] * 3 == pytest.approx(w[1] * 9)
+
+
+def test_scratch_starts_from_random_weights_and_pretrained_from_the_checkpoint(tmp_path):
+    """``--init scratch``: the checkpoint gives the architecture only; ``pretrained``: its weights."""
+    spec = data_spec(CHANNELS.select(FinetuneConfig().channels), WINDOWS)
+    path = write_pretrained(tmp_path / "fm.pt")
+    blob = checkpoint.load(path)
+    source = {k.removeprefix("encoder."): v for k, v in blob["model"].items() if k.startswith("encoder.")}
+    models = {init: build_classifier(dataclasses.replace(FinetuneConfig(), init=init), path, spec)
+              for init in ("pretrained", "scratch")}
+    random_init = [k for k, v in source.items() if v.dim() >= 2]  # LayerNorm weights start at 1 either way
+    for init, (model, desc) in models.items():
+        assert desc["init"] == init
+        mine = model.encoder.state_dict()
+        same = [k for k in random_init if mine[k].shape == source[k].shape and torch.equal(mine[k], source[k])]
+        kept = [k for k in random_init if mine[k].shape == source[k].shape]
+        if init == "pretrained":   # layers whose shape does not depend on the channels come over as they are
+            assert len(kept) > 10 and same == kept
+        else:
+            assert same == []
+    again, _ = build_classifier(dataclasses.replace(FinetuneConfig(), init="scratch"), path, spec)
+    assert all(torch.equal(a, b) for a, b in zip(again.state_dict().values(), models["scratch"][0].state_dict().values()))

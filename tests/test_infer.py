@@ -205,3 +205,53 @@ def test_bench_inference_steady_rate_leaves_out_warm_up_and_its_own_measuring(mo
     assert bench.steady_rate([cold + warm, cold + warm]) == pytest.approx(2000.0)
     # a model with fewer than 16 batches keeps its second half
     assert bench.warm(warm[:6]) == warm[3:6]
+
+
+def test_predict_uses_the_models_own_preprocessing_and_threshold(butppg_data, tmp_path):
+    """A model trained on other settings than the shipped configs (PPG band 0.7-8 Hz, the third
+    colour signal of BUT-PPG's _PPG files) is applied with its own settings, and labels windows
+    at its own threshold, not at 0.5."""
+    import dataclasses
+
+    import wfdb
+
+    from biofm.infer import predict
+    from biofm.preprocess import read_data_spec, record_signal
+    from biofm.sources.butppg import read_record
+    from biofm.train.finetune import build_classifier, predict as predict_in_memory
+    from conftest import heartbeat_signals, write_butppg
+
+    folder = write_butppg(tmp_path / "raw", {f"10000{i}": 1 for i in range(1, 7)}, ecg=False)
+    colours = {}
+    for k, rid in enumerate(sorted(p.name for p in folder.iterdir() if p.is_dir())):
+        rng = np.random.default_rng(k)
+        x = np.stack([rng.standard_normal(300), rng.standard_normal(300),
+                      heartbeat_signals(10.0, 30.0, hr_bpm=55 + 7 * k, seed=k)[0]], axis=1)
+        wfdb.wrsamp(f"{rid}_PPG", fs=30, units=["NU"] * 3, sig_name=["R", "G", "B"], p_signal=x, fmt=["16"] * 3,
+                    adc_gain=[1000.0] * 3, baseline=[0] * 3, write_dir=str(folder / rid))
+        colours[rid] = x
+    model, desc = build_classifier(FinetuneConfig(), write_pretrained(tmp_path / "fm.pt"),
+                                   read_data_spec(butppg_data / "train"))
+    spec = json.loads(json.dumps(desc["data_spec"]))
+    spec["filters"]["PPG"]["band_hz"], spec["ppg_signal"] = [0.7, 8.0], 2
+
+    channels = load_config(ChannelsConfig, ROOT / "configs/channels.yaml").select(desc["channels"])
+    windows = load_config(WindowsConfig, ROOT / "configs/windows.yaml")
+    own = {**channels, "PPG": dataclasses.replace(channels["PPG"], band_hz=(0.7, 8.0))}
+
+    def expected(chans, signal_index):
+        rows = [record_signal(read_record(folder, r, signal_index), chans, windows) for r in sorted(colours)]
+        return predict_in_memory(model, np.stack([s for s, _ in rows]), np.stack([p for _, p in rows]))
+
+    wanted, shipped, first_colour = expected(own, 2), expected(channels, 2), expected(own, 0)
+    below = wanted[wanted < 0.5]  # a threshold that labels some window otherwise than 0.5 would
+    threshold = float(below.max() if below.size else wanted.max())
+    assert np.abs(wanted - shipped).max() > 1e-4 and np.abs(wanted - first_colour).max() > 1e-4  # the test can tell
+    assert ((wanted >= threshold) != (wanted >= 0.5)).any()
+    ckpt = checkpoint.save(tmp_path / "clf.pt", model.state_dict(), {**desc, "data_spec": spec, "threshold": threshold})
+
+    m = predict(ckpt, str(folder), tmp_path / "out", plots=0)
+    assert m["windows"] == 6 and m["threshold"] == threshold and m["data_spec"]["ppg_signal"] == 2
+    table = pq.read_table(tmp_path / "out" / "predictions.parquet").to_pandas().sort_values("recording_id")
+    np.testing.assert_allclose(table["probability"], wanted, atol=1e-5)
+    assert table["label"].tolist() == (wanted >= threshold).astype(int).tolist()

@@ -101,6 +101,25 @@ def test_stage_one_trains_only_the_head_and_stage_two_the_last_layers(pretrained
     assert len(model.set_stage(1, 2, train_encoder=True)) == len(list(model.parameters()))
 
 
+def test_stage_one_runs_the_frozen_encoder_in_eval_mode():
+    """In stage 1 the frozen encoder's dropout is off while the head's is on; in stage 2, and
+    when the whole model trains (scratch), the encoder trains too."""
+    model = Classifier(Encoder(ttm_config(5, num_layers=2, dropout=0.5)), dropout=0.5)
+    x = torch.randn(3, 5, 1250)
+    model.set_stage(1, unfreeze_last_n=2)
+    model.train()
+    assert not model.encoder.training and model.head.training and model.dropout.training
+    assert torch.equal(model.features(x), model.features(x))     # no dropout in the features
+    assert not torch.equal(model(x), model(x))                    # the head's dropout is on
+    model.set_stage(2, unfreeze_last_n=2)
+    model.train()
+    assert model.encoder.training and not torch.equal(model.features(x), model.features(x))
+    model.set_stage(1, unfreeze_last_n=2, train_encoder=True)
+    assert model.train().encoder.training
+    model.set_stage(1, unfreeze_last_n=2)
+    assert not model.eval().training and not model.encoder.training
+
+
 def test_absent_channels_are_left_out_of_the_pooled_features(pretrained):
     model = Classifier(inflate_encoder(pretrained.state_dict(), pretrained.config, ["PPG", "ECG"], NEW)).eval()
     x = torch.randn(2, 5, 1250)

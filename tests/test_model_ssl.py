@@ -155,10 +155,15 @@ def test_mixed_precision_is_off_on_the_cpu_and_picks_bf16_or_fp16_on_a_gpu(monke
     with autocast():
         y = torch.nn.Linear(4, 2)(torch.ones(3, 4))
     assert y.dtype == torch.float32 and not scaler.is_enabled()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # else GradScaler disables itself
     for bf16, dtype in ((True, torch.bfloat16), (False, torch.float16)):
         monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: bf16)
-        autocast, _ = mixed_precision(True, torch.device("cuda"))
+        autocast, scaler = mixed_precision(True, torch.device("cuda"))
         assert autocast.keywords == {"dtype": dtype, "enabled": True} and autocast.args == ("cuda",)
+        # fp16 needs gradient scaling (small gradients underflow in fp16); bf16 has fp32's range
+        assert scaler.is_enabled() == (dtype == torch.float16)
+        if scaler.is_enabled():
+            assert scaler.get_scale() == 65536.0
     autocast, _ = mixed_precision(False, torch.device("cuda"))  # --no-amp
     assert autocast.keywords["enabled"] is False
 

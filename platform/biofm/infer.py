@@ -213,9 +213,10 @@ def model_preprocessing(description: dict):
     return channels, windows
 
 
-def _recording_windows(row: dict, kind: str, folder: str, channels: dict, windows) -> list[dict]:
+def _recording_windows(row: dict, kind: str, folder: str, channels: dict, windows, ppg_signal: int) -> list[dict]:
     """One recording -> its windows (``signal [C, T]``, ``present [C]``, ids, quality) through the
-    training preprocessing, or one row that records why it was skipped."""
+    training preprocessing, or one row that records why it was skipped. ``ppg_signal``: which
+    signal of a BUT-PPG ``_PPG`` record is the PPG (the model's data spec says)."""
     from biofm.errors import CaseSkipped
     from biofm.preprocess import make_windows, process_record
     from biofm.sources.vitaldb import read_tracks
@@ -223,7 +224,7 @@ def _recording_windows(row: dict, kind: str, folder: str, channels: dict, window
     rid, names = row["recording_id"], list(channels)
     try:
         if kind == "butppg":
-            out = process_record(rid, folder, channels, windows, ppg_signal=0, label=-1, ref_hr=float("nan"))
+            out = process_record(rid, folder, channels, windows, ppg_signal=ppg_signal, label=-1, ref_hr=float("nan"))
             if out["outcome"]["status"] != "ok":
                 raise CaseSkipped(out["outcome"]["code"], out["outcome"]["reason"])
             return [{"recording_id": rid, "window_idx": 0, "start_s": 0.0, "signal": out["signal"],
@@ -347,8 +348,9 @@ def predict(model_path: str, input_dir: str, output: str, batch_size: int = 256,
     ensure_ray(address)
     cpus, actors, actor_cpus = actor_pool()
     ds = ray.data.from_items([{"recording_id": r} for r in ids], override_num_blocks=min(len(ids), 4 * cpus))
+    ppg_signal = description["data_spec"].get("ppg_signal", 0)  # only BUT-PPG-trained models record it
     ds = ds.flat_map(_recording_windows, fn_kwargs={"kind": source, "folder": str(input_dir), "channels": channels,
-                                                   "windows": windows})
+                                                   "windows": windows, "ppg_signal": ppg_signal})
     ds = ds.map_batches(Predictor, batch_size=batch_size, batch_format="numpy", concurrency=actors,
                         num_cpus=actor_cpus, fn_constructor_kwargs={
                             "model_path": storage.normalize(model_path), "threads": max(1, cpus // actors)})
@@ -371,7 +373,7 @@ def predict(model_path: str, input_dir: str, output: str, batch_size: int = 256,
     storage.write_text(storage.join(output, "summary.csv"), summary.getvalue())
     plotted = [rid for rid in ids if rid not in skipped][:plots]
     for rid in plotted:
-        _timeline(rid, _raw_ppg(source, input_dir, rid, channels), [r for r in kept if r["recording_id"] == rid],
+        _timeline(rid, _raw_ppg(source, input_dir, rid, channels, ppg_signal), [r for r in kept if r["recording_id"] == rid],
                   description["threshold"], storage.join(output, f"timeline_{rid}.png"))
     manifest = {"model": storage.normalize(model_path),
                 "model_sha256": hashlib.sha256(storage.read_bytes(model_path)).hexdigest(),
@@ -387,13 +389,13 @@ def predict(model_path: str, input_dir: str, output: str, batch_size: int = 256,
     return manifest
 
 
-def _raw_ppg(source: str, folder: str, rid: str, channels: dict) -> tuple[np.ndarray, float]:
+def _raw_ppg(source: str, folder: str, rid: str, channels: dict, ppg_signal: int) -> tuple[np.ndarray, float]:
     """The recording's PPG as recorded ``(x [n], Hz)``, for its timeline."""
     from biofm.sources.butppg import read_record
     from biofm.sources.vitaldb import read_tracks
 
     if source == "butppg":
-        return read_record(Path(folder), rid, 0)["PPG"]
+        return read_record(Path(folder), rid, ppg_signal)["PPG"]
     if source == "wfdb":
         x, fs, _ = _wfdb_tracks(Path(folder) / rid, {"PPG": channels["PPG"]})["PPG"]
         return x, fs

@@ -104,6 +104,15 @@ class Classifier(nn.Module):
         self.encoder = encoder
         self.dropout = nn.Dropout(dropout)
         self.head = nn.Linear(encoder.config.d_model, num_classes)
+        self.encoder_frozen = False
+
+    def train(self, mode: bool = True) -> Classifier:
+        """As ``nn.Module.train``, but a frozen encoder (stage 1: :meth:`set_stage`) stays in eval
+        mode: no dropout noise in the features the head learns from."""
+        super().train(mode)
+        if mode and self.encoder_frozen:
+            self.encoder.eval()
+        return self
 
     def features(self, x: torch.Tensor, present: torch.Tensor | None = None) -> torch.Tensor:
         return pool(self.encoder(x), present)
@@ -115,6 +124,7 @@ class Classifier(nn.Module):
         """Stage 1: only the head trains. Stage 2: the head and the last ``unfreeze_last_n``
         mixer layers. ``train_encoder`` (training from scratch) trains everything in both.
         Returns the names of the trainable parameters."""
+        self.encoder_frozen = stage == 1 and not train_encoder
         for p in self.encoder.parameters():
             p.requires_grad = train_encoder
         if stage == 2 and unfreeze_last_n > 0 and not train_encoder:

@@ -182,9 +182,7 @@ def train_loop(config: dict) -> None:
             # DDP must be rebuilt when the set of trainable parameters changes
             ddp = ray.train.torch.prepare_model(model, move_to_device=False) if ctx.get_world_size() > 1 else model
         seed_epoch(cfg.seed, rank, epoch)
-        model.train()
-        if stage == 1 and cfg.init != "scratch":
-            model.encoder.eval()  # frozen: no dropout noise in the features the head learns from
+        model.train()  # a frozen encoder stays in eval mode (Classifier.train)
         sums, clock = np.zeros(3), WaitClock(train_batches.epoch(epoch))
         for batch in clock:
             x, m, y = batch["signal"], batch["present"], batch["label"]
@@ -231,6 +229,14 @@ def train_loop(config: dict) -> None:
         tracker.close()
 
 
+def class_weights(class_balance: str, labels: np.ndarray) -> list[float]:
+    """The cross-entropy weights ``[poor, good]``: with ``weighted`` balance ``n / (2 n_class)``
+    (each class weighs as much in the loss), else ``[1, 1]``."""
+    if class_balance != "weighted":
+        return [1.0, 1.0]
+    return (len(labels) / (2 * np.bincount(labels, minlength=2))).tolist()
+
+
 def oversampling(class_balance: str, labels: np.ndarray) -> np.ndarray | None:
     """How often each training record counts per epoch: with ``sampler`` balance the minority
     class's records are repeated so both classes are seen about equally often; else None."""
@@ -263,7 +269,7 @@ def finetune(cfg: FinetuneConfig, pretrained: str | Path | None, data_dir: str |
     counts = np.bincount(train_labels, minlength=2)
     if counts.min() == 0:
         raise BiofmError(f"{data_dir}/train has only one class ({counts.tolist()} poor/good records)")
-    weights = (len(train_labels) / (2 * counts)).tolist() if cfg.class_balance == "weighted" else [1.0, 1.0]
+    weights = class_weights(cfg.class_balance, train_labels)
     ensure_ray(address)
     loop_config = {"cfg": dataclasses.asdict(cfg), "state": model.state_dict(), "description": description,
                    "class_weights": weights, "train": train, "val": val, "output_dir": output_dir,
