@@ -22,6 +22,7 @@ from biofm.config import ChannelsConfig, FinetuneConfig, WindowsConfig, load_con
 from biofm.errors import BiofmError
 from biofm.preprocess import build_windows, read_data_spec, read_manifest
 from biofm.train.finetune import finetune, load_classifier, predict, read_split
+from biofm.train.metrics import choose_threshold, classification_metrics
 from biofm.sources.vitaldb import ApiSource
 from conftest import REAL_BUTPPG, REAL_VITAL, ROOT, _Server, requires_realdata
 from ray_cluster import LocalCluster
@@ -373,6 +374,13 @@ def _check_staged_fine_tuning(out: str, data: str, pretrained: str) -> None:
     model, desc = load_classifier(storage.join(out, "best_model.pt"))
     assert desc["channels"] == ["ACC_X", "ACC_Y", "ACC_Z", "PPG", "ECG"] and desc["init"] == "pretrained"
     assert desc["threshold"] == metrics["test"]["threshold"]
+    # the kept weights are those of the epoch with the best val AUROC, and the threshold is val's
+    val = read_split(storage.join(data, "val"))
+    p_val = predict(model, val["signal"], val["present"])
+    best = max(h["val_auroc"] for h in history)
+    assert classification_metrics(val["label"], p_val, 0.5)["auroc"] == pytest.approx(best, abs=1e-6)
+    assert metrics["best_epoch"] in [h["epoch"] for h in history if h["val_auroc"] == best]
+    assert desc["threshold"] == choose_threshold(val["label"], p_val)
     assert desc["data_spec"] == read_data_spec(storage.join(data, "train"))
     predicted = (predict(model, test["signal"], test["present"]) >= desc["threshold"]).astype(int)
     confusion = metrics["test"]["confusion"]

@@ -42,6 +42,64 @@ def test_a_stage_is_skipped_continued_or_rebuilt_by_its_settings(tmp_path, capsy
     assert (foreign / "notes.txt").read_text() == "keep me"
 
 
+def test_a_changed_setting_rebuilds_its_stage_and_every_stage_after_it(tmp_path, monkeypatch):
+    """run_pipeline with the heavy library calls replaced by recorders: which stages run again
+    when a setting of one stage changes, and with what."""
+    import biofm.infer
+    import biofm.preprocess
+    import biofm.train.finetune
+    import biofm.train.pretrain
+    import biofm.tune
+    from biofm.config import PipelineConfig, load_config, with_overrides
+    from biofm.pipeline import run_pipeline
+
+    calls = []
+
+    def recorder(name):
+        return lambda *args, **kwargs: calls.append((name, args, kwargs))
+
+    monkeypatch.setattr(biofm.preprocess, "ensure_ray", lambda address=None: None)
+    monkeypatch.setattr(biofm.preprocess, "build_windows", recorder("windows"))
+    monkeypatch.setattr(biofm.preprocess, "build_butppg", recorder("butppg"))
+    monkeypatch.setattr(biofm.train.pretrain, "pretrain", recorder("pretrain"))
+    monkeypatch.setattr(biofm.train.finetune, "finetune", recorder("finetune"))
+    monkeypatch.setattr(biofm.tune, "run_search", recorder("tune"))
+    monkeypatch.setattr(biofm.infer, "embed", recorder("embed"))
+    vital = tmp_path / "vital"
+    vital.mkdir()
+    for i in range(1, 11):
+        (vital / f"{i}.vital").write_bytes(b"")  # prepare-splits (real) reads only the names
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    (raw / "RECORDS").write_text("100001/100001_PPG\n")
+    (tmp_path / "windows.yaml").write_text("stride_s: 5.0\n")
+    base = {"output_dir": str(tmp_path / "run"), "case_set": str(vital), "vital_source": str(vital),
+            "butppg_raw_dir": str(raw), "tune": {"num_samples": 1, "max_epochs": 2, "grace_period": 1},
+            "embed": {"split": "val"}}
+    shipped = load_config(PipelineConfig, ROOT / "configs/pipeline.yaml")
+
+    def run(**changes):
+        calls.clear()
+        cfg = with_overrides(PipelineConfig, ROOT / "configs/pipeline.yaml", {**base, **changes}, "test")
+        records = run_pipeline(cfg)
+        return [r["stage"] for r in records if r["status"] == "ran"], sorted({c[0] for c in calls})
+
+    assert shipped.tune is None  # the quick pipeline leaves the search out; this test adds it
+    everything = ["splits", "windows", "pretrain", "butppg", "finetune", "tune", "embed"]
+    assert run()[0] == everything
+    assert run() == ([], [])
+    ran, called = run(windows_yaml=str(tmp_path / "windows.yaml"))
+    assert ran == ["windows", "pretrain", "butppg", "finetune", "tune", "embed"]  # butppg: windows.yaml shapes it too
+    assert called == sorted(ran) and calls[0][1][3].stride_s == 5.0
+    ran, _ = run(windows_yaml=str(tmp_path / "windows.yaml"), finetune={"epochs": 3, "head_epochs": 2})
+    assert ran == ["finetune", "tune"]                                   # the search starts from the fine-tuning config
+    ran, _ = run(windows_yaml=str(tmp_path / "windows.yaml"), finetune={"epochs": 3, "head_epochs": 2}, split_seed=1)
+    assert ran == ["splits", "windows", "pretrain", "finetune", "tune", "embed"]  # BUT-PPG does not read the splits
+    ran, _ = run(windows_yaml=str(tmp_path / "windows.yaml"), finetune={"epochs": 3, "head_epochs": 2}, split_seed=1,
+                 pretrain={"epochs": 2, "num_layers": 2, "warmup_epochs": 1})
+    assert ran == ["pretrain", "finetune", "tune", "embed"]
+
+
 def test_pipeline_stops_at_once_when_a_source_is_unreachable(dead_url, s3, tmp_path, capsys, monkeypatch):
     base = ["pipeline", "--config", str(ROOT / "configs/pipeline.yaml"), "--output-dir", str(tmp_path / "run")]
     t0 = time.perf_counter()

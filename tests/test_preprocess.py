@@ -147,14 +147,27 @@ def test_empty_case_list_and_nothing_usable(ray_session, tmp_path):
     assert read_manifest(tmp_path / "out", "train")["cases_skipped"] == 1
 
 
-def test_api_source_end_to_end(ray_session, tmp_path, http_server):
-    for c in ("3", "4"):
+def test_api_source_end_to_end_and_a_rerun_retries_only_transient_skips(ray_session, tmp_path, http_server):
+    for c in ("3", "4", "6"):
         http_server.routes[f"/{c}.vital"] = [(200, write_case(tmp_path / "src", c, duration_s=30).read_bytes())]
     http_server.routes["/4.vital"].insert(0, (500, b"try again"))
-    m = build(tmp_path, ["3", "4", "5"], ApiSource(http_server.url, backoff_s=0.01))
-    assert {c: o["status"] for c, o in m["cases"].items()} == {"3": "ok", "4": "ok", "5": "skipped"}
+    good = http_server.routes["/6.vital"][0]
+    http_server.routes["/6.vital"] = [(503, b"busy")]                  # every attempt of this run
+    source = ApiSource(http_server.url, backoff_s=0.01)
+    m = build(tmp_path, ["3", "4", "5", "6"], source)
+    assert {c: o["status"] for c, o in m["cases"].items()} == {"3": "ok", "4": "ok", "5": "skipped", "6": "skipped"}
     assert m["cases"]["5"]["code"] == "not_found" and m["windows_kept"] == 6
+    assert (m["cases"]["6"]["code"], m["cases"]["6"]["retryable"]) == ("http_error", True)
     assert http_server.hits["/4.vital"] == 2 and m["source"] == http_server.url
+    hits = dict(http_server.hits)
+    assert hits["/6.vital"] == source.retries + 1
+    # the rerun: the server answers again; only the transient skip is fetched again
+    http_server.routes["/6.vital"] = [good]
+    again = build(tmp_path, ["3", "4", "5", "6"], source)
+    assert {c: o["status"] for c, o in again["cases"].items()} == {"3": "ok", "4": "ok", "5": "skipped", "6": "ok"}
+    assert again["windows_kept"] == 9
+    fetched = {k: v - hits.get(k, 0) for k, v in http_server.hits.items() if v != hits.get(k, 0)}
+    assert fetched == {"/": 1, "/6.vital": 1}  # the reachability check, and the one case
 
 
 def test_unreachable_api_stops_before_work(ray_session, tmp_path, dead_url):

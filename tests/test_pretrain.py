@@ -101,7 +101,9 @@ def test_pretrain_survives_a_killed_worker_and_writes_artifacts(interrupted_run,
     n_train = read_manifest(windows, "train")["windows_kept"]  # every window once per epoch
     assert all(round(h["windows_per_s"] * h["train_s"]) == n_train for h in history)
     config = json.loads((out / "training_config.json").read_text())
-    assert config["mask_ratio"] == 0.4 and config["num_layers"] == 2 and 1 <= config["best_epoch"] <= TINY.epochs + 1
+    assert config["mask_ratio"] == 0.4 and config["num_layers"] == 2
+    everything = json.loads((out / "training_history.json").read_text())  # after the resumed epoch too
+    assert config["best_epoch"] == min(everything, key=lambda h: h["val_loss"])["epoch"]  # Ray kept the best
     blob = checkpoint.load(out / "best_model.pt")
     assert blob["description"]["channels"] == ["PPG", "ECG"]
     assert blob["description"]["data_spec"]["sample_rate_hz"] == 125
