@@ -4,6 +4,7 @@ import struct
 import threading
 import time
 
+import numpy as np
 import psutil
 import pytest
 import torch
@@ -150,3 +151,35 @@ def test_pretrained_model_against_baselines_on_held_out_recordings(interrupted_r
     assert main(["evaluate-ssl", "--checkpoint", str(best), "--data-dir", str(windows),
                  "--output", str(tmp_path / "eval.json")]) == 0
     assert json.loads((tmp_path / "eval.json").read_text())["masked_mse"] == result["masked_mse"]
+
+
+@pytest.mark.slow
+def test_a_non_finite_loss_skips_the_step_on_every_worker_and_too_many_stop_the_run(windows, tmp_path):
+    """Two DDP workers; one train window is NaN, so in each epoch one worker's batch gives a NaN
+    loss. Both workers skip that step together (a worker stepping alone would leave DDP's
+    gradient all-reduce without its partner), the epoch completes with one bad step counted, and
+    the second epoch's bad step, one more than max_bad_steps allows, stops the run."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    data = tmp_path / "data"
+    (data / "train").mkdir(parents=True)
+    (data / "val").mkdir()
+    for f in (windows / "val").glob("*.parquet"):
+        (data / "val" / f.name).write_bytes(f.read_bytes())
+        (data / "train" / f.name).write_bytes(f.read_bytes())
+    table = pq.read_table(next((windows / "val").glob("*.parquet")))
+    signal = table.column("signal").combine_chunks().to_numpy_ndarray()[:3].copy()
+    signal[0, 0, 100:200] = np.nan
+    poisoned = table.slice(0, 3).set_column(table.schema.get_field_index("case_id"), "case_id",
+                                            pa.array(["poisoned"] * 3))
+    poisoned = poisoned.set_column(poisoned.schema.get_field_index("signal"), "signal",
+                                   pa.FixedShapeTensorArray.from_numpy_ndarray(signal))
+    pq.write_table(poisoned.replace_schema_metadata(table.schema.metadata), data / "train" / "poisoned.parquet")
+
+    cfg = dataclasses.replace(TINY, num_workers=2, epochs=2, max_bad_steps=1, max_failures=0)
+    with pytest.raises(BiofmError, match=r"NaN/Inf loss at epoch 2, step \d+: 2 bad steps \(max_bad_steps=1\)"):
+        pretrain(cfg, data, tmp_path / "fm")
+    epoch1 = checkpoint.load(next((tmp_path / "fm" / "ray").rglob("checkpoint_*/model.pt")))["training"]["history"]
+    assert [(h["epoch"], h["bad_steps"], h["workers"]) for h in epoch1] == [(1, 1, 2)]
+    assert np.isfinite(epoch1[0]["train_loss"]) and np.isfinite(epoch1[0]["val_loss"])

@@ -8,6 +8,7 @@ import dataclasses
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -102,18 +103,19 @@ def _kill_tree(proc):
 @pytest.mark.timeout(600)
 @requires_realdata(REAL_BUTPPG)
 def test_interrupted_search_resumes_and_asha_stops_a_worse_schedule(butppg_data, ray_session, tmp_path, capsys):
-    """Four trials, one at a time: pretrained, scratch, pretrained, and one with a bad value. The
-    search is killed once the first has finished, then resumed. The rung is epoch 1 of 2 (keep the
-    better half). Ray Tune rebuilds the scheduler empty on resume, so ASHA's decisions are replayed
-    from the trials run after it; the random-weight "pretrained" encoder scores 0.5 at epoch 1 and
-    the scratch model, trained whole, scores above it, so the second pretrained trial is stopped."""
+    """Five trials, one at a time: pretrained, one with a bad value, scratch, scratch, pretrained.
+    The search is killed once the first has finished, the second has failed and the third has
+    checkpointed its first epoch of two; then resumed. The finished trial is not run again, the
+    failed one runs again, the third continues from its checkpoint. The rung is epoch 1 of 2 (keep
+    the better half); Ray Tune rebuilds the scheduler empty on resume, so ASHA decides from what
+    the trials report after it (the third trial's epoch 2 first), which the test replays."""
     pretrained = write_pretrained(tmp_path / "foundation.pt")
     config = tmp_path / "tune.yaml"
     config.write_text(yaml.safe_dump({
         "finetune_config": str(ROOT / "configs/finetune_butppg.yaml"), "mode": "grid", "max_epochs": 2,
         "grace_period": 1, "reduction_factor": 2, "max_concurrent_trials": 1, "cpus_per_trial": 0.5,
         "trial_max_failures": 0,  # the bad trial fails at once: retrying it is for lost nodes (test_multinode)
-        "search": {"init": {"grid": ["pretrained", "scratch", "pretrained", "imagenet"]},
+        "search": {"init": {"grid": ["pretrained", "imagenet", "scratch", "scratch", "pretrained"]},
                    "head_epochs": {"grid": [1]}, "batch_size": {"grid": [16]}}}))
     args = ["tune", "--config", str(config), "--pretrained", str(pretrained), "--data-dir", str(butppg_data),
             "--output-dir", str(tmp_path / "tune")]
@@ -121,27 +123,39 @@ def test_interrupted_search_resumes_and_asha_stops_a_worse_schedule(butppg_data,
     env = {**os.environ, "RAY_DATA_DISABLE_PROGRESS_BARS": "1"}
     env.pop("RAY_ADDRESS", None)
     log = open(tmp_path / "first_run.log", "w")
-    proc = subprocess.Popen([sys.executable, "-m", "biofm.cli", *args], cwd=ROOT, env=env, start_new_session=True,
+    proc = subprocess.Popen([sys.executable, "-m", "biofm.cli", *args], cwd=ROOT, start_new_session=True,
+                            env={**env, "TUNE_GLOBAL_CHECKPOINT_S": "1"},  # Tune records trial states every 1 s
                             stdout=log, stderr=subprocess.STDOUT)
-    deadline, finished = time.time() + 300, None
+    def committed() -> list:  # the third trial's checkpoints that Ray Train has committed
+        snapshot = list(exp.glob("trials/*_00002/ray/*/checkpoint_manager_snapshot.json"))
+        try:
+            return json.loads(snapshot[0].read_text())["checkpoint_results"] if snapshot else []
+        except (OSError, ValueError):  # being written
+            return []
+
+    deadline, ready, third = time.time() + 300, False, []
     try:
-        while time.time() < deadline and finished is None and proc.poll() is None:
-            done = sorted(exp.glob("trials/*/test_metrics.json"))
+        while time.time() < deadline and not ready and proc.poll() is None:
             states = "".join(p.read_text() for p in exp.glob("experiment_state-*.json"))
-            if done and "TERMINATED" in states:  # Tune has recorded the finished trial
-                finished = done[0]
-            time.sleep(1)
+            ready = "TERMINATED" in states and "ERROR" in states and bool(committed())  # Tune recorded trials 1, 2
+            time.sleep(0.02)
     finally:
+        if ready:  # an epoch here takes under a second: freeze the search at once, then look
+            os.killpg(proc.pid, signal.SIGSTOP)
+            third = committed()
         _kill_tree(proc)
     log.close()
-    assert finished is not None, f"no trial finished in time: {(tmp_path / 'first_run.log').read_text()[-3000:]}"
+    assert ready, f"the first trials did not get that far in time: {(tmp_path / 'first_run.log').read_text()[-3000:]}"
+    assert [c["metrics"]["epoch"] for c in third] == [1], "the third trial was not at its first epoch at the kill"
+    finished = next(exp.glob("trials/*_00000/test_metrics.json"))
     stamp = finished.stat().st_mtime_ns
 
     assert main(args + ["--resume"]) == 2  # a trial failed: the search is not done, a rerun retries it
-    assert "1 of 4 trials failed (" in capsys.readouterr().err
+    assert "1 of 5 trials failed (" in capsys.readouterr().err
     assert finished.stat().st_mtime_ns == stamp  # the finished trial was not run again
-    assert len(list(exp.glob("trials/*/test_metrics.json"))) == 2  # the stopped trial has none
-    for trial in exp.glob("trials/*/test_metrics.json"):  # each trial's epochs in TensorBoard, beside its run
+    third = json.loads(next(exp.glob("trials/*_00002/training_history.json")).read_text())
+    assert [(h["epoch"], h["attempt"]) for h in third] == [(1, 1), (2, 2)]  # continued from epoch 1's checkpoint
+    for trial in exp.glob("trials/*/test_metrics.json"):  # each trial's epochs in TensorBoard, once, beside its run
         assert [e for e, _ in tensorboard_scalars(trial.parent / "tensorboard")["val/auroc"]] == [1, 2]
     with pytest.raises(BiofmError, match="--resume"):
         run_search(load_config(TuneSearchConfig, config), FinetuneConfig(), pretrained, butppg_data, tmp_path / "tune")
@@ -153,19 +167,22 @@ def test_interrupted_search_resumes_and_asha_stops_a_worse_schedule(butppg_data,
          "assert 'ray' not in sys.modules, 'tune-report imported ray'; sys.exit(code)", "tune-report", str(copied)],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert report.returncode == 0, report.stderr[-2000:]
-    assert "4 trials: 2 completed, 1 stopped early, 1 failed" in report.stdout, report.stdout
     assert "init must be one of pretrained, scratch, got 'imagenet'" in report.stdout  # the failure, with its reason
     _, trials = load_trials(copied)
-    by_index = sorted((t for t in trials if t["epochs"]), key=lambda t: t["trial"])
-    recorded, replayed = [], []
-    for t in by_index[1:]:  # after the resume, in the order they ran
-        value = t["history"][0][1]
-        replayed.append(bool(recorded) and value < float(np.percentile(recorded, 50)))
+    by_index = {int(t["trial"].rsplit("_", 1)[1]): t for t in trials}
+    assert by_index[1]["status"] == "error" and by_index[1]["failures"] == 2  # run again on resume, failed again
+    recorded, stopped = [], []
+    for i in (2, 3, 4):  # what ASHA's rung at epoch 1 records after the resume, in that order
+        value = by_index[i]["history"][-1 if i == 2 else 0][1]
+        stopped.append(bool(recorded) and value < float(np.percentile(recorded, 50)))
         recorded.append(value)
-    assert [t["status"] == "stopped early" for t in by_index[1:]] == replayed == [False, True], by_index
-    assert by_index[2]["epochs"] == 1 and all(t["epochs"] == 2 for t in trials if t["status"] == "completed")
+    assert [by_index[i]["status"] == "stopped early" for i in (2, 3, 4)] == stopped and any(stopped), by_index
+    assert by_index[0]["status"] == "completed" and all(by_index[i]["epochs"] == 1 for i in (3, 4) if stopped[i - 2])
+    completed = 2 + stopped[1:].count(False)
+    assert f"5 trials: {completed} completed, {5 - 1 - completed} stopped early, 1 failed" in report.stdout, report.stdout
+    assert len(list(exp.glob("trials/*/test_metrics.json"))) == completed  # stopped and failed trials have none
     rows = report.stdout.splitlines()
-    assert rows[1].split()[1] == "completed" and rows[4].split()[1] == "error"
+    assert rows[1].split()[1] == "completed" and rows[5].split()[1] == "error"
     for png in ("val_auroc_by_epoch.png", "val_auroc_vs_hyperparameters.png"):
         assert (copied / png).stat().st_size > 5_000
     best_id = rows[1].split()[0]

@@ -164,9 +164,11 @@ def load_trials(exp_dir: str) -> tuple[dict, list[dict]]:
         results = [json.loads(line) for line in read("result.json").splitlines() if line.strip()]
         results = [r for r in results if "val_auroc" in r]
         error = read("error.txt").strip()
-        # Tune appends "Failure # n (occurred at <date>)" per failure; a trial retried after one
-        # (its node lost) and reporting later is judged by its epochs, not by the failure
-        failed_at = re.findall(r"Failure # \d+ \(occurred at ([\d_-]+)\)", error)
+        # Tune writes "Failure # n (occurred at <date>)" per failure (a rerun on --resume keeps
+        # counting, and keeps only its own); a trial retried after one (its node lost) and
+        # reporting later is judged by its epochs, not by the failure
+        failures = re.findall(r"Failure # (\d+) \(occurred at ([\d_-]+)\)", error)
+        failed_at = [at for _, at in failures]
         recovered = bool(error and failed_at and results and results[-1].get("date", "") > max(failed_at))
         epochs = max((r["epoch"] for r in results), default=0)
         status = "error" if error and not recovered else "completed" if epochs >= max_epochs else "stopped early"
@@ -176,7 +178,7 @@ def load_trials(exp_dir: str) -> tuple[dict, list[dict]]:
             "params": json.loads(read("params.json")),
             "status": status, "epochs": epochs, "best_val_auroc": best["val_auroc"] if best else float("nan"),
             "best_epoch": best["epoch"] if best else 0, "history": [(r["epoch"], r["val_auroc"]) for r in results],
-            "failures": len(failed_at) or int(bool(error)), "error": error.splitlines()[-1] if error and not recovered else ""})
+            "failures": max((int(n) for n, _ in failures), default=int(bool(error))), "error": error.splitlines()[-1] if error and not recovered else ""})
     trials.sort(key=lambda t: (t["status"] == "error", -t["best_val_auroc"] if t["epochs"] else 1.0))
     return state, trials
 

@@ -110,6 +110,20 @@ def scaling_config(cfg, cluster: dict):
                          resources_per_worker={"CPU": cpus, **({"GPU": gpus} if use_gpu else {})})
 
 
+def _reported_failure(error) -> str | None:
+    """The message of a worker failure meant for people (a :class:`BiofmError`, or the
+    FloatingPointError of too many NaN/Inf steps), unwrapped from Ray's exceptions; None for
+    any other failure (its traceback is what a person needs then)."""
+    for failure in error.worker_failures.values():
+        seen = set()
+        while failure is not None and id(failure) not in seen:
+            seen.add(id(failure))
+            if isinstance(failure, (BiofmError, FloatingPointError)):
+                return str(failure)
+            failure = getattr(failure, "cause", None) or failure.__cause__
+    return None
+
+
 def fit(train_loop, loop_config: dict, cfg, storage_path: str, metric: str, mode: str,
         name: str = RUN_NAME, callbacks=()) -> tuple[dict, list[dict]]:
     """Run ``train_loop`` on a ``TorchTrainer`` scaled by :func:`scaling_config`, with ``cfg``'s
@@ -136,7 +150,13 @@ def fit(train_loop, loop_config: dict, cfg, storage_path: str, metric: str, mode
                              checkpoint_config=CheckpointConfig(num_to_keep=2, checkpoint_score_attribute=metric,
                                                                 checkpoint_score_order=mode)),
     )
-    result = trainer.fit()
+    try:
+        result = trainer.fit()
+    except ray.train.WorkerGroupError as e:
+        reported = _reported_failure(e)
+        if reported is None:
+            raise
+        raise BiofmError(f"training stopped: {reported}") from None
     pick = min if mode == "min" else max
     best_ckpt = pick(result.best_checkpoints, key=lambda cm: cm[1][metric])[0]
     with best_ckpt.as_directory() as d:
