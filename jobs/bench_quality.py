@@ -1,6 +1,6 @@
 """Benchmark: what the window quality checks keep, on noise and on real recordings.
 
-Every window goes through the checks build-windows and predict use (biofm.preprocess.make_windows
+Every window goes through the checks build-windows and predict use (biofm.windows.make_windows
 with configs/windows.yaml), once with the signal-quality indices ("after") and once with them
 switched off, which leaves the rules biofm had before them ("before": missing, flat, clipped,
 too few beats, implausible heart rate). Data:
@@ -42,7 +42,7 @@ def without_indices(cfg):
 
 def judge(tracks: dict, channels: dict, cfg) -> tuple[int, int, Counter]:
     """Windows kept, windows cut and rejections by reason of one recording (name -> (x, fs))."""
-    from biofm.preprocess import make_windows
+    from biofm.windows import make_windows
 
     columns, reasons = make_windows({n: (x, fs, n) for n, (x, fs) in tracks.items()}, channels, cfg, {})
     return len(columns["window_idx"]), len(reasons), Counter(r for r in reasons if r)

@@ -14,7 +14,8 @@ import pytest
 from biofm.cli import main
 from biofm.config import ButppgConfig, ChannelsConfig, WindowsConfig, load_config
 from biofm.errors import CaseSkipped, ConfigError, SourceUnreachable
-from biofm.preprocess import build_butppg, record_signal
+from biofm.preprocess import build_butppg
+from biofm.windows import record_signal
 from biofm.sources import butppg
 from conftest import REAL_BUTPPG, ROOT, _Server, requires_realdata, write_butppg
 

@@ -216,7 +216,8 @@ def test_predict_uses_the_models_own_preprocessing_and_threshold(butppg_data, tm
     import wfdb
 
     from biofm.infer import predict
-    from biofm.preprocess import read_data_spec, record_signal
+    from biofm.preprocess import read_data_spec
+    from biofm.windows import record_signal
     from biofm.sources.butppg import read_record
     from biofm.train.finetune import build_classifier, predict as predict_in_memory
     from conftest import heartbeat_signals, write_butppg

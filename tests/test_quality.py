@@ -8,7 +8,7 @@ import pytest
 
 from biofm import signals
 from biofm.config import ChannelsConfig, WindowsConfig, load_config
-from biofm.preprocess import make_windows
+from biofm.windows import make_windows
 from conftest import REALDATA, ROOT, heartbeat_signals, requires_realdata
 
 CHANNELS = load_config(ChannelsConfig, ROOT / "configs/channels.yaml")

@@ -218,7 +218,8 @@ def _recording_windows(row: dict, kind: str, folder: str, channels: dict, window
     training preprocessing, or one row that records why it was skipped. ``ppg_signal``: which
     signal of a BUT-PPG ``_PPG`` record is the PPG (the model's data spec says)."""
     from biofm.errors import CaseSkipped
-    from biofm.preprocess import make_windows, process_record
+    from biofm.preprocess import process_record
+    from biofm.windows import make_windows
     from biofm.sources.vitaldb import read_tracks
 
     rid, names = row["recording_id"], list(channels)
