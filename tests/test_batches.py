@@ -120,3 +120,35 @@ def test_stopping_early_and_a_file_that_breaks_mid_epoch(split, tmp_path):
     m = clock.metrics()
     assert 0 <= m["first_batch_wait_s"] <= m["data_wait_fraction"] * m["train_s"] + 1e-9
     assert 0 < m["data_wait_fraction"] <= 1
+
+
+def test_arguments_sizes_and_columns(split):
+    s = scan(str(split))
+    for bad in ({"batch_size": 0}, {"rank": 2, "world": 2}, {"rank": -1}):
+        with pytest.raises(ValueError, match="need batch_size >= 1 and 0 <= rank < world"):
+            WindowBatches(s, ["signal"], **{"batch_size": 4, **bad})
+    assert len(list(WindowBatches(s, ["signal"], 1).epoch(0))) == 51
+    assert WindowBatches(s, ["signal"], 4, cache_mb=s.memory_bytes / 1e6).cached         # exactly fits
+    assert not WindowBatches(s, ["signal"], 4, cache_mb=s.memory_bytes / 1e6 * 0.999).cached
+    assert [WindowBatches(s, ["signal"], 4, train=True, rank=r, world=2).windows for r in (0, 1)] == [25, 25]
+    assert [WindowBatches(s, ["signal"], 4, rank=r, world=2).windows for r in (0, 1)] == [26, 25]
+    b = next(iter(WindowBatches(s, ["window_idx", "signal"], 4).epoch(0)))
+    assert sorted(b) == ["signal", "window_idx"]                                          # only what was asked
+    # streamed, a worker's share starts inside a file (rank 1 of 3 begins at window 17, in file "b")
+    mine = np.concatenate(ids_of(WindowBatches(s, ["signal"], 5, rank=1, world=3).epoch(0)))
+    np.testing.assert_array_equal(mine, np.arange(17, 34))
+
+
+def test_shuffle_buffer_and_rebatching():
+    from biofm.train.batches import _drawn, _rebatched, _shuffled
+
+    chunks = [{"x": np.arange(a, b)} for a, b in ((0, 3), (3, 10), (10, 11), (11, 20))]
+    assert [len(c["x"]) for c in _rebatched(iter(chunks), 4)] == [4, 4, 4, 4, 4]
+    assert [c["x"].tolist() for c in _rebatched(iter(chunks), 10)] == [list(range(10)), list(range(10, 20))]
+    drawn = list(_drawn(iter(chunks), 5, np.random.default_rng(0)))
+    assert sorted(np.concatenate([c["x"] for c in drawn]).tolist()) == list(range(20))  # each window once
+    assert [len(c["x"]) for c in drawn] == [5, 1, 5, 4, 5]  # a full pool swaps what comes in, then empties
+    first = drawn[0]["x"]
+    assert first.max() <= 9 and not np.array_equal(first, np.arange(5))                   # from the pool, mixed
+    in_order = list(_shuffled(iter(chunks), 8, 0, np.random.default_rng(0)))
+    assert np.concatenate([c["x"] for c in in_order]).tolist() == list(range(20))           # buffer 0: as they came

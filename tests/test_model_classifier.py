@@ -145,6 +145,21 @@ def test_metrics_and_threshold_on_known_numbers():
     assert choose_threshold(np.zeros(3), np.array([0.1, 0.7, 0.2])) == 0.5
 
 
+def test_every_metric_and_the_edge_cases():
+    y = np.array([1, 0, 1, 1, 0, 1, 0, 1])
+    p = np.array([0.9, 0.4, 0.35, 0.8, 0.1, 0.6, 0.7, 0.2])
+    m = classification_metrics(y, p, threshold=0.5)
+    assert m == {"n": 8, "positives": 5, "threshold": 0.5, "accuracy": 0.625, "balanced_accuracy": pytest.approx(0.6333333),
+                 # AUROC: 10 of the 15 (good, poor) pairs ranked right; AUPRC: mean precision at each good
+                 "auroc": pytest.approx(10 / 15), "auprc": pytest.approx((1 + 1 + 3 / 4 + 4 / 6 + 5 / 7) / 5),
+                 "f1_good": pytest.approx(2 / 3),
+                 "confusion": [[2, 1], [2, 3]]}
+    one = classification_metrics(np.ones(4), np.array([0.2, 0.6, 0.7, 0.9]))
+    assert np.isnan(one["balanced_accuracy"]) and np.isnan(one["auprc"]) and one["confusion"] == [[0, 0], [1, 3]]
+    assert choose_threshold(np.array([0, 1]), np.array([0.9, 0.1])) == 1.0      # inverted: nothing passes
+    assert choose_threshold(np.array([0, 0, 1, 1]), np.array([0.1, 0.3, 0.4, 0.8])) == 0.4
+
+
 def test_warnings_for_small_splits_and_no_better_than_baselines():
     from biofm.train.metrics import classification_metrics, classifier_warnings
 
@@ -157,3 +172,8 @@ def test_warnings_for_small_splits_and_no_better_than_baselines():
     assert classifier_warnings(flat, "val") == ["val AUROC 0.500 does not beat chance (0.5)",
                                                 "val balanced accuracy 0.500 does not beat predicting one class for every record (0.5)"]
     assert classifier_warnings(classification_metrics(y, y * 0.8 + 0.1), "val") == []
+    thirty = np.array([0] * 5 + [1] * 25)                  # the smallest split that means something
+    assert classifier_warnings(classification_metrics(thirty, thirty * 0.8 + 0.1), "val") == []
+    for short in (thirty[1:], np.r_[thirty[1:], 1]):       # 29 records; 30 with 4 poor
+        assert "too few for its metrics" in classifier_warnings(classification_metrics(short, short * 0.8 + 0.1), "val")[0]
+    assert classifier_warnings(classification_metrics(y, 0.5 + (y - 0.5) * 0.01), "val") == []  # 0.505 vs 0.495

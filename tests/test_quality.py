@@ -178,3 +178,77 @@ def test_real_monitor_recordings_keep_their_pulses():
                                  WINDOWS, {})
         kept, total = kept + len(cols["window_idx"]), total + len(why)
     assert (kept, total) == (51, 62)   # as before the signal-quality indices (jobs/bench_quality.py)
+
+
+def _at_native_100hz(seconds=30.0):
+    ppg, _ = heartbeat_signals(seconds, 100.0, seed=2)
+    return ppg
+
+
+def test_each_threshold_keeps_the_window_that_meets_it_exactly():
+    """A window whose index equals its threshold is kept (thresholds are inclusive), for every
+    rule: the raw fractions at exactly representable values, the indices at the window's own."""
+    x = _at_native_100hz(10.0)
+    missing, stuck, pinned = x.copy(), x.copy(), x.copy()
+    missing[:125] = np.nan                                  # 125 of 1000 samples: 0.125
+    stuck[300:551] = stuck[300]                             # 250 repeats of 1000: 0.25
+    order = np.argsort(pinned)
+    pinned[order[:64]], pinned[order[-63:]] = pinned[order[0]], pinned[order[-1]]  # 64 + 63 - 2 = 125: 0.125
+    exact = dataclasses.replace(WINDOWS, max_nan_fraction=0.125, max_flat_fraction=0.25, max_clip_fraction=0.125)
+    for signal in (missing, stuck, pinned):
+        assert reasons({"PPG": (signal, 100.0)}, cfg=exact) == [""]
+    assert reasons({"PPG": (missing, 100.0)}, cfg=dataclasses.replace(exact, max_nan_fraction=0.124)) == ["PPG:missing"]
+
+    for name, x, fs in (("PPG", _at_native_100hz(10.0), 100.0), ("ECG", pulse(10.0)[1], FS)):
+        spec = CHANNELS.channels[name]
+        window = signals.bandpass(signals.resample(x, fs, FS), FS, spec.band_hz)[None]
+        sqi = {k: float(v[0]) for k, v in signals.beat_quality(window, FS, spec.quality, spec.band_hz).items()}
+        key = name.lower()
+        own = dataclasses.replace(WINDOWS, hr_bpm=(sqi["hr_bpm"], 200.0), **{f"{key}_min_template_match": sqi["template_match"]},
+                                  **({"ppg_min_pulse_band_power": sqi["pulse_band_power"]} if name == "PPG"
+                                     else {"ecg_min_beat_agreement": sqi["beat_agreement"]}))
+        assert reasons({name: (x, fs)}, (name,), own) == [""], sqi
+        assert reasons({name: (x, fs)}, (name,), dataclasses.replace(own, hr_bpm=(30.0, sqi["hr_bpm"]))) == [""]
+
+
+def test_make_windows_columns_timings_and_filters():
+    from biofm.errors import CaseSkipped
+
+    ppg, ecg = pulse(30.0)
+    acc = np.random.default_rng(1).standard_normal(3750)
+    channels = {**CHANNELS.select(["PPG", "ECG"]), "ACC_X": CHANNELS.channels["ACC_X"],
+                "PPG": dataclasses.replace(CHANNELS.channels["PPG"], filter_order=2, stopband_db=30.0)}
+    timings = {}
+    cols, why = make_windows({"PPG": (ppg, FS, "p"), "ECG": (ecg, FS, "e"), "ACC_X": (acc, FS, "a")}, channels,
+                             WINDOWS, timings)
+    assert why == ["", "", ""] and set(timings) == {"resample", "filter", "quality"}
+    assert all(0 <= v < 5 for v in timings.values())
+    first = dict(timings)
+    make_windows({"PPG": (ppg, FS, "p")}, CHANNELS.select(["PPG"]), WINDOWS, timings)
+    assert all(timings[k] > first[k] for k in first)                      # seconds add up over calls
+    assert (cols["window_idx"].dtype, cols["start_s"].dtype, cols["signal"].dtype) == (np.int32, np.float64, np.float32)
+    assert cols["ppg_beats"].dtype == np.int16 and cols["ppg_hr_bpm"].dtype == np.float32
+    assert cols["ppg_template_match"].dtype == np.float32
+    assert cols["acc_x_beats"].tolist() == [0, 0, 0] and np.isnan(cols["acc_x_hr_bpm"]).all()  # no beat detector
+    assert "acc_x_template_match" not in cols
+    expected = signals.zscore(signals.cut_windows(signals.bandpass(ppg, FS, (0.5, 10.0), 2, 30.0),
+                                                  np.array([0, 1250, 2500]), 1250))
+    np.testing.assert_allclose(cols["signal"][:, 0], expected, atol=1e-5)   # the channel's own filter design
+    with pytest.raises(CaseSkipped, match="too_short"):
+        make_windows({"PPG": (ppg[:1249], FS, "p")}, CHANNELS.select(["PPG"]), WINDOWS, {})
+
+
+def test_record_signal_shapes_filters_and_gaps():
+    from biofm.errors import CaseSkipped
+    from biofm.windows import record_signal
+
+    five = CHANNELS.select(["ACC_X", "ACC_Y", "ACC_Z", "PPG", "ECG"])
+    five = {**five, "PPG": dataclasses.replace(five["PPG"], filter_order=2, stopband_db=30.0)}
+    ppg, ecg = pulse(10.0)
+    signal, present = record_signal({"ACC_X": (np.full(1250, np.nan), FS), "PPG": (ppg, FS), "ECG": (ecg, FS)},
+                                    five, WINDOWS)
+    assert signal.dtype == np.float32 and present.dtype == bool and signal.shape == (5, 1250)
+    assert present.tolist() == [False, False, False, True, True]          # all-NaN ACC_X: absent, PPG still read
+    np.testing.assert_allclose(signal[3], signals.zscore(signals.bandpass(ppg, FS, (0.5, 10.0), 2, 30.0)), atol=1e-5)
+    with pytest.raises(CaseSkipped, match="too_short"):
+        record_signal({"PPG": (ppg[:1249], FS)}, five, WINDOWS)

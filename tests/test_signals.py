@@ -114,3 +114,60 @@ def test_zscore():
     z = signals.zscore(w)
     np.testing.assert_allclose(z.mean(-1), 0, atol=1e-9)
     np.testing.assert_allclose(z.std(-1), 1, atol=1e-9)
+
+
+def test_edges_of_the_small_functions():
+    """Boundaries and dtypes the rest of the code relies on (found by mutation testing)."""
+    assert signals.fill_gaps(np.array([1, 2, 3]))[0].dtype == np.float64            # ints become float64
+    assert signals.resample(np.arange(10), 125.0, 125.0).dtype == np.float64
+    assert len(signals.resample(np.zeros(625), 62.5, 125.0)) == 1250                 # a ratio of exactly 2
+    np.testing.assert_array_equal(signals.resample(np.arange(5.0), 125.0, 125.0), np.arange(5.0))
+    x = sine(1.2, 125.0, 20) + 0.3 * sine(12.0, 125.0, 20)
+    np.testing.assert_array_equal(signals.bandpass(x, 125.0, (0.5, 10)), signals.bandpass(x, 125.0, (0.5, 10), 4, 40.0))
+    for starts in (signals.window_starts(1249, 1250, 1250), signals.window_starts(1251, 1250, 1)):
+        assert starts.dtype == np.int64
+    np.testing.assert_array_equal(signals.window_starts(1251, 1250, 1), [0, 1])   # the last full window, no more
+    assert signals.heart_rate_bpm(np.array([0, 125]), 125.0) == 60.0               # two beats give a rate
+    assert signals.heart_rate_bpm(np.array([0, 100, 250, 350]), 125.0) == pytest.approx(75.0)  # median interval
+
+
+def test_raw_quality_of_edge_windows():
+    fs = 10.0
+    x = np.r_[np.linspace(0, 1, 100), np.full(100, np.nan), np.full(100, 2.0),
+              np.r_[np.nan, 5.0, np.full(98, np.nan)], np.r_[np.linspace(0, 1, 90), np.full(10, np.nan)]]
+    q = signals.raw_quality(x, fs, np.array([0.0, 10.0, 20.0, 30.0, 40.0]), 10.0)
+    assert all(v.dtype == np.float32 for v in q.values())
+    np.testing.assert_allclose(q["nan_fraction"], [0.0, 1.0, 0.0, 0.99, 0.1], atol=1e-6)
+    np.testing.assert_allclose(q["flat_fraction"], [0.0, 1.0, 0.99, 0.0, 0.0], atol=1e-6)  # all-NaN: 1
+    # a constant window is flat, not clipped; the ends of a ramp are one sample each, NaNs ignored
+    np.testing.assert_allclose(q["clip_fraction"], [0.0, 1.0, 0.0, 0.0, 0.0], atol=1e-6)
+    ramp_with_nan_and_ends = np.r_[0.0, 0.0, np.linspace(0.1, 0.9, 96), np.nan, 1.0]
+    assert signals.raw_quality(ramp_with_nan_and_ends, fs, np.array([0.0]), 10.0)["clip_fraction"][0] == (
+        pytest.approx(1 / 99))  # two samples at the minimum: one more than an unclipped end
+
+
+def test_template_match_edges():
+    beats = np.arange(50, 1250, 100)
+    x = np.zeros(1250)
+    x[beats] = 1.0
+    x = np.convolve(x, np.hanning(21), "same")
+    assert signals.template_match(x, beats[:3]) == pytest.approx(1.0)                # three beats suffice
+    offsets = x + (np.arange(1250) // 100) * 5.0                                    # steps between beats
+    assert signals.template_match(offsets, beats) == pytest.approx(1.0, abs=1e-6)    # each beat's offset removed
+    assert signals.template_match(x, np.array([50, 150, 1200])) == 0.0                 # one whole beat: no template
+    edge = np.array([50, 150, 250])                                                    # half = 50: 50 is whole
+    assert signals.template_match(x, edge) == pytest.approx(1.0)
+    assert signals.template_match(x[:300], np.array([50, 150, 250])) == pytest.approx(1.0)  # 250 + 50 = 300 fits
+    assert signals.template_match(x, np.array([10, 11, 12, 13])) == 0.0                 # half a sample: none
+    assert signals.beat_agreement(np.array([100]), np.array([100]), 125.0) == 1.0
+    assert signals.beat_agreement(np.array([100, 200]), np.array([115, 216]), 100.0) == pytest.approx(1 / 3)  # 15 in, 16 out
+
+
+def test_band_power_share_edges_and_batches():
+    fs, t = 125.0, np.arange(1250) / 125.0
+    for f in (0.5, 4.0):  # the band's edges count
+        assert signals.band_power_share(np.sin(2 * np.pi * f * t), fs, (0.5, 4.0), (0.5, 10.0)) == pytest.approx(1.0)
+    assert signals.band_power_share(np.sin(2 * np.pi * 10.0 * t), fs, (0.5, 4.0), (0.5, 10.0)) == pytest.approx(0.0)
+    assert signals.band_power_share(1e-4 * np.sin(2 * np.pi * 2 * t), fs, (0.5, 4.0), (0.5, 10.0)) == pytest.approx(1.0)
+    rows = np.stack([np.sin(2 * np.pi * 2 * t), np.sin(2 * np.pi * 2 * t) + np.sin(2 * np.pi * 7 * t) + 3.0])
+    np.testing.assert_allclose(signals.band_power_share(rows, fs, (0.5, 4.0), (0.5, 10.0)), [1.0, 0.5], atol=1e-9)

@@ -68,3 +68,51 @@ def test_stratified_split_spreads_positive_groups_by_ratio():
         assert sorted(s["train"] + s["val"] + s["test"]) == groups
     assert split_groups(groups, seed=1, positive_rate=rate) == split_groups(groups, seed=1, positive_rate=rate)
     assert split_groups(groups, seed=1, positive_rate=rate) != split_groups(groups, seed=2, positive_rate=rate)
+
+
+def test_stratified_dealing_by_hand():
+    """Ten groups with rising rates, sizes 5/3/2: dealt in rate order, each to the split furthest
+    below its share so far (share = size * (k + 1) / n; a tie goes to the earlier split). Worked
+    out by hand: train, val, test, train, train (tie), val, train, test, val, train."""
+    groups = [f"s{i:02d}" for i in range(10)]
+    rate = {g: i / 10 for i, g in enumerate(groups)}
+    assert split_groups(groups, (0.5, 0.3, 0.2), seed=3, positive_rate=rate) == {
+        "train": ["s00", "s03", "s04", "s06", "s09"], "val": ["s01", "s05", "s08"], "test": ["s02", "s07"]}
+
+
+def test_split_sizes_order_and_checks():
+    ids = [str(i) for i in range(1, 11)]
+    s = split_groups(ids, (0.6, 0.3, 0.1))
+    assert [len(s[k]) for k in ("train", "val", "test")] == [6, 3, 1]
+    assert s == split_groups(ids, (0.6, 0.3, 0.1), seed=0)                      # seed 0 by default
+    assert split_groups(["1", "2", "3"], (0.5, 0.5, 0.0)) == {"train": ["1", "3"], "val": ["2"], "test": []}
+    mixed = split_groups(["b", "10", "a", "9", "2"], (1.0, 0.0, 0.0))["train"]
+    assert mixed == ["2", "9", "10", "a", "b"]                                   # numbers by value, then names
+    for bad in ((0.5, 0.5), (0.5, 0.6, -0.1), (0.5, 0.3, 0.3)):
+        with pytest.raises(ConfigError, match="three non-negative numbers summing to 1"):
+            split_groups(ids, bad)
+
+
+def test_prepare_splits_file_and_meta(tmp_path):
+    cases = tmp_path / "cases.txt"
+    cases.write_text("\n".join(str(i) for i in range(1, 21)))
+    path = prepare_splits("full", str(cases), tmp_path / "out", seed=4, ratios=(0.5, 0.25, 0.25))
+    assert path == str(tmp_path / "out" / "splits_full.json")
+    data = json.loads(Path(path).read_text())
+    assert {k: data[k] for k in ("train", "val", "test")} == split_groups([str(i) for i in range(1, 21)],
+                                                                          (0.5, 0.25, 0.25), seed=4)
+    assert data["meta"] == {"mode": "full", "case_set": str(cases), "source": f"case list file {cases}", "seed": 4,
+                            "ratios": [0.5, 0.25, 0.25], "n_cases": 20, "counts": {"train": 10, "val": 5, "test": 5}}
+    assert load_split(path, "val") == data["val"] and all(isinstance(c, str) for c in load_split(path, "val"))
+    with pytest.raises(ConfigError, match="has no split 'meta'"):
+        load_split(path, "meta")
+    with pytest.raises(ConfigError, match="--mode must be fasttrack or full"):
+        prepare_splits("some", str(cases), tmp_path)
+
+
+def test_case_list_from_a_physionet_layout(tmp_path):
+    (tmp_path / "vital_files").mkdir()
+    for name in ("0002.vital", "0010.vital"):
+        (tmp_path / "vital_files" / name).write_bytes(b"")
+    (tmp_path / "7.vital").write_bytes(b"")
+    assert read_case_list(str(tmp_path)) == (["0002", "0010", "7"], f"the .vital files in {tmp_path}")

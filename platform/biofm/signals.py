@@ -167,13 +167,14 @@ def beat_agreement(a: np.ndarray, b: np.ndarray, fs: float, tolerance_s: float =
 
 
 def band_power_share(x: np.ndarray, fs: float, band_hz: tuple[float, float], of_hz: tuple[float, float]) -> np.ndarray:
-    """Share of the power of ``x`` ``[..., T]`` within ``of_hz`` (Hz) that lies in ``band_hz``
-    (periodogram), ``[...]``; 0 where there is no power."""
-    power = np.abs(np.fft.rfft(x - x.mean(axis=-1, keepdims=True), axis=-1)) ** 2
+    """Share of the power of ``x`` ``[..., T]`` within ``of_hz`` (Hz, edges included) that lies in
+    ``band_hz`` (periodogram), ``[...]``; 0 where there is no power. The bands start above 0 Hz,
+    so a DC offset does not count."""
+    power = np.abs(np.fft.rfft(x, axis=-1)) ** 2
     f = np.fft.rfftfreq(x.shape[-1], 1 / fs)
     total = power[..., (f >= of_hz[0]) & (f <= of_hz[1])].sum(axis=-1)
     inside = power[..., (f >= band_hz[0]) & (f <= band_hz[1])].sum(axis=-1)
-    return np.where(total > 0, inside / np.where(total > 0, total, 1.0), 0.0)
+    return np.divide(inside, total, out=np.zeros_like(total), where=total > 0)
 
 
 def _quantile(x: np.ndarray, q: float) -> float:
