@@ -9,8 +9,8 @@ there, and prints the score and every surviving mutant with its diff.
 
     python jobs/mutation.py --workdir /tmp/biofm-mutation --max-children 2
 
-Writes <workdir>/mutation.json (counts by status, survivors). A rerun in the same workdir reuses
-mutmut's results for unchanged code.
+Writes <workdir>/mutation.json (counts by status, survivors). Every run starts from a fresh copy:
+mutmut's cache of earlier results does not notice changed tests.
 """
 
 from __future__ import annotations
@@ -36,13 +36,13 @@ def copy_with_src_layout(workdir: Path) -> None:
         if source.is_symlink():
             target.unlink(missing_ok=True)
             target.symlink_to(os.readlink(source).replace("platform/", "src/"))
-        elif not target.exists() or target.stat().st_mtime_ns != source.stat().st_mtime_ns:
-            shutil.copy2(source, target)  # unchanged files keep their time: mutmut's cache holds
+        else:
+            shutil.copy2(source, target)
     pyproject = workdir / "pyproject.toml"
     head, _, mutmut = pyproject.read_text().partition("[tool.mutmut]")
     pyproject.write_text(head + "[tool.mutmut]" + mutmut.replace('"platform/', '"src/'))
     shared = ROOT.parent / "shared"
-    if shared.is_dir() and not (workdir / "shared").exists():
+    if shared.is_dir():
         (workdir / "shared").symlink_to(shared)  # tests find ../shared/realdata beside their root
 
 
@@ -65,6 +65,7 @@ def main(argv=None) -> dict:
     if shutil.which("mutmut") is None:
         sys.exit("mutation: mutmut is not installed (pip install mutmut)")
     workdir = Path(args.workdir)
+    shutil.rmtree(workdir, ignore_errors=True)
     copy_with_src_layout(workdir)
     subprocess.run(["mutmut", "run", "--max-children", str(args.max_children)], cwd=workdir)
     status = results(workdir)

@@ -152,3 +152,25 @@ def test_shuffle_buffer_and_rebatching():
     assert first.max() <= 9 and not np.array_equal(first, np.arange(5))                   # from the pool, mixed
     in_order = list(_shuffled(iter(chunks), 8, 0, np.random.default_rng(0)))
     assert np.concatenate([c["x"] for c in in_order]).tolist() == list(range(20))           # buffer 0: as they came
+
+
+def test_wait_clock_times_the_waits_for_batches():
+    import time
+
+    from biofm.train.batches import data_wait_note
+
+    def slow(waits):
+        for w in waits:
+            time.sleep(w)
+            yield w
+
+    clock = WaitClock(slow([0.2, 0.05, 0.05]))
+    assert clock.metrics()["train_s"] == pytest.approx(1e-9)   # before the epoch: nothing measured
+    for _ in clock:
+        time.sleep(0.1)                                          # the loop's own work
+    m = clock.metrics()
+    assert m["first_batch_wait_s"] == pytest.approx(0.2, abs=0.05)
+    assert m["train_s"] == pytest.approx(0.6, abs=0.1)
+    assert m["data_wait_fraction"] == pytest.approx(0.3 / m["train_s"], abs=0.08)
+    assert data_wait_note({"data_wait_fraction": 0.263, "first_batch_wait_s": 0.061}) == (
+        "data wait 26% (first batch 0.06 s)")

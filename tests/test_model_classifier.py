@@ -157,6 +157,9 @@ def test_every_metric_and_the_edge_cases():
     one = classification_metrics(np.ones(4), np.array([0.2, 0.6, 0.7, 0.9]))
     assert np.isnan(one["balanced_accuracy"]) and np.isnan(one["auprc"]) and one["confusion"] == [[0, 0], [1, 3]]
     assert choose_threshold(np.array([0, 1]), np.array([0.9, 0.1])) == 1.0      # inverted: nothing passes
+    all_good = classification_metrics(np.ones(3), np.array([0.6, 0.7, 0.9]))
+    assert all_good["confusion"] == [[0, 0], [0, 3]] and all_good["f1_good"] == 1.0  # 2 x 2 with one class too
+    assert classification_metrics(np.zeros(3), np.array([0.1, 0.2, 0.3]))["f1_good"] == 0.0  # no good at all
     assert choose_threshold(np.array([0, 0, 1, 1]), np.array([0.1, 0.3, 0.4, 0.8])) == 0.4
 
 

@@ -159,6 +159,12 @@ def test_template_match_edges():
     assert signals.template_match(x, edge) == pytest.approx(1.0)
     assert signals.template_match(x[:300], np.array([50, 150, 250])) == pytest.approx(1.0)  # 250 + 50 = 300 fits
     assert signals.template_match(x, np.array([10, 11, 12, 13])) == 0.0                 # half a sample: none
+    assert signals.template_match(x, np.array([0, 100, 200, 1240])) == pytest.approx(1.0)  # two whole beats: a template
+    wide = np.convolve(np.eye(1, 100, 50)[0], np.hanning(41), "same")                  # a beat unlike the others
+    last, first = x[:1200].copy(), x.copy()
+    last[1100:1200], first[0:100] = wide, wide
+    assert signals.template_match(last, beats) < 0.999    # the beat at 1150 ends at the window's end: it counts
+    assert signals.template_match(first, beats) < 0.999   # the beat at 50 starts at sample 0: it counts
     assert signals.beat_agreement(np.array([100]), np.array([100]), 125.0) == 1.0
     assert signals.beat_agreement(np.array([100, 200]), np.array([115, 216]), 100.0) == pytest.approx(1 / 3)  # 15 in, 16 out
 
