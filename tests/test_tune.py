@@ -103,7 +103,7 @@ def _kill_tree(proc):
 @pytest.mark.timeout(600)
 @requires_realdata(REAL_BUTPPG)
 def test_interrupted_search_resumes_and_asha_stops_a_worse_schedule(butppg_data, ray_session, tmp_path, capsys):
-    """Five trials, one at a time: pretrained, one with a bad value, scratch, scratch, pretrained.
+    """Four trials, one at a time: pretrained, one with a bad value, scratch, pretrained.
     The search is killed once the first has finished, the second has failed and the third has
     checkpointed its first epoch of two; then resumed. The finished trial is not run again, the
     failed one runs again, the third continues from its checkpoint. The rung is epoch 1 of 2 (keep
@@ -115,7 +115,7 @@ def test_interrupted_search_resumes_and_asha_stops_a_worse_schedule(butppg_data,
         "finetune_config": str(ROOT / "configs/finetune_butppg.yaml"), "mode": "grid", "max_epochs": 2,
         "grace_period": 1, "reduction_factor": 2, "max_concurrent_trials": 1, "cpus_per_trial": 0.5,
         "trial_max_failures": 0,  # the bad trial fails at once: retrying it is for lost nodes (test_multinode)
-        "search": {"init": {"grid": ["pretrained", "imagenet", "scratch", "scratch", "pretrained"]},
+        "search": {"init": {"grid": ["pretrained", "imagenet", "scratch", "pretrained"]},
                    "head_epochs": {"grid": [1]}, "batch_size": {"grid": [16]}}}))
     args = ["tune", "--config", str(config), "--pretrained", str(pretrained), "--data-dir", str(butppg_data),
             "--output-dir", str(tmp_path / "tune")]
@@ -151,7 +151,7 @@ def test_interrupted_search_resumes_and_asha_stops_a_worse_schedule(butppg_data,
     stamp = finished.stat().st_mtime_ns
 
     assert main(args + ["--resume"]) == 2  # a trial failed: the search is not done, a rerun retries it
-    assert "1 of 5 trials failed (" in capsys.readouterr().err
+    assert "1 of 4 trials failed (" in capsys.readouterr().err
     assert finished.stat().st_mtime_ns == stamp  # the finished trial was not run again
     third = json.loads(next(exp.glob("trials/*_00002/training_history.json")).read_text())
     assert [(h["epoch"], h["attempt"]) for h in third] == [(1, 1), (2, 2)]  # continued from epoch 1's checkpoint
@@ -172,17 +172,17 @@ def test_interrupted_search_resumes_and_asha_stops_a_worse_schedule(butppg_data,
     by_index = {int(t["trial"].rsplit("_", 1)[1]): t for t in trials}
     assert by_index[1]["status"] == "error" and by_index[1]["failures"] == 2  # run again on resume, failed again
     recorded, stopped = [], []
-    for i in (2, 3, 4):  # what ASHA's rung at epoch 1 records after the resume, in that order
+    for i in (2, 3):  # what ASHA's rung at epoch 1 records after the resume, in that order
         value = by_index[i]["history"][-1 if i == 2 else 0][1]
         stopped.append(bool(recorded) and value < float(np.percentile(recorded, 50)))
         recorded.append(value)
-    assert [by_index[i]["status"] == "stopped early" for i in (2, 3, 4)] == stopped and any(stopped), by_index
-    assert by_index[0]["status"] == "completed" and all(by_index[i]["epochs"] == 1 for i in (3, 4) if stopped[i - 2])
-    completed = 2 + stopped[1:].count(False)
-    assert f"5 trials: {completed} completed, {5 - 1 - completed} stopped early, 1 failed" in report.stdout, report.stdout
-    assert len(list(exp.glob("trials/*/test_metrics.json"))) == completed  # stopped and failed trials have none
+    # the random-weight "pretrained" encoder at epoch 1 scores below scratch trained for 2 epochs
+    assert [by_index[i]["status"] == "stopped early" for i in (2, 3)] == stopped == [False, True], by_index
+    assert by_index[0]["status"] == "completed" and by_index[3]["epochs"] == 1
+    assert "4 trials: 2 completed, 1 stopped early, 1 failed" in report.stdout, report.stdout
+    assert len(list(exp.glob("trials/*/test_metrics.json"))) == 2  # stopped and failed trials have none
     rows = report.stdout.splitlines()
-    assert rows[1].split()[1] == "completed" and rows[5].split()[1] == "error"
+    assert rows[1].split()[1] == "completed" and rows[4].split()[1] == "error"
     for png in ("val_auroc_by_epoch.png", "val_auroc_vs_hyperparameters.png"):
         assert (copied / png).stat().st_size > 5_000
     best_id = rows[1].split()[0]
