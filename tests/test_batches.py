@@ -174,3 +174,25 @@ def test_wait_clock_times_the_waits_for_batches():
     assert m["data_wait_fraction"] == pytest.approx(0.3 / m["train_s"], abs=0.08)
     assert data_wait_note({"data_wait_fraction": 0.263, "first_batch_wait_s": 0.061}) == (
         "data wait 26% (first batch 0.06 s)")
+
+
+def test_an_epoch_left_early_ends_its_reader_thread_and_streamed_windows_are_mixed(split):
+    import threading
+    import time
+
+    s = scan(str(split))
+    epoch = WindowBatches(s, ["signal"], 2, prefetch=1).epoch(3)
+    next(epoch)
+    epoch.close()                                        # the loop stopped early: its reader must stop too
+    deadline = time.time() + 0.5
+    while time.time() < deadline and any(t.name == "batches-epoch3" for t in threading.enumerate()):
+        time.sleep(0.01)
+    assert not any(t.name == "batches-epoch3" for t in threading.enumerate())
+    # streamed with a shuffle buffer: windows of one file do not come out as a run
+    order = np.concatenate(ids_of(WindowBatches(s, ["signal"], 8, train=True, seed=3, shuffle_buffer=6).epoch(0)))
+    assert int(np.sum(np.diff(order) == 1)) < 25         # in file order, 46 of the 50 steps are +1
+    # a share that starts and ends inside one file (rank 3 of 7: inside file "d")
+    share = np.array_split(np.arange(51), 7)[3]
+    got = np.concatenate(ids_of(WindowBatches(s, ["signal"], 5, rank=3, world=7).epoch(0)))
+    np.testing.assert_array_equal(got, share)
+    assert 21 < share[0] and share[-1] < 40
