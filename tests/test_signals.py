@@ -114,6 +114,9 @@ def test_zscore():
     z = signals.zscore(w)
     np.testing.assert_allclose(z.mean(-1), 0, atol=1e-9)
     np.testing.assert_allclose(z.std(-1), 1, atol=1e-9)
+    small = signals.zscore(0.01 * w)                      # any scale: eps only guards a constant window
+    np.testing.assert_allclose(small.std(-1), 1, atol=1e-6)
+    assert (signals.zscore(np.ones((2, 10))) == 0).all()
 
 
 def test_edges_of_the_small_functions():
