@@ -262,7 +262,7 @@ class FinetuneConfig:
     """
 
     channels: tuple[str, ...] = ("ACC_X", "ACC_Y", "ACC_Z", "PPG", "ECG")
-    pretrain_channels: int = 2
+    pretrain_channels: int | None = None
     init: str = "pretrained"
     inflation: str = "preserve"
     epochs: int = 30
@@ -289,8 +289,11 @@ class FinetuneConfig:
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
                 raise ValueError(f"{key} must be one of {', '.join(allowed)}, got {getattr(self, key)!r}")
-        if not 0 <= self.head_epochs <= self.epochs or self.epochs < 1:
-            raise ValueError(f"need 1 <= epochs and 0 <= head_epochs <= epochs, got {self.epochs}, {self.head_epochs}")
+        if self.epochs < 1:
+            raise ValueError(f"epochs must be >= 1, got {self.epochs}")
+        if not 0 <= self.head_epochs <= self.epochs:
+            raise ValueError(f"head_epochs (stage 1) must be between 0 and epochs ({self.epochs}), got "
+                             f"{self.head_epochs}: lower head_epochs (--head-epochs) or raise epochs")
         if self.unfreeze_last_n < 0 or self.batch_size < 1 or self.num_workers < 1:
             raise ValueError("unfreeze_last_n must be >= 0, batch_size and num_workers >= 1")
         if self.lr <= 0 or self.head_lr <= 0:
@@ -368,7 +371,7 @@ class PipelineConfig:
     ``{split: n}`` of each split are windowed from ``vital_source`` (``api``, a folder, or a
     cloud URI). BUT-PPG: read from ``butppg_raw_dir``, downloaded there first from PhysioNet (or
     ``physionet_url``) when ``butppg_download`` and the folder holds no RECORDS. ``pretrain``,
-    ``finetune`` and ``tune`` override fields of the YAML configs they name; ``tune: null``
+    ``butppg``, ``finetune`` and ``tune`` override fields of the YAML configs they name; ``tune: null``
     leaves the search out. ``embed`` (``{split, tokens, batch_size}``; null: left out) adds the
     embeddings of a VitalDB split by the foundation model. Relative paths are relative to the
     working directory.
@@ -387,6 +390,7 @@ class PipelineConfig:
     pretrain_config: str = "configs/ssl_pretrain.yaml"
     pretrain: dict[str, Any] = dataclasses.field(default_factory=dict)
     butppg_config: str = "configs/butppg.yaml"
+    butppg: dict[str, Any] = dataclasses.field(default_factory=dict)
     butppg_raw_dir: str = "data/but_ppg_raw"
     butppg_download: bool = True
     physionet_url: str | None = None

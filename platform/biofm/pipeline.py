@@ -118,7 +118,7 @@ def run_pipeline(cfg: PipelineConfig, force: tuple[str, ...] = (), address: str 
     channels = load_config(ChannelsConfig, cfg.channels_yaml)
     windows = load_config(WindowsConfig, cfg.windows_yaml)
     pre = with_overrides(PretrainConfig, cfg.pretrain_config, cfg.pretrain, "pipeline pretrain")
-    but = load_config(ButppgConfig, cfg.butppg_config)
+    but = with_overrides(ButppgConfig, cfg.butppg_config, cfg.butppg, "pipeline butppg")
     fine = with_overrides(FinetuneConfig, cfg.finetune_config, cfg.finetune, "pipeline finetune")
     search = None if cfg.tune is None else with_overrides(TuneSearchConfig, cfg.tune_config, cfg.tune, "pipeline tune")
     check_sources(cfg, pre)  # before the heavy imports below: offline, it answers in a second
@@ -198,4 +198,48 @@ def run_pipeline(cfg: PipelineConfig, force: tuple[str, ...] = (), address: str 
     ran = [r["stage"] for r in records if r["status"] == "ran"]
     print(f"[pipeline] done: ran {', '.join(ran) or 'nothing'}; skipped "
           f"{', '.join(r['stage'] for r in records if r['status'] == 'skipped') or 'nothing'} -> {out}", flush=True)
+    for line in summary(out):
+        print(f"[pipeline] {line}", flush=True)
     return records
+
+
+def summary(out: str) -> list[str]:
+    """What the pipeline in ``out`` built, read back from its artifacts (those present): counts,
+    the headline figures with how much they can be trusted, what to open first, the next command."""
+    at = functools.partial(storage.join, out)
+
+    def read(*names):
+        return json.loads(storage.read_text(at(*names))) if storage.is_file(at(*names)) else None
+
+    lines, windows = [], read("vitaldb_windows", "manifest.json")
+    if windows and {"train", "val"} <= set(windows["splits"]):
+        train, val = windows["splits"]["train"], windows["splits"]["val"]
+        lines.append(f"windows: {train['windows_kept']} train + {val['windows_kept']} val from "
+                     f"{train['cases_ok'] + val['cases_ok']} VitalDB cases -> {at('vitaldb_windows')} "
+                     "(manifest.json: what was rejected and why)")
+    history = read("foundation_model", "training_history.json")
+    if history:
+        best = min(history, key=lambda h: h["val_loss"])
+        lines.append(f"foundation model: best val loss {best['val_loss']:.4f} (masked MSE {best['val_masked_mse']:.4f}; "
+                     f"1.0 = predicting zero) at epoch {best['epoch']} of {len(history)} -> "
+                     f"{at('foundation_model', 'best_model.pt')}")
+    metrics = read("but_ppg_finetuned", "test_metrics.json")
+    if metrics:
+        test = metrics["test"]
+        lines.append(f"PPG quality: test AUROC {test['auroc']:.3f}, balanced accuracy {test['balanced_accuracy']:.3f} "
+                     f"on {test['n']} BUT-PPG records ({test['positives']} good) -> "
+                     f"{at('but_ppg_finetuned', 'test_metrics.json')}")
+        if test["n"] < 30 or (history and len(history) < 10):
+            lines.append("this was a smoke test of the installation, not a result: with so few records and epochs "
+                         "the figures vary from run to run (README: what these figures mean)")
+    if storage.is_file(at("tune", "finetune_schedules", "best_config.yaml")):
+        lines.append(f"schedule search: the best trial's config -> {at('tune', 'finetune_schedules', 'best_config.yaml')}")
+    embedded = read("embeddings", "manifest.json")
+    if embedded:
+        lines.append(f"embeddings: {embedded['embeddings']} windows -> {at('embeddings')}")
+    if metrics:
+        lines += [f"open first: {at('but_ppg_finetuned', 'learning_curves.png')} and "
+                  f"{at('foundation_model', 'reconstruction.png')}",
+                  f"next: biofm predict --model {at('but_ppg_finetuned', 'best_model.pt')} --input <folder of "
+                  "recordings> --output predictions"]
+    return lines

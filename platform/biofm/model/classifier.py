@@ -96,12 +96,15 @@ def pool(latents: torch.Tensor, present: torch.Tensor | None = None) -> torch.Te
 
 
 class Classifier(nn.Module):
-    """Encoder -> latents ``[B, C, P, D]`` -> :func:`pool` ``[B, D]`` -> dropout -> linear ->
-    logits ``[B, 2]``."""
+    """Encoder -> latents ``[B, C, P, D]`` -> :func:`pool` ``[B, D]`` -> batch norm without affine
+    parameters -> dropout -> linear -> logits ``[B, 2]``. The norm (MAE's linear probing)
+    standardises each feature, so the head learns at the same pace whatever the scale of the
+    encoder's features: without it, a few hundred steps left the head near its random start."""
 
     def __init__(self, encoder: Encoder, num_classes: int = 2, dropout: float = 0.1):
         super().__init__()
         self.encoder = encoder
+        self.norm = nn.BatchNorm1d(encoder.config.d_model, affine=False)
         self.dropout = nn.Dropout(dropout)
         self.head = nn.Linear(encoder.config.d_model, num_classes)
         self.encoder_frozen = False
@@ -118,7 +121,7 @@ class Classifier(nn.Module):
         return pool(self.encoder(x), present)
 
     def forward(self, x: torch.Tensor, present: torch.Tensor | None = None) -> torch.Tensor:
-        return self.head(self.dropout(self.features(x, present)))
+        return self.head(self.dropout(self.norm(self.features(x, present))))
 
     def set_stage(self, stage: int, unfreeze_last_n: int, train_encoder: bool = False) -> list[str]:
         """Stage 1: only the head trains. Stage 2: the head and the last ``unfreeze_last_n``
