@@ -1,4 +1,5 @@
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -7,8 +8,9 @@ import pytest
 
 BIOFM = str(Path(sys.executable).parent / "biofm")  # the console script installed beside python
 
+from biofm import output
 from biofm.cli import main
-from conftest import REAL_BUTPPG, REAL_VITAL, ROOT, requires_realdata, run_ok, write_case
+from conftest import REAL_BUTPPG, REAL_VITAL, ROOT, requires_realdata, write_case
 
 
 @pytest.mark.parametrize("cmd", [
@@ -116,9 +118,8 @@ def test_command_line_flags_override_the_config_and_are_checked(monkeypatch, cap
     assert seen["tcfg"].num_samples == 3 and seen["base"].head_epochs == 5
 
     bad = {("pretrain", "--mask-ratio", "1.5"): "mask_ratio must be in (0, 1)",
-           ("finetune", "--head-epochs", "9", "--epochs", "3"): "head_epochs <= epochs, got 3, 9",
-           ("tune", "--num-samples", "0"): "num_samples, max_epochs, grace_period and max_concurrent_trials must be >= 1"}
-    for argv, message in bad.items():
+           ("finetune", "--head-epochs", "9", "--epochs", "3"): "head_epochs (stage 1) must be between 0 and epochs (3)"}
+    for argv, message in bad.items():  # test_bad_inputs.py has the rest
         assert main(list(argv)) == 2
         err = capsys.readouterr().err
         assert "command-line flags (over configs/" in err and message in err, err
@@ -127,14 +128,31 @@ def test_command_line_flags_override_the_config_and_are_checked(monkeypatch, cap
 @pytest.mark.slow
 @requires_realdata(REAL_VITAL)
 @requires_realdata(REAL_BUTPPG)
-def test_main_commands_run_from_any_folder(tmp_path):
-    """The main commands with their default configs, from a folder that holds no configs/."""
-    run_ok([BIOFM, "prepare-splits", "--mode", "full", "--case-set", str(REAL_VITAL), "--output", "data"], tmp_path)
-    build = [BIOFM, "build-windows", "--split-file", "data/splits_full.json", "--split", "val",
-             "--source", str(REAL_VITAL), "--outdir", "windows"]
-    quiet = subprocess.run(build, cwd=tmp_path, capture_output=True, text=True, timeout=180)
-    assert quiet.returncode == 0 and quiet.stderr == "", quiet.stderr[-2000:]  # Ray's own lines stay out
-    assert "[build-windows val]" in quiet.stdout and list((tmp_path / "windows" / "val").glob("*.parquet"))
+def test_the_main_commands_run_from_any_folder_and_print_only_biofms_lines(tmp_path):
+    """From a folder that holds no configs/: the pipeline (with a Tune search and embeddings), then
+    predict with its model. Quiet: every line on stdout and stderr is one of biofm's (a worker's
+    with Ray's "(name pid=N)" in front), without colour codes. --verbose shows Ray's lines."""
+    tune = ("{mode: grid, max_epochs: 2, grace_period: 1, max_concurrent_trials: 1, cpus_per_trial: 0.5, "
+            "search: {init: {grid: [scratch]}, head_epochs: {grid: [1]}, batch_size: {grid: [16]}}}")  # one trial
+    pipeline = subprocess.run([BIOFM, "pipeline", "--config", "configs/smoke.yaml", "--output-dir", "run",
+                               "--set", f"vital_source={REAL_VITAL}", "--set", f"case_set={REAL_VITAL}",
+                               "--set", f"butppg_raw_dir={REAL_BUTPPG}", "--set", f"tune={tune}",
+                               "--set", "embed={split: val}"], cwd=tmp_path, capture_output=True, text=True, timeout=400)
+    assert pipeline.returncode == 0, pipeline.stderr[-3000:]
+    predict = subprocess.run([BIOFM, "predict", "--model", "run/but_ppg_finetuned/best_model.pt", "--input",
+                              str(REAL_VITAL), "--output", "predictions", "--plots", "1"], cwd=tmp_path,
+                             capture_output=True, text=True, timeout=180)
+    assert predict.returncode == 0, predict.stderr[-3000:]
+    biofms = re.compile(r"^(\(\w+ pid=\d+(, ip=[\d.]+)?\) )?" + output.PROGRESS_LINES)
+    for done in (pipeline, predict):
+        lines = (done.stdout + done.stderr).splitlines()
+        assert lines and [line for line in lines if not biofms.match(line)] == [], done.stdout + done.stderr
+        assert "\x1b[" not in done.stdout + done.stderr
+    printed = pipeline.stdout
+    assert "[pipeline] done: ran splits, windows, pretrain, butppg, finetune, tune, embed" in printed
+    assert "[tune] trial" in printed and "[pipeline] next: biofm predict --model" in printed
+    assert re.search(r"\[pipeline\] PPG quality: test AUROC [\d.]+, balanced accuracy [\d.]+ on \d+ BUT-PPG", printed)
+    assert "[predict] 6/6 recordings (0 skipped)" in predict.stdout
     verbose = subprocess.run([BIOFM, "--verbose", "prepare-butppg", "--raw-dir", str(REAL_BUTPPG), "--outdir",
                               "but_ppg"], cwd=tmp_path, capture_output=True, text=True, timeout=180)
     assert verbose.returncode == 0 and "Started a local Ray instance" in verbose.stderr, verbose.stderr[-2000:]

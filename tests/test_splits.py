@@ -115,4 +115,4 @@ def test_case_list_from_a_physionet_layout(tmp_path):
     for name in ("0002.vital", "0010.vital"):
         (tmp_path / "vital_files" / name).write_bytes(b"")
     (tmp_path / "7.vital").write_bytes(b"")
-    assert read_case_list(str(tmp_path)) == (["0002", "0010", "7"], f"the .vital files in {tmp_path}")
+    assert read_case_list(str(tmp_path)) == (["0002", "0010", "7"], f"folder {tmp_path}")

@@ -181,11 +181,12 @@ def test_interrupted_search_resumes_and_asha_stops_a_worse_schedule(butppg_data,
     assert by_index[0]["status"] == "completed" and by_index[3]["epochs"] == 1
     assert "4 trials: 2 completed, 1 stopped early, 1 failed" in report.stdout, report.stdout
     assert len(list(exp.glob("trials/*/test_metrics.json"))) == 2  # stopped and failed trials have none
-    rows = report.stdout.splitlines()
-    assert rows[1].split()[1] == "completed" and rows[4].split()[1] == "error"
+    rows = [line.split() for line in report.stdout.splitlines()]
+    assert all(r[0] == "[tune-report]" for r in rows[:5]), report.stdout
+    assert rows[1][2] == "completed" and rows[4][2] == "error"
     for png in ("val_auroc_by_epoch.png", "val_auroc_vs_hyperparameters.png"):
         assert (copied / png).stat().st_size > 5_000
-    best_id = rows[1].split()[0]
+    best_id = rows[1][1]
     params = json.loads(next(p for p in copied.glob(f"*{best_id}*/params.json")).read_text())
     best = load_config(FinetuneConfig, copied / "best_config.yaml")  # what `biofm finetune --config` reads
     state = json.loads((copied / "biofm_search.json").read_text())
@@ -204,26 +205,34 @@ def test_report_shows_where_each_trial_stopped(tmp_path):
               "aaaaa_00001": ([0.55], {"lr": 1e-3}, ""),  # ASHA stopped it at its first rung
               "aaaaa_00002": ([], {"lr": 0.0}, "Traceback ...\nConfigError: lr must be positive"),
               "aaaaa_00003": ([0.5, 0.6, 0.65], {"lr": 2e-4}, lost),  # retried after epoch 1, then finished
-              "aaaaa_00004": ([0.52], {"lr": 3e-4}, lost)}  # lost after its last report: not retried
+              "aaaaa_00004": ([0.52], {"lr": 3e-4}, lost),  # lost after its last report: not retried
+              "aaaaa_00005": ([0.6, 0.75, 0.7], {"lr": 5e-4}, "")}  # ties with 00000, at a higher val loss
     for i, (tid, (aurocs, params, error)) in enumerate(trials.items()):
         folder = exp / f"finetune_trial_{tid}_{i}_lr={params['lr']}_2026-11-27_10-00-00"
         folder.mkdir()
         (folder / "params.json").write_text(json.dumps(params))
         dates = ["2026-11-27_10-00-01", "2026-11-27_10-00-09", "2026-11-27_10-00-12"]  # Tune's date format
         (folder / "result.json").write_text("".join(
-            json.dumps({"epoch": e, "val_auroc": a, "trial_id": tid, "date": d}) + "\n"
+            json.dumps({"epoch": e, "val_auroc": a, "val_loss": 1 - a + 0.01 * i, "trial_id": tid, "date": d}) + "\n"
             for (e, a), d in zip(enumerate(aurocs, 1), dates)))
         if error:
             (folder / "error.txt").write_text(error)
-    summary = analyse(exp)
-    assert summary == {"trials": 5, "completed": 2, "stopped_early": 1, "errors": 2, "best_trial": "aaaaa_00000",
+    (exp / "trials" / "aaaaa_00005").mkdir(parents=True)  # a trial that ran to its end wrote its test metrics
+    (exp / "trials" / "aaaaa_00005" / "test_metrics.json").write_text(json.dumps({"test": {"auroc": 0.625}}))
+    summary = analyse(exp, prefix="[x]")
+    assert summary == {"trials": 6, "completed": 3, "stopped_early": 1, "errors": 2, "best_trial": "aaaaa_00000",
                        "best_val_auroc": 0.75, "best_params": {"lr": 1e-4}}
     rows = list(csv.reader((exp / "trials.csv").read_text().splitlines()))
-    assert rows[0][:6] == ["trial", "status", "epochs", "best_val_auroc", "best_epoch", "failures"]
-    assert [r[:3] + [r[5]] for r in rows[1:]] == [
-        ["aaaaa_00000", "completed", "3", "0"], ["aaaaa_00003", "completed", "3", "1"],
-        ["aaaaa_00001", "stopped early", "1", "0"], ["aaaaa_00004", "error", "1", "1"], ["aaaaa_00002", "error", "0", "1"]]
-    assert rows[5][-1] == "ConfigError: lr must be positive" and rows[2][-1] == ""
-    assert rows[4][-1] == "The actor died unexpectedly (its node was lost)"
+    assert rows[0][:8] == ["trial", "status", "epochs", "best_val_auroc", "best_epoch", "best_val_loss", "test_auroc",
+                           "failures"]
+    assert [r[:3] + [r[7]] for r in rows[1:]] == [
+        ["aaaaa_00000", "completed", "3", "0"], ["aaaaa_00005", "completed", "3", "0"],
+        ["aaaaa_00003", "completed", "3", "1"], ["aaaaa_00001", "stopped early", "1", "0"],
+        ["aaaaa_00004", "error", "1", "1"], ["aaaaa_00002", "error", "0", "1"]]
+    assert [float(rows[i][5]) for i in (1, 2)] == pytest.approx([0.25, 0.30])  # the tie, broken by val loss
+    assert rows[2][6] == "0.625" and rows[1][6] == "nan"
+    assert rows[6][-1] == "ConfigError: lr must be positive" and rows[3][-1] == ""
+    assert rows[5][-1] == "The actor died unexpectedly (its node was lost)"
+    assert "(ties: the lower val loss)" in (exp / "best_config.yaml").read_text()
     assert load_config(FinetuneConfig, exp / "best_config.yaml") == FinetuneConfig(lr=1e-4)
     assert (exp / "val_auroc_by_epoch.png").stat().st_size > 5_000

@@ -9,9 +9,18 @@ import sys
 from biofm.errors import BiofmError, ConfigError
 
 
+def _output_folder(location: str, flag: str) -> None:
+    """A folder the command writes into must not be a file: said before any work."""
+    from biofm import storage
+
+    if storage.is_file(location):
+        raise ConfigError(f"{flag} {location} is a file, not a folder: choose a folder")
+
+
 def _prepare_splits(args) -> int:
     from biofm.splits import prepare_splits
 
+    _output_folder(args.output, "--output")
     ratios = tuple(args.ratios)
     out = prepare_splits(args.mode, args.case_set, args.output, seed=args.seed, ratios=ratios)
     print(f"wrote {out}")
@@ -19,6 +28,7 @@ def _prepare_splits(args) -> int:
 
 
 def _build_windows(args) -> int:
+    _output_folder(args.outdir, "--outdir")
     from biofm.config import ChannelsConfig, WindowsConfig, load_config
     from biofm.preprocess import build_windows
     from biofm.sources.vitaldb import open_source
@@ -53,15 +63,17 @@ def _pretrain_config(args):
 
 
 def _pretrain(args) -> int:
+    cfg = _pretrain_config(args)  # a wrong value is said before torch and Ray load
+    _output_folder(args.output_dir, "--output-dir")
     from biofm.train.pretrain import pretrain
 
-    cfg = _pretrain_config(args)
     final = pretrain(cfg, args.data_dir, args.output_dir, resume=args.resume, address=args.address)
     print(f"[pretrain] done: epoch {final['epoch']}, val loss {final['val_loss']:.4f} -> {args.output_dir}")
     return 0
 
 
 def _smoke(args) -> int:
+    _output_folder(args.output_dir, "--output-dir")
     from biofm.train.evaluate import smoke
 
     m = smoke(args.data_dir, args.output_dir, max_windows=args.max_windows)
@@ -75,6 +87,9 @@ def _evaluate_ssl(args) -> int:
     import json
 
     from biofm import storage
+
+    if args.output and storage.is_dir(args.output):
+        raise ConfigError(f"--output {args.output} is a folder: name the JSON file to write")
     from biofm.train.evaluate import evaluate_ssl, format_table
 
     result = evaluate_ssl(args.checkpoint, args.data_dir, args.split)
@@ -88,12 +103,14 @@ def _evaluate_ssl(args) -> int:
 
 def _prepare_butppg(args) -> int:
     from biofm.config import ButppgConfig, ChannelsConfig, WindowsConfig, load_config
-    from biofm.preprocess import build_butppg
-    from biofm.sources.butppg import download, raw_folder
 
     butppg = load_config(ButppgConfig, args.config)
     channels = load_config(ChannelsConfig, args.channels_yaml).select(butppg.channels)
     windows = load_config(WindowsConfig, args.windows_yaml)
+    _output_folder(args.outdir, "--outdir")
+    from biofm.preprocess import build_butppg
+    from biofm.sources.butppg import download, raw_folder
+
     if args.download:
         download(raw_folder(args.raw_dir), args.physionet_url)
     build_butppg(args.raw_dir, args.outdir, channels, windows, butppg, address=args.address)
@@ -115,10 +132,11 @@ def _finetune_config(args):
 
 
 def _finetune(args) -> int:
+    cfg = _finetune_config(args)  # a wrong value is said before torch and Ray load
+    _output_folder(args.output_dir, "--output-dir")
     from biofm.train.finetune import finetune
     from biofm.train.transfer import compare_variants
 
-    cfg = _finetune_config(args)
     if args.baselines:
         compare_variants(cfg, args.pretrained, args.data_dir, args.output_dir, address=args.address)
     else:
@@ -127,9 +145,11 @@ def _finetune(args) -> int:
 
 
 def _finetune_cv(args) -> int:
+    cfg = _finetune_config(args)
+    _output_folder(args.output_dir, "--output-dir")
     from biofm.train.transfer import cross_validate
 
-    cross_validate(_finetune_config(args), args.pretrained, args.data_dir, args.output_dir,
+    cross_validate(cfg, args.pretrained, args.data_dir, args.output_dir,
                    folds=args.folds, variants=args.variants, seed=args.seed, address=args.address)
     return 0
 
@@ -140,6 +160,7 @@ def _tune(args) -> int:
 
     tcfg = with_overrides(TuneSearchConfig, args.config, _flags(num_samples=args.num_samples), "command-line flags")
     base = load_config(FinetuneConfig, args.finetune_config or tcfg.finetune_config)
+    _output_folder(args.output_dir, "--output-dir")
     exp = run_search(tcfg, base, args.pretrained, args.data_dir, args.output_dir, name=args.name,
                      resume=args.resume, address=args.address)
     print(f"[tune] experiment in {exp}; analyse it again with: biofm tune-report {exp}")
@@ -147,6 +168,7 @@ def _tune(args) -> int:
 
 
 def _embed(args) -> int:
+    _output_folder(args.output, "--output")
     from biofm.infer import embed
 
     embed(args.checkpoint, args.data_dir, args.output, batch_size=args.batch_size, concurrency=args.concurrency,
@@ -155,6 +177,7 @@ def _embed(args) -> int:
 
 
 def _predict(args) -> int:
+    _output_folder(args.output, "--output")
     from biofm.infer import predict
 
     predict(args.model, args.input, args.output, batch_size=args.batch_size, plots=args.plots, address=args.address)
@@ -190,25 +213,70 @@ def _pipeline(args) -> int:
 
 
 def _finetune_flags(p) -> None:
-    p.add_argument("--config", default="configs/finetune_butppg.yaml", help=CONFIG_HELP)
+    config = "configs/finetune_butppg.yaml"
+
+    def flag(*names, **kwargs):
+        _from_config(p.add_argument(*names, **kwargs), config, "FinetuneConfig", names[0][2:].replace("-", "_"))
+
+    p.add_argument("--config", default=config, help=CONFIG_HELP)
     p.add_argument("--pretrained", default="artifacts/foundation_model/best_model.pt",
                    help="pretraining checkpoint (best_model.pt)")
     p.add_argument("--data-dir", default="data/but_ppg", help="output of prepare-butppg")
-    p.add_argument("--pretrain-channels", type=int, default=None, help="channels of the pretrained model (checked)")
-    p.add_argument("--finetune-channels", type=int, default=None, help="channels of the fine-tuning data (checked)")
-    p.add_argument("--unfreeze-last-n", type=int, default=None, help="mixer layers trained in stage 2")
-    p.add_argument("--epochs", type=int, default=None, help="all epochs, stage 1 included")
-    p.add_argument("--head-epochs", type=int, default=None, help="stage 1: head-only epochs")
-    p.add_argument("--lr", type=float, default=None, help="learning rate of the unfrozen encoder layers")
-    p.add_argument("--batch-size", type=int, default=None, help="records per batch")
-    p.add_argument("--init", choices=["pretrained", "scratch"], default=None,
-                   help="start from the pretrained encoder, or the same architecture with random weights")
-    p.add_argument("--inflation", choices=["preserve", "mean", "random"], default=None,
-                   help="how the new channels' weights start")
-    p.add_argument("--num-workers", type=int, default=None, help="Ray Train workers (DDP when > 1)")
-    p.add_argument("--use-gpu", action="store_true", default=None, help="train on GPUs (default: when present)")
+    p.add_argument("--pretrain-channels", type=COUNT, default=None,
+                   help="channels of the pretrained model, checked (default: the checkpoint's)")
+    p.add_argument("--finetune-channels", type=COUNT, default=None,
+                   help="channels of the fine-tuning data, checked (default: the config's channels)")
+    flag("--unfreeze-last-n", type=AT_LEAST_0, default=None, help="mixer layers trained in stage 2")
+    flag("--epochs", type=COUNT, default=None, help="all epochs, stage 1 included")
+    flag("--head-epochs", type=AT_LEAST_0, default=None, help="stage 1: head-only epochs")
+    flag("--lr", type=POSITIVE, default=None, help="learning rate of the unfrozen encoder layers")
+    flag("--batch-size", type=COUNT, default=None, help="records per batch")
+    flag("--init", choices=["pretrained", "scratch"], default=None,
+         help="start from the pretrained encoder, or the same architecture with random weights")
+    flag("--inflation", choices=["preserve", "mean", "random"], default=None, help="how the new channels' weights start")
+    flag("--num-workers", type=COUNT, default=None, help="Ray Train workers (DDP when > 1)")
+    flag("--use-gpu", action="store_true", default=None, help="train on GPUs (null: when present)")
     p.add_argument("--no-amp", action="store_true", help="no mixed precision on GPU")
     p.add_argument("--address", default=None, help=ADDRESS_HELP)
+
+
+def _number(kind: type, low: float, above: bool = False):
+    """An argparse type: ``kind`` (int or float) at least ``low`` (more than it, with ``above``)."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, got {text!r}") from None
+        if value < low or (above and value == low):
+            raise argparse.ArgumentTypeError(f"must be {'>' if above else '>='} {low:g}, got {text}")
+        return value
+
+    parse.__name__ = kind.__name__
+    return parse
+
+
+COUNT, AT_LEAST_0, POSITIVE = _number(int, 1), _number(int, 0), _number(float, 0, above=True)
+
+
+def _from_config(action: argparse.Action, path: str, config_class: str, field: str) -> None:
+    """Mark a flag whose default is ``field`` of the YAML ``path`` (``biofm.config.<config_class>``):
+    its help shows that value, read when help is shown."""
+    action.from_config = (path, config_class, field)
+
+
+def _config_default(path: str, config_class: str, field: str) -> str:
+    from biofm import config
+
+    value = getattr(config.load_config(getattr(config, config_class), path), field)
+    shown = " ".join(map(str, value)) if isinstance(value, (list, tuple)) else "null" if value is None else str(value)
+    return shown.replace("%", "%%")
+
+
+class _Parser(argparse.ArgumentParser):
+    """An error in the flags is one line (and the way to the help), not the usage block."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 CONFIG_HELP = "YAML config (configs/<name> is read from here if present, else from the package); flags override it"
@@ -220,6 +288,9 @@ class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
 
     def _get_help_string(self, action):
         help = action.help or ""
+        if hasattr(action, "from_config"):
+            path = action.from_config[0]
+            return f"{help} (default: {_config_default(*action.from_config)}, from {path})"
         if action.default in (None, False, argparse.SUPPRESS) or not action.option_strings or "default" in help:
             return help
         return f"{help} (default: %(default)s)"
@@ -228,7 +299,7 @@ class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
 def build_parser() -> argparse.ArgumentParser:
     from biofm import __version__
 
-    parser = argparse.ArgumentParser(prog="biofm", formatter_class=_HelpFormatter, description=(
+    parser = _Parser(prog="biofm", formatter_class=_HelpFormatter, description=(
         "biofm: VitalDB preprocessing (Ray Data), TTM pretraining (Ray Train), BUT-PPG fine-tuning and "
         "schedule search (Ray Tune). Run `biofm COMMAND --help` for a command's flags."))
     parser.add_argument("--version", action="version", version=f"biofm {__version__}")
@@ -269,18 +340,23 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Masked signal modeling on <data-dir>/train, validated on <data-dir>/val. "
                                    "Flags override the YAML config.")
     p.add_argument("--config", default="configs/ssl_pretrain.yaml", help=CONFIG_HELP)
+
+    def flag(*names, **kwargs):
+        _from_config(p.add_argument(*names, **kwargs), "configs/ssl_pretrain.yaml", "PretrainConfig",
+                     names[0][2:].replace("-", "_"))
+
     p.add_argument("--data-dir", default="data/vitaldb_windows", help="windows from build-windows (train/ and val/)")
-    p.add_argument("--channels", nargs="+", default=None, help="channels to train on, in order")
-    p.add_argument("--init", default=None, metavar="random|ID_OR_FOLDER[@REVISION]",
+    flag("--channels", nargs="+", default=None, help="channels to train on, in order")
+    flag("--init", default=None, metavar="random|ID_OR_FOLDER[@REVISION]",
                    help="random weights, or IBM's published TTM (a Hugging Face id such as "
                         "ibm-granite/granite-timeseries-ttm-r2@1536-96-r2, or its folder): its architecture and weights")
     p.add_argument("--output-dir", default="artifacts/foundation_model", help="artifacts and checkpoints")
-    p.add_argument("--mask-ratio", type=float, default=None, help="share of (channel, 1 s patch) cells masked")
-    p.add_argument("--epochs", type=int, default=None, help="training epochs")
-    p.add_argument("--batch-size", type=int, default=None, help="windows per batch and worker")
-    p.add_argument("--lr", type=float, default=None, help="peak learning rate (AdamW)")
-    p.add_argument("--num-workers", type=int, default=None, help="Ray Train workers (DDP when > 1)")
-    p.add_argument("--use-gpu", action="store_true", default=None, help="train on GPUs (default: when present)")
+    flag("--mask-ratio", type=POSITIVE, default=None, help="share of (channel, 1 s patch) cells masked")
+    flag("--epochs", type=COUNT, default=None, help="training epochs")
+    flag("--batch-size", type=COUNT, default=None, help="windows per batch and worker")
+    flag("--lr", type=POSITIVE, default=None, help="peak learning rate (AdamW)")
+    flag("--num-workers", type=COUNT, default=None, help="Ray Train workers (DDP when > 1)")
+    flag("--use-gpu", action="store_true", default=None, help="train on GPUs (null: when present)")
     p.add_argument("--no-amp", action="store_true", help="no mixed precision on GPU")
     p.add_argument("--resume", action="store_true", help="continue the run in --output-dir from its last checkpoint")
     p.add_argument("--address", default=None, help=ADDRESS_HELP)
@@ -289,7 +365,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("smoke", help="one CPU epoch on 64 real windows; checks shapes, finiteness, loss decrease",
                        description="Fast end-to-end check of the model on real windows; exits 1 if a check fails.")
     p.add_argument("--data-dir", default="data/vitaldb_windows", help="windows from build-windows (uses train/)")
-    p.add_argument("--max-windows", type=int, default=64, help="windows trained on")
+    p.add_argument("--max-windows", type=COUNT, default=64, help="windows trained on")
     p.add_argument("--output-dir", default="artifacts/smoke", help="best_model.pt and smoke_metrics.json")
     p.set_defaults(func=_smoke)
 
@@ -330,7 +406,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "fine-tunes each variant per fold; writes cv_report.json.")
     _finetune_flags(p)
     p.add_argument("--output-dir", default="artifacts/but_ppg_cv", help="per-fold runs and cv_report.json")
-    p.add_argument("--folds", type=int, default=5, help="subject-wise folds")
+    p.add_argument("--folds", type=_number(int, 2), default=5, help="subject-wise folds")
     p.add_argument("--variants", nargs="+", choices=["finetuned", "scratch", "linear_probe"],
                    default=["finetuned", "scratch", "linear_probe"], help="what to train per fold")
     p.add_argument("--seed", type=int, default=0, help="seed of the folds")
@@ -345,7 +421,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", default="data/but_ppg", help="output of prepare-butppg")
     p.add_argument("--output-dir", default="artifacts/tune", help="experiments go here")
     p.add_argument("--name", default="finetune_schedules", help="experiment name (a folder in --output-dir)")
-    p.add_argument("--num-samples", type=int, default=None, help="configurations drawn (mode random)")
+    _from_config(p.add_argument("--num-samples", type=COUNT, default=None, help="configurations drawn (mode random)"),
+                 "configs/tune_finetune.yaml", "TuneSearchConfig", "num_samples")
     p.add_argument("--resume", action="store_true", help="finish an interrupted experiment, retrying failed trials")
     p.add_argument("--address", default=None, help=ADDRESS_HELP)
     p.set_defaults(func=_tune)
@@ -370,10 +447,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", required=True, help="best_model.pt of pretrain or finetune")
     p.add_argument("--data-dir", required=True, help="a split folder of build-windows or prepare-butppg (or a URI)")
     p.add_argument("--output", required=True, help="embeddings/ and manifest.json go here")
-    p.add_argument("--batch-size", type=int, default=256, help="windows per model call")
-    p.add_argument("--concurrency", type=int, default=None,
+    p.add_argument("--batch-size", type=COUNT, default=256, help="windows per model call")
+    p.add_argument("--concurrency", type=COUNT, default=None,
                    help="actors holding the model (default: the free CPUs less one; with --num-gpus, one per GPU share)")
-    p.add_argument("--num-gpus", type=float, default=0.0, help="GPUs per actor (0: CPU)")
+    p.add_argument("--num-gpus", type=_number(float, 0), default=0.0, help="GPUs per actor (0: CPU)")
     p.add_argument("--tokens", action="store_true", help="also write the per-patch latents [P, D]")
     p.add_argument("--address", default=None, help=ADDRESS_HELP)
     p.set_defaults(func=_embed)
@@ -388,8 +465,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--input", required=True,
                    help="a folder of .vital files, of PhysioNet/WFDB records, or a BUT-PPG folder (with RECORDS)")
     p.add_argument("--output", required=True, help="where the predictions go (a folder or URI)")
-    p.add_argument("--batch-size", type=int, default=256, help="windows per model call")
-    p.add_argument("--plots", type=int, default=5, help="timeline PNGs for the first N recordings")
+    p.add_argument("--batch-size", type=COUNT, default=256, help="windows per model call")
+    p.add_argument("--plots", type=AT_LEAST_0, default=5, help="timeline PNGs for the first N recordings")
     p.add_argument("--address", default=None, help=ADDRESS_HELP)
     p.set_defaults(func=_predict)
 
@@ -400,11 +477,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, own_process: bool = False) -> int:
+    """``own_process``: called as the ``biofm`` script or a job's entry point (see
+    :func:`biofm.output.configure`)."""
     from biofm import output
 
     args = build_parser().parse_args(argv)
-    output.configure(args.verbose)
+    output.configure(args.verbose, own_process)
     try:
         return args.func(args)
     except BiofmError as e:
@@ -414,8 +493,13 @@ def main(argv: list[str] | None = None) -> int:
 
 def run_job(command: str) -> None:
     """Entry point of ``jobs/<command>.py``: the same flags as ``biofm <command>``."""
-    sys.exit(main([command, *sys.argv[1:]]))
+    sys.exit(main([command, *sys.argv[1:]], own_process=True))
+
+
+def script() -> None:
+    """Entry point of the ``biofm`` script."""
+    sys.exit(main(own_process=True))
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    script()

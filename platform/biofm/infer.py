@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from biofm import storage
-from biofm.errors import BiofmError, ConfigError
+from biofm.errors import BiofmError, ConfigError, NothingProduced
 from biofm.train import checkpoint
 
 
@@ -158,6 +158,9 @@ def embed(checkpoint_path: str, data_dir: str, output: str, batch_size: int = 25
         raise ConfigError(f"{data_dir} has channels {stored}; the model {checkpoint_path} needs {needed}: "
                           f"missing {missing}")
     check_data_spec(description["data_spec"], split.spec, where=f"{data_dir} vs the model {checkpoint_path}")
+    left_out = [c for c in stored if c not in needed]
+    if left_out:
+        print(f"[embed] the model reads {', '.join(needed)}: the split's {', '.join(left_out)} left out", flush=True)
     schema = storage.read_metadata(split.files[0]).schema.to_arrow_schema()
     id_column = "case_id" if "case_id" in schema.names else "record_id"
     columns = [c for c in (id_column, "window_idx", "start_s", "signal", "present") if c in schema.names]
@@ -179,7 +182,7 @@ def embed(checkpoint_path: str, data_dir: str, output: str, batch_size: int = 25
     manifest = {
         "checkpoint": storage.normalize(checkpoint_path),
         "checkpoint_sha256": hashlib.sha256(storage.read_bytes(checkpoint_path)).hexdigest(),
-        "checkpoint_kind": description["kind"], "channels": needed, "data_spec": description["data_spec"],
+        "checkpoint_kind": description["kind"], "channels": needed, "channels_left_out": left_out, "data_spec": description["data_spec"],
         "data_dir": data_dir, "id_column": id_column, "windows_in": split.windows, "embeddings": written,
         "embedding_dim": description["ttm_config"]["d_model"], "tokens": tokens, "pooling":
         "mean over patches, then over present channels (the classifier's)", "actors": actors,
@@ -387,6 +390,11 @@ def predict(model_path: str, input_dir: str, output: str, batch_size: int = 256,
     storage.write_text(storage.join(output, "manifest.json"), json.dumps(manifest, indent=1))
     print(f"[predict] {manifest['recordings_ok']}/{len(ids)} recordings ({len(skipped)} skipped), {len(kept)} windows "
           f"-> {output}", flush=True)
+    if not kept:
+        reasons = Counter(reason.split(":")[0] for reason in skipped.values())
+        raise NothingProduced(f"no window to rate: {len(skipped)} of {len(ids)} recordings skipped "
+                              f"({', '.join(f'{code} {n}' for code, n in reasons.most_common()) or 'none kept a window'}); "
+                              f"each with its reason in {storage.join(output, 'manifest.json')}")
     return manifest
 
 
@@ -405,8 +413,9 @@ def _raw_ppg(source: str, folder: str, rid: str, channels: dict, ppg_signal: int
 
 
 def _timeline(rid: str, ppg: tuple[np.ndarray, float], rows: list[dict], threshold: float, path: str) -> None:
-    """The recording's PPG with each 10 s window shaded by its probability of good quality (green
-    good, red poor), and the probabilities below: readable without code."""
+    """The recording's PPG with each 10 s window shaded by its label at the model's threshold
+    (green good, red poor), and each window's probability of good quality below: readable
+    without code."""
     from biofm.train.plots import plt, save_png
 
     x, fs = ppg
@@ -415,12 +424,12 @@ def _timeline(rid: str, ppg: tuple[np.ndarray, float], rows: list[dict], thresho
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(11, 4.5), sharex=True, height_ratios=[2, 1])
     for r in rows:
         for ax in (top, bottom):
-            ax.axvspan(r["start_s"], r["start_s"] + 10.0, color=plt.cm.RdYlGn(r["probability"]), alpha=0.35, lw=0)
+            ax.axvspan(r["start_s"], r["start_s"] + 10.0, color="tab:green" if r["label"] else "tab:red", alpha=0.3, lw=0)
         bottom.plot([r["start_s"], r["start_s"] + 10.0], [r["probability"]] * 2, color="black", lw=1.5)
     top.plot(t, x[::step], color="black", lw=0.5)
-    top.set(ylabel="PPG (as recorded)", title=f"{rid}: PPG quality per 10 s window\n(green: good, red: poor; "
-                                              "unshaded: rejected by the quality checks)")
-    bottom.axhline(threshold, color="grey", ls="--", lw=0.8, label=f"threshold {threshold:.2f}")
+    top.set(ylabel="PPG (as recorded)", title=f"{rid}: PPG quality per 10 s window\n(green: good, red: poor, at the "
+                                              "threshold; unshaded: rejected by the quality checks)")
+    bottom.axhline(threshold, color="grey", ls="--", lw=0.8, label=f"threshold {threshold:.4f}")
     bottom.set(xlabel="seconds from the recording's start", ylabel="P(good)", ylim=(0, 1))
     bottom.legend(loc="lower right", fontsize=8)
     fig.tight_layout()

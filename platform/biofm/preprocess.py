@@ -321,6 +321,10 @@ def scan_split(split_dir: str | Path) -> tuple[dict, dict[str, int]]:
 
     files = list(storage.list_files(split_dir, ".parquet"))
     if not files:
+        splits = [storage.name(d) for d in storage.list_dirs(split_dir) if storage.list_files(d, ".parquet")]
+        if splits:
+            raise ConfigError(f"{split_dir} holds the splits {', '.join(splits)}, not one split: choose one, e.g. "
+                              f"{storage.join(split_dir, splits[-1])}")
         raise NothingProduced(f"no windows in {split_dir}: build them first with `biofm build-windows`")
 
     def footer(f):

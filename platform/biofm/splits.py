@@ -55,7 +55,7 @@ def read_case_list(spec: str) -> tuple[list[str], str]:
     path = Path(spec)
     if path.is_dir():
         ids = sorted({p.stem for p in path.glob("*.vital")} | {p.stem for p in path.glob("vital_files/*.vital")})
-        return ids, f"the .vital files in {path}"
+        return ids, f"folder {path}"
     if path.is_file():
         ids = [line.split("#")[0].strip() for line in path.read_text().splitlines()]
         return [i for i in ids if i], f"case list file {path}"
@@ -73,7 +73,8 @@ def prepare_splits(mode: str, case_set: str, output: str | Path, seed: int = 0,
         raise ConfigError(f"--mode must be fasttrack or full, got {mode!r}")
     ids, described = read_case_list(case_set)
     if not ids:
-        raise ConfigError(f"{described} holds no case ids")
+        what = ".vital files (looked for *.vital and vital_files/*.vital)" if Path(case_set).is_dir() else "case ids"
+        raise ConfigError(f"{described} holds no {what}")
     rng = np.random.default_rng(seed)
     if mode == "fasttrack" and len(ids) > FASTTRACK_CASES:
         ids = sorted(rng.choice(sorted(ids), FASTTRACK_CASES, replace=False).tolist(), key=_natural)

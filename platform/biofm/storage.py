@@ -33,9 +33,10 @@ def is_uri(location: str | Path) -> bool:
 
 
 def normalize(location: str | Path) -> str:
-    """A URI without a trailing ``/``, or an absolute local path (``file://`` dropped)."""
+    """A URI without a trailing ``/``, or an absolute local path (``file://`` dropped; symbolic links
+    kept as typed, so messages show the path the user gave)."""
     s = str(location)
-    return s.rstrip("/") if is_uri(s) else str(Path(s.removeprefix("file://")).resolve())
+    return s.rstrip("/") if is_uri(s) else os.path.abspath(s.removeprefix("file://"))
 
 
 def join(location: str | Path, *names: str) -> str:

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import yaml
 
-from biofm import storage
+from biofm import output, storage
 from biofm.config import FinetuneConfig, TuneSearchConfig, from_dict, to_jsonable
 from biofm.errors import BiofmError
 
@@ -133,11 +133,11 @@ def run_search(tcfg: TuneSearchConfig, base: FinetuneConfig, pretrained: str | P
                 search_alg=BasicVariantGenerator(random_state=tcfg.seed, max_concurrent=tcfg.max_concurrent_trials)),
             run_config=tune.RunConfig(name=name, storage_path=storage.normalize(output_dir),
                                       failure_config=tune.FailureConfig(max_failures=tcfg.trial_max_failures),
-                                      sync_config=tune.SyncConfig(sync_period=5)),
+                                      sync_config=tune.SyncConfig(sync_period=5), verbose=output.tune_verbosity()),
         )
     results = tuner.fit()
     failed = [f"{r.metrics.get('trial_id', '?')}: {str(r.error).splitlines()[-1]}" for r in results if r.error]
-    analyse(exp_dir)
+    analyse(exp_dir, prefix="[tune]")
     if failed:  # the search is not done: a rerun with --resume (the pipeline's, too) retries these
         raise BiofmError(f"{len(failed)} of {len(results)} trials failed ({'; '.join(failed)}); the report above "
                          f"has the others. Fix the cause and rerun with --resume to retry the failed trials")
@@ -172,15 +172,26 @@ def load_trials(exp_dir: str) -> tuple[dict, list[dict]]:
         recovered = bool(error and failed_at and results and results[-1].get("date", "") > max(failed_at))
         epochs = max((r["epoch"] for r in results), default=0)
         status = "error" if error and not recovered else "completed" if epochs >= max_epochs else "stopped early"
-        best = max(results, key=lambda r: r["val_auroc"], default=None)
+        best = max(results, key=lambda r: (r["val_auroc"], -r.get("val_loss", 0.0)), default=None)
         trials.append({
             "trial": results[0]["trial_id"] if results else _trial_id(storage.name(folder)), "folder": storage.name(folder),
             "params": json.loads(read("params.json")),
             "status": status, "epochs": epochs, "best_val_auroc": best["val_auroc"] if best else float("nan"),
-            "best_epoch": best["epoch"] if best else 0, "history": [(r["epoch"], r["val_auroc"]) for r in results],
+            "best_epoch": best["epoch"] if best else 0,
+            "best_val_loss": best.get("val_loss", float("nan")) if best else float("nan"),
+            "test_auroc": _test_auroc(storage.join(exp_dir, "trials", results[0]["trial_id"])) if results else float("nan"),
+            "history": [(r["epoch"], r["val_auroc"]) for r in results],
             "failures": max((int(n) for n, _ in failures), default=int(bool(error))), "error": error.splitlines()[-1] if error and not recovered else ""})
-    trials.sort(key=lambda t: (t["status"] == "error", -t["best_val_auroc"] if t["epochs"] else 1.0))
+    # ties on val AUROC (frequent on small val splits) go to the lower val loss at that epoch
+    trials.sort(key=lambda t: (t["status"] == "error", -t["best_val_auroc"] if t["epochs"] else 1.0,
+                               t["best_val_loss"] if t["epochs"] else 0.0, t["trial"]))
     return state, trials
+
+
+def _test_auroc(trial_run: str) -> float:
+    """The test AUROC of a trial's fine-tuning run (written by trials that ran to their end)."""
+    path = storage.join(trial_run, "test_metrics.json")
+    return json.loads(storage.read_text(path))["test"]["auroc"] if storage.is_file(path) else float("nan")
 
 
 def _trial_id(folder_name: str) -> str:
@@ -189,19 +200,22 @@ def _trial_id(folder_name: str) -> str:
     return found.group(1) if found else folder_name
 
 
-def analyse(exp_dir: str | Path) -> dict:
+def analyse(exp_dir: str | Path, prefix: str = "[tune-report]") -> dict:
     """Table, ``best_config.yaml``, ``trials.csv`` and PNGs for ``exp_dir``; returns a summary."""
     exp_dir = storage.normalize(exp_dir)
     state, trials = load_trials(exp_dir)
     if not trials:
         raise BiofmError(f"{exp_dir} holds no trials yet")
     keys = sorted({k for t in trials for k in t["params"]})
-    print(format_table(trials, keys))
+    for line in format_table(trials, keys).splitlines():
+        print(f"{prefix} {line}")
     table = io.StringIO(newline="")
     w = csv.writer(table)
-    w.writerow(["trial", "status", "epochs", "best_val_auroc", "best_epoch", "failures", *keys, "error"])
+    w.writerow(["trial", "status", "epochs", "best_val_auroc", "best_epoch", "best_val_loss", "test_auroc", "failures",
+                *keys, "error"])
     for t in trials:
-        w.writerow([t["trial"], t["status"], t["epochs"], t["best_val_auroc"], t["best_epoch"], t["failures"],
+        w.writerow([t["trial"], t["status"], t["epochs"], t["best_val_auroc"], t["best_epoch"], t["best_val_loss"],
+                    t["test_auroc"], t["failures"],
                     *[t["params"].get(k) for k in keys], t["error"]])
     storage.write_text(storage.join(exp_dir, "trials.csv"), table.getvalue())
     ok = [t for t in trials if t["status"] != "error" and t["epochs"] > 0]
@@ -212,7 +226,7 @@ def analyse(exp_dir: str | Path) -> dict:
         best = ok[0]
         config = to_jsonable(trial_config(state["base"], best["params"]))
         header = (f"# Best schedule of {storage.name(exp_dir)}: trial {best['trial']}, val AUROC {best['best_val_auroc']:.4f} "
-                  f"at epoch {best['best_epoch']}.\n# Use it with: biofm finetune --config <this file>\n")
+                  f"at epoch {best['best_epoch']} (ties: the lower val loss).\n# Use it with: biofm finetune --config <this file>\n")
         storage.write_text(storage.join(exp_dir, "best_config.yaml"), header + yaml.safe_dump(config, sort_keys=False))
         summary.update(best_trial=best["trial"], best_val_auroc=best["best_val_auroc"], best_params=best["params"])
         _plots(exp_dir, ok, keys)
@@ -223,9 +237,11 @@ def format_table(trials: list[dict], keys: list[str]) -> str:
     def show(v):
         return f"{v:.3g}" if isinstance(v, float) else str(v)
 
-    rows = [["trial", "status", "epochs", "best val AUROC", *keys]]
-    rows += [[t["trial"], t["status"], str(t["epochs"]),
-              f"{t['best_val_auroc']:.4f}" if t["epochs"] else "-", *[show(t["params"].get(k)) for k in keys]]
+    rows = [["trial", "status", "epochs", "best val AUROC", "val loss there", "test AUROC", *keys]]
+    rows += [[t["trial"], t["status"], str(t["epochs"]), f"{t['best_val_auroc']:.4f}" if t["epochs"] else "-",
+              f"{t['best_val_loss']:.4f}" if t["epochs"] else "-",
+              "-" if t["test_auroc"] != t["test_auroc"] else f"{t['test_auroc']:.4f}",  # nan: no test run
+              *[show(t["params"].get(k)) for k in keys]]
              for t in trials]
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
@@ -256,6 +272,7 @@ def _plots(exp_dir: str, trials: list[dict], keys: list[str]) -> None:
             ax.scatter(values, y)
             if key in ("lr", "head_lr", "weight_decay") and min(values) > 0:
                 ax.set_xscale("log")
+                ax.tick_params(axis="x", which="both", labelrotation=45, labelsize=7)  # 1e-5 .. 1e-3 labels overlap flat
         else:
             labels = sorted({str(v) for v in values})
             ax.scatter([labels.index(str(v)) for v in values], y)

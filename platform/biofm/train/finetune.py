@@ -75,7 +75,7 @@ def build_classifier(cfg: FinetuneConfig, pretrained: str | Path | None, data_sp
     if desc.get("kind") != "masked_signal_model":
         raise BiofmError(f"{pretrained} is not a pretraining checkpoint (kind {desc.get('kind')!r})")
     old = list(desc["channels"])
-    if len(old) != cfg.pretrain_channels:
+    if cfg.pretrain_channels is not None and len(old) != cfg.pretrain_channels:
         raise ConfigError(f"{pretrained} has {len(old)} channels {old}, --pretrain-channels says {cfg.pretrain_channels}")
     check_data_spec(desc["data_spec"], data_spec, where=f"fine-tuning data vs {pretrained}")
     from tsfm_public.models.tinytimemixer import TinyTimeMixerConfig

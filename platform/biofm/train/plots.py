@@ -62,8 +62,10 @@ def plot_reconstructions(model, split_dir: str, description: dict, path: str, n:
             ax.plot(t, x[i, c], lw=0.8, label="original")
             ax.plot(t, recon[i, c].numpy(), lw=0.8, label="reconstruction")
             ax.set_title(f"{name} - case {case_ids[i]} window {window_idx[i]} (shaded: masked)", fontsize=9)
+            ax.set_ylabel(f"{name} (z-score)", fontsize=8)  # each window is z-scored per channel
     axes[0, 0].legend(loc="upper right", fontsize=8)
-    axes[-1, 0].set_xlabel("seconds")
+    for ax in axes[-1]:
+        ax.set_xlabel("seconds from the window's start")
     fig.tight_layout()
     save_png(fig, path, dpi=90)
 
