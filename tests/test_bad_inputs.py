@@ -10,9 +10,12 @@ import sys
 import pytest
 
 from biofm.cli import main
-from conftest import REAL_BUTPPG, REAL_VITAL, requires_realdata, write_pretrained
+from conftest import REAL_BUTPPG, REAL_VITAL, REALDATA, requires_realdata, write_pretrained
 
-# (argv, what the error says); {file}: an existing file, {dir}: an empty folder
+REAL_MIMIC = REALDATA / "mimic3_wdb" / "p000878"
+
+# (argv, what the error says); {file}: an existing file, {dir}: an empty folder, {splits}: a
+# splits file with one train case, {no_cases}: one with none, {bad_yaml}: windows.yaml with a typo
 FLAG_CASES = [
     (["pretrain", "--epochs", "-3"], "biofm pretrain: error: argument --epochs: must be >= 1, got -3"),
     (["pretrain", "--lr", "0"], "argument --lr: must be > 0, got 0"),
@@ -45,6 +48,13 @@ FLAG_CASES = [
     (["pipeline", "--set", "max_epochs=3"], "unknown key 'max_epochs'"),
     (["pipeline", "--force", "training"], "--force: unknown stage(s) ['training']"),
     (["pretrain", "--no-such-flag"], "biofm: error: unrecognized arguments: --no-such-flag"),
+    (["build-windows", "--windows-yaml", "{bad_yaml}", "--split-file", "{splits}", "--outdir", "o"],
+     "biofm build-windows: error: {bad_yaml}: unknown key 'strid_s' (allowed: "),
+    (["build-windows", "--split-file", "{splits}", "--channels", "PPG", "ACC_X", "--outdir", "o"],
+     "channel(s) ['ACC_X'] have no recording track names in channels.yaml"),
+    (["build-windows", "--split-file", "{splits}", "--split", "holdout", "--outdir", "o"], "has no split 'holdout'"),
+    (["build-windows", "--split-file", "{no_cases}", "--outdir", "o"], "the case list is empty"),
+    (["build-windows", "--split-file", "{dir}/none.json", "--outdir", "o"], "none.json"),
 ]
 
 
@@ -52,7 +62,11 @@ def _filled(argv: list[str], message: str, tmp_path) -> tuple[list[str], str]:
     file, folder = tmp_path / "a_file", tmp_path / "empty"
     file.write_text("x")
     folder.mkdir(exist_ok=True)
-    fill = {"{file}": str(file), "{dir}": str(folder)}
+    (tmp_path / "splits.json").write_text(json.dumps({"train": ["1"], "val": [], "test": []}))
+    (tmp_path / "no_cases.json").write_text(json.dumps({"train": [], "val": [], "test": []}))
+    (tmp_path / "windows.yaml").write_text("window_s: 10\nstrid_s: 5\n")
+    fill = {"{file}": str(file), "{dir}": str(folder), "{splits}": str(tmp_path / "splits.json"),
+            "{no_cases}": str(tmp_path / "no_cases.json"), "{bad_yaml}": str(tmp_path / "windows.yaml")}
     for k, v in fill.items():
         argv, message = [a.replace(k, v) for a in argv], message.replace(k, v)
     return argv, message
@@ -90,18 +104,27 @@ def test_each_data_error_is_one_line_and_a_non_zero_exit(butppg_data, tmp_path, 
     fm = write_pretrained(tmp_path / "fm.pt")
     model, desc = build_classifier(FinetuneConfig(), fm, read_data_spec(butppg_data / "train"))
     clf = checkpoint.save(tmp_path / "clf.pt", model.state_dict(), {**desc, "threshold": 0.5})
+    older = checkpoint.save(tmp_path / "older.pt", {k: v for k, v in model.state_dict().items()
+                                                    if not k.startswith("norm.")}, {**desc, "threshold": 0.5})
     text_only = tmp_path / "texts"
     text_only.mkdir()
     (text_only / "1.vital").write_text("not a recording")
     (text_only / "2.vital").write_text("nor this")
+    typed = tmp_path / "linked"  # errors name the path as typed, not where its link points
+    typed.symlink_to(butppg_data)
     cases = [
-        (["embed", "--checkpoint", fm, "--data-dir", str(butppg_data), "--output", str(tmp_path / "e")],
-         f"{butppg_data} holds the splits test, train, val, not one split: choose one, e.g. {butppg_data}/val"),
+        (["embed", "--checkpoint", fm, "--data-dir", str(typed), "--output", str(tmp_path / "e")],
+         f"{typed} holds the splits test, train, val, not one split: choose one, e.g. {typed}/val"),
         (["predict", "--model", clf, "--input", str(text_only), "--output", str(tmp_path / "p")],
          f"no window to rate: 2 of 2 recordings skipped (corrupt_file 2); each with its reason in "
          f"{tmp_path / 'p' / 'manifest.json'}"),
         (["predict", "--model", clf, "--input", str(tmp_path / "absent"), "--output", str(tmp_path / "q")], "absent"),
+        (["predict", "--model", older, "--input", str(REAL_VITAL), "--output", str(tmp_path / "r")],
+         f"{older} was fine-tuned by an older biofm, whose classifier had no feature norm: fine-tune it again"),
     ]
+    if REAL_MIMIC.is_dir():  # a MIMIC-III record whose segments are not there (but for 2 of 36)
+        cases.append((["predict", "--model", clf, "--input", str(REAL_MIMIC), "--output", str(tmp_path / "m")],
+                      "no window to rate: 4 of 4 recordings skipped"))
     for argv, message in cases:
         assert main(argv) == 2, argv
         err = capsys.readouterr().err.strip().splitlines()

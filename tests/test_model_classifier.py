@@ -120,6 +120,31 @@ def test_stage_one_runs_the_frozen_encoder_in_eval_mode():
     assert not model.eval().training and not model.encoder.training
 
 
+def test_the_head_sees_standardised_features_and_trains_on_a_batch_of_one():
+    """Training: each pooled feature is standardised over the batch (mean 0, variance 1) and the
+    running statistics move towards the batch's; a batch of one record (the last of an epoch)
+    uses the running statistics. Evaluation uses them too."""
+    model = Classifier(Encoder(ttm_config(5, num_layers=2)), dropout=0.0)
+    model.set_stage(1, unfreeze_last_n=2)
+    model.train()
+    x = torch.randn(16, 5, 1250) * 3 + 1
+    seen = {}
+    model.head.register_forward_hook(lambda m, args, out: seen.update(z=args[0].detach()))
+    model(x)
+    z = seen["z"]
+    torch.testing.assert_close(z.mean(dim=0), torch.zeros(z.shape[1]), atol=1e-5, rtol=0)
+    torch.testing.assert_close(z.var(dim=0, unbiased=False), torch.ones(z.shape[1]), atol=1e-2, rtol=0)  # v / (v + eps)
+    features = model.features(x)
+    torch.testing.assert_close(model.norm.running_mean, 0.1 * features.mean(dim=0))  # momentum 0.1 from 0
+    assert model(x[:1]).shape == (1, 2)  # no "expected more than 1 value per channel"
+    one = seen["z"]
+    torch.testing.assert_close(one, (features[:1] - model.norm.running_mean)
+                               / torch.sqrt(model.norm.running_var + model.norm.eps))
+    model.eval()
+    model(x[:1])
+    torch.testing.assert_close(seen["z"], one)
+
+
 def test_absent_channels_are_left_out_of_the_pooled_features(pretrained):
     model = Classifier(inflate_encoder(pretrained.state_dict(), pretrained.config, ["PPG", "ECG"], NEW)).eval()
     x = torch.randn(2, 5, 1250)

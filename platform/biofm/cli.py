@@ -23,7 +23,7 @@ def _prepare_splits(args) -> int:
     _output_folder(args.output, "--output")
     ratios = tuple(args.ratios)
     out = prepare_splits(args.mode, args.case_set, args.output, seed=args.seed, ratios=ratios)
-    print(f"wrote {out}")
+    print(f"[prepare-splits] wrote {out}")
     return 0
 
 

@@ -346,7 +346,9 @@ def predict(model_path: str, input_dir: str, output: str, batch_size: int = 256,
     if kind != "ppg_quality_classifier":
         raise BiofmError(f"{model_path} is not a fine-tuned classifier (kind {kind!r}): predict needs the "
                          "best_model.pt of biofm finetune; embeddings of a pretrained model come from biofm embed")
-    description = checkpoint.load(model_path)["description"]
+    from biofm.train.finetune import load_classifier
+
+    description = load_classifier(model_path)[1]  # a checkpoint it cannot load is refused before Ray starts
     channels, windows = model_preprocessing(description)
     source, ids = recordings_in(input_dir)
     ensure_ray(address)

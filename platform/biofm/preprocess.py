@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
+import os
 import resource
 import subprocess
 import time
@@ -174,13 +175,30 @@ def run_cases(case_ids: list[str], progress: Progress, **kwargs) -> None:
 
 def ensure_ray(address: str | None = None) -> None:
     """Connect to Ray: ``address`` or ``RAY_ADDRESS`` targets a cluster, else a local instance starts
-    (quiet unless ``--verbose``: :mod:`biofm.output`)."""
+    (quiet unless ``--verbose``: :mod:`biofm.output`). A local instance's processes are told its
+    address (``RAY_ADDRESS``): Ray's own state queries in them (Train's placement-group cleaner)
+    otherwise fail with "Found multiple active Ray instances" when another runs on the machine."""
+    import socket
+
     import ray
 
     from biofm import output
 
-    if not ray.is_initialized():
+    if ray.is_initialized():
+        pass
+    elif address or os.environ.get("RAY_ADDRESS"):
         ray.init(address=address, log_to_driver=True, **output.ray_init_options())
+    else:
+        with socket.socket() as s:  # a free port for the new instance's GCS, so its address is known first
+            s.bind(("", 0))
+            port = s.getsockname()[1]
+        os.environ["RAY_GCS_SERVER_PORT"] = str(port)  # read by the node this process starts
+        gcs = f"{ray.util.get_node_ip_address()}:{port}"
+        try:
+            ray.init(address="local", log_to_driver=True, runtime_env={"env_vars": {"RAY_ADDRESS": gcs}},
+                     **output.ray_init_options())
+        finally:
+            del os.environ["RAY_GCS_SERVER_PORT"]
     import ray.data  # noqa: F401  (its loggers exist once it is imported)
 
     output.quiet_ray_data()

@@ -121,7 +121,12 @@ class Classifier(nn.Module):
         return pool(self.encoder(x), present)
 
     def forward(self, x: torch.Tensor, present: torch.Tensor | None = None) -> torch.Tensor:
-        return self.head(self.dropout(self.norm(self.features(x, present))))
+        z = self.features(x, present)
+        if self.training and len(z) == 1:  # one record has no spread to standardise by: the running one
+            z = nn.functional.batch_norm(z, self.norm.running_mean, self.norm.running_var, training=False)
+        else:
+            z = self.norm(z)
+        return self.head(self.dropout(z))
 
     def set_stage(self, stage: int, unfreeze_last_n: int, train_encoder: bool = False) -> list[str]:
         """Stage 1: only the head trains. Stage 2: the head and the last ``unfreeze_last_n``

@@ -104,6 +104,9 @@ def load_classifier(path: str | Path) -> tuple[Classifier, dict]:
     if desc.get("kind") != "ppg_quality_classifier":
         raise BiofmError(f"{path} is not a fine-tuned classifier")
     model = Classifier(Encoder(TinyTimeMixerConfig.from_dict(desc["ttm_config"])))
+    if "norm.running_mean" not in blob["model"]:
+        raise BiofmError(f"{path} was fine-tuned by an older biofm, whose classifier had no feature norm: "
+                         "fine-tune it again")
     model.load_state_dict(blob["model"])
     return model.eval(), desc
 
