@@ -103,11 +103,13 @@ def test_command_line_flags_override_the_config_and_are_checked(monkeypatch, cap
 @pytest.mark.slow
 @requires_realdata(REAL_VITAL)
 @requires_realdata(REAL_BUTPPG)
-def test_the_main_commands_run_from_any_folder_and_print_only_biofms_lines(tmp_path):
+def test_the_main_commands_run_from_any_folder_and_print_only_biofms_lines(ray_session, tmp_path):
     """From a folder that holds no configs/: the main command (the quick configuration, offline,
     with a Tune search and embeddings added), then predict with its model. Its classifier beats
     chance on its test split. Quiet: every line on stdout and stderr is one of biofm's (a worker's
-    with Ray's "(name pid=N)" in front), without colour codes. --verbose shows Ray's lines."""
+    with Ray's "(name pid=N)" in front), without colour codes, also while another Ray instance
+    runs on the machine (the session's: Train's placement-group cleaner printed a traceback per
+    run until its processes were told their own instance's address). --verbose shows Ray's lines."""
     tune = ("{mode: grid, max_epochs: 2, grace_period: 1, max_concurrent_trials: 1, cpus_per_trial: 0.5, "
             "search: {init: {grid: [scratch]}, head_epochs: {grid: [1]}, batch_size: {grid: [16]}}}")  # one trial
     pipeline = subprocess.run([BIOFM, "pipeline", "--output-dir", "run",

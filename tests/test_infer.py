@@ -68,7 +68,7 @@ def test_embeddings_of_real_windows_count_finite_and_deterministic(vital_windows
 
 
 @requires_realdata(REAL_BUTPPG)
-def test_a_fine_tuned_classifier_embeds_but_ppg_with_its_present_mask(butppg_data, tmp_path):
+def test_a_fine_tuned_classifier_embeds_but_ppg_with_its_present_mask(butppg_data, tmp_path, capsys):
     from biofm.model.classifier import pool
     from biofm.preprocess import read_data_spec
     from biofm.train.finetune import build_classifier, read_split
@@ -86,6 +86,11 @@ def test_a_fine_tuned_classifier_embeds_but_ppg_with_its_present_mask(butppg_dat
                         torch.from_numpy(test["present"][order])).numpy()
     np.testing.assert_allclose(np.array(got["embedding"], dtype=np.float32), expected, atol=1e-5)
     assert set(got["window_idx"]) == {0}
+    assert "left out" not in capsys.readouterr().out
+    # the pretrained model reads PPG and ECG of the five channels: the others are left out, and said
+    m = embed(str(tmp_path / "fm.pt"), butppg_data / "test", tmp_path / "fm_out")
+    assert m["channels"] == ["PPG", "ECG"] and m["channels_left_out"] == ["ACC_X", "ACC_Y", "ACC_Z"]
+    assert "[embed] the model reads PPG, ECG: the split's ACC_X, ACC_Y, ACC_Z left out" in capsys.readouterr().out
 
 
 def test_data_the_model_was_not_built_for_is_refused(vital_windows, tmp_path):

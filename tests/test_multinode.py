@@ -99,7 +99,11 @@ def test_build_windows_loses_a_node_and_every_case_ends_once(cluster, slow_api, 
             storage.join(out, "train", "_cases")) else []
         time.sleep(0.3)
     assert len(done) >= 3, cluster.logs(job)[-3000:]
-    victim = cluster.node_running("ray::") or cluster.workers()[0]  # a node with Ray Data tasks on it
+    victim = None
+    while time.time() < deadline and victim is None:  # a node reading a case now (an idle worker is ray::IDLE)
+        victim = cluster.node_running("_process_row")
+        time.sleep(0.05)
+    assert victim, cluster.logs(job)[-3000:]
     cluster.kill_node(victim)
     _replace_lost_node(cluster, victim)
     status, logs = cluster.wait(job, 300)

@@ -102,7 +102,7 @@ def _kill_tree(proc):
 @pytest.mark.slow
 @pytest.mark.timeout(600)
 @requires_realdata(REAL_BUTPPG)
-def test_interrupted_search_resumes_and_asha_stops_a_worse_schedule(butppg_data, ray_session, tmp_path, capsys):
+def test_interrupted_search_resumes_and_asha_judges_at_its_rung(butppg_data, ray_session, tmp_path, capsys):
     """Four trials, one at a time: pretrained, one with a bad value, scratch, pretrained.
     The search is killed once the first has finished, the second has failed and the third has
     checkpointed its first epoch of two; then resumed. The finished trial is not run again, the
@@ -176,11 +176,14 @@ def test_interrupted_search_resumes_and_asha_stops_a_worse_schedule(butppg_data,
         value = by_index[i]["history"][-1 if i == 2 else 0][1]
         stopped.append(bool(recorded) and value < float(np.percentile(recorded, 50)))
         recorded.append(value)
-    # the random-weight "pretrained" encoder at epoch 1 scores below scratch trained for 2 epochs
-    assert [by_index[i]["status"] == "stopped early" for i in (2, 3)] == stopped == [False, True], by_index
-    assert by_index[0]["status"] == "completed" and by_index[3]["epochs"] == 1
-    assert "4 trials: 2 completed, 1 stopped early, 1 failed" in report.stdout, report.stdout
-    assert len(list(exp.glob("trials/*/test_metrics.json"))) == 2  # stopped and failed trials have none
+    # the last trial is stopped at the rung when its epoch 1 scores below the third's epoch 2: on
+    # 7 val records that is usual, not certain (0.1 against 0.7 here, but the order flipped in one
+    # CI run), so the test asserts ASHA's decision on the values it saw, either way
+    assert [by_index[i]["status"] == "stopped early" for i in (2, 3)] == stopped and not stopped[0], by_index
+    assert by_index[0]["status"] == "completed" and by_index[3]["epochs"] == (1 if stopped[1] else 2)
+    completed = 3 - stopped[1]
+    assert f"4 trials: {completed} completed, {int(stopped[1])} stopped early, 1 failed" in report.stdout, report.stdout
+    assert len(list(exp.glob("trials/*/test_metrics.json"))) == completed  # stopped and failed trials have none
     rows = [line.split() for line in report.stdout.splitlines()]
     assert all(r[0] == "[tune-report]" for r in rows[:5]), report.stdout
     assert rows[1][2] == "completed" and rows[4][2] == "error"

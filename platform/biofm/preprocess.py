@@ -176,8 +176,9 @@ def run_cases(case_ids: list[str], progress: Progress, **kwargs) -> None:
 def ensure_ray(address: str | None = None) -> None:
     """Connect to Ray: ``address`` or ``RAY_ADDRESS`` targets a cluster, else a local instance starts
     (quiet unless ``--verbose``: :mod:`biofm.output`). A local instance's processes are told its
-    address (``RAY_ADDRESS``): Ray's own state queries in them (Train's placement-group cleaner)
-    otherwise fail with "Found multiple active Ray instances" when another runs on the machine."""
+    address (``RAY_ADDRESS``, inherited from its raylet): Ray's own state queries in them (Train's
+    placement-group cleaner) otherwise fail with "Found multiple active Ray instances" when another
+    runs on the machine."""
     import socket
 
     import ray
@@ -192,13 +193,12 @@ def ensure_ray(address: str | None = None) -> None:
         with socket.socket() as s:  # a free port for the new instance's GCS, so its address is known first
             s.bind(("", 0))
             port = s.getsockname()[1]
-        os.environ["RAY_GCS_SERVER_PORT"] = str(port)  # read by the node this process starts
-        gcs = f"{ray.util.get_node_ip_address()}:{port}"
+        # read by the node this process starts; its raylet passes RAY_ADDRESS on to every worker
+        os.environ.update(RAY_GCS_SERVER_PORT=str(port), RAY_ADDRESS=f"{ray.util.get_node_ip_address()}:{port}")
         try:
-            ray.init(address="local", log_to_driver=True, runtime_env={"env_vars": {"RAY_ADDRESS": gcs}},
-                     **output.ray_init_options())
+            ray.init(address="local", log_to_driver=True, **output.ray_init_options())
         finally:
-            del os.environ["RAY_GCS_SERVER_PORT"]
+            del os.environ["RAY_GCS_SERVER_PORT"], os.environ["RAY_ADDRESS"]
     import ray.data  # noqa: F401  (its loggers exist once it is imported)
 
     output.quiet_ray_data()
