@@ -261,3 +261,21 @@ def test_predict_uses_the_models_own_preprocessing_and_threshold(butppg_data, tm
     table = pq.read_table(tmp_path / "out" / "predictions.parquet").to_pandas().sort_values("recording_id")
     np.testing.assert_allclose(table["probability"], wanted, atol=1e-5)
     assert table["label"].tolist() == (wanted >= threshold).astype(int).tolist()
+
+
+def test_a_timeline_shades_each_window_by_its_label_at_the_threshold(monkeypatch, tmp_path):
+    """Green where the label is good, red where poor (not a colour scale of the probability), and
+    the legend gives the threshold to four decimals."""
+    from matplotlib.colors import to_rgba
+
+    from biofm import infer
+    from biofm.train import plots
+
+    figures = []
+    monkeypatch.setattr(plots, "save_png", lambda fig, path, dpi=100: figures.append(fig))
+    rows = [{"start_s": 0.0, "probability": 0.52, "label": 1}, {"start_s": 10.0, "probability": 0.49, "label": 0}]
+    infer._timeline("r1", (np.sin(np.arange(3000) / 10.0), 100.0), rows, 0.5017, str(tmp_path / "t.png"))
+    top, bottom = figures[0].axes
+    spans = [p for p in top.patches]
+    assert [p.get_facecolor()[:3] for p in spans] == [to_rgba("tab:green")[:3], to_rgba("tab:red")[:3]]
+    assert [t.get_text() for t in bottom.get_legend().get_texts()] == ["threshold 0.5017"]

@@ -239,3 +239,19 @@ def test_report_shows_where_each_trial_stopped(tmp_path):
     assert "(ties: the lower val loss)" in (exp / "best_config.yaml").read_text()
     assert load_config(FinetuneConfig, exp / "best_config.yaml") == FinetuneConfig(lr=1e-4)
     assert (exp / "val_auroc_by_epoch.png").stat().st_size > 5_000
+
+
+def test_the_learning_rate_panel_has_readable_ticks(monkeypatch, tmp_path):
+    """A log-scale lr axis, its labels turned so that 1e-5 .. 1e-3 do not overlap."""
+    from biofm import tune
+    from biofm.train import plots
+
+    figures = []
+    monkeypatch.setattr(plots, "save_png", lambda fig, path, dpi=100: figures.append(fig))
+    trials = [{"trial": f"t{i}", "status": "completed", "history": [(1, 0.5 + i / 10)], "best_val_auroc": 0.5 + i / 10,
+               "params": {"lr": lr, "init": "scratch"}} for i, lr in enumerate([1e-5, 1e-4, 1e-3])]
+    tune._plots(str(tmp_path), trials, ["init", "lr"])
+    lr_axis = figures[1].axes[1]
+    assert lr_axis.get_xscale() == "log" and lr_axis.get_xlabel() == "lr"
+    labels = [t for t in lr_axis.get_xticklabels(minor=False) if t.get_text()]
+    assert labels and all(t.get_rotation() == 45 for t in labels)
