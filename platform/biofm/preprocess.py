@@ -185,11 +185,9 @@ def ensure_ray(address: str | None = None) -> None:
 
     from biofm import output
 
-    if ray.is_initialized():
-        pass
-    elif address or os.environ.get("RAY_ADDRESS"):
+    if not ray.is_initialized() and (address or os.environ.get("RAY_ADDRESS")):
         ray.init(address=address, log_to_driver=True, **output.ray_init_options())
-    else:
+    elif not ray.is_initialized():
         with socket.socket() as s:  # a free port for the new instance's GCS, so its address is known first
             s.bind(("", 0))
             port = s.getsockname()[1]
