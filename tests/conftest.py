@@ -238,11 +238,11 @@ def write_pretrained(path: Path) -> str:
 def butppg_data(ray_session, tmp_path_factory):
     """The real BUT-PPG subset prepared by prepare-butppg (train/val/test by subject)."""
     from biofm.config import ButppgConfig, ChannelsConfig, WindowsConfig, load_config
-    from biofm.preprocess import build_butppg
+    from biofm.tasks import prepare_butppg
 
     if not REAL_BUTPPG.is_dir():
         pytest.skip(f"real data folder {REAL_BUTPPG} is absent")
     out = tmp_path_factory.mktemp("but_ppg")
     channels = load_config(ChannelsConfig, ROOT / "configs/channels.yaml").select(ButppgConfig().channels)
-    build_butppg(REAL_BUTPPG, out, channels, load_config(WindowsConfig, ROOT / "configs/windows.yaml"), ButppgConfig())
+    prepare_butppg(REAL_BUTPPG, out, channels, load_config(WindowsConfig, ROOT / "configs/windows.yaml"), ButppgConfig())
     return out

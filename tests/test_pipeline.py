@@ -50,6 +50,7 @@ def test_a_changed_setting_rebuilds_its_stage_and_every_stage_after_it(tmp_path,
     import biofm.train.finetune
     import biofm.train.pretrain
     import biofm.tune
+    import biofm.tasks
     from biofm.config import PipelineConfig, load_config, with_overrides
     from biofm.pipeline import run_pipeline
 
@@ -60,7 +61,7 @@ def test_a_changed_setting_rebuilds_its_stage_and_every_stage_after_it(tmp_path,
 
     monkeypatch.setattr(biofm.preprocess, "ensure_ray", lambda address=None: None)
     monkeypatch.setattr(biofm.preprocess, "build_windows", recorder("windows"))
-    monkeypatch.setattr(biofm.preprocess, "build_butppg", recorder("butppg"))
+    monkeypatch.setattr(biofm.tasks, "prepare_butppg", recorder("butppg"))
     monkeypatch.setattr(biofm.train.pretrain, "pretrain", recorder("pretrain"))
     monkeypatch.setattr(biofm.train.finetune, "finetune", recorder("finetune"))
     monkeypatch.setattr(biofm.tune, "run_search", recorder("tune"))

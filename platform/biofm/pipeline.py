@@ -27,7 +27,7 @@ import json
 import time
 from pathlib import Path
 
-from biofm import storage
+from biofm import storage, tasks
 from biofm.config import (
     EMBED_KEYS, STAGES, ButppgConfig, ChannelsConfig, FinetuneConfig, PipelineConfig, PretrainConfig, TuneSearchConfig,
     WindowsConfig, load_config, to_jsonable, with_overrides,
@@ -125,7 +125,7 @@ def run_pipeline(cfg: PipelineConfig, force: tuple[str, ...] = (), address: str 
     storage.check_writable(out)
 
     from biofm.infer import embed
-    from biofm.preprocess import build_butppg, build_windows, ensure_ray
+    from biofm.preprocess import build_windows, ensure_ray
     from biofm.sources.butppg import download, raw_folder
     from biofm.sources.vitaldb import open_source
     from biofm.splits import load_split, prepare_splits
@@ -170,7 +170,7 @@ def run_pipeline(cfg: PipelineConfig, force: tuple[str, ...] = (), address: str 
     def prepare_butppg(resume):
         if not (raw / "RECORDS").is_file():
             download(raw, cfg.physionet_url)
-        build_butppg(raw, at("but_ppg"), channels.select(but.channels), windows, but)
+        tasks.prepare_butppg(raw, at("but_ppg"), channels.select(but.channels), windows, but)
 
     stage("butppg", at("but_ppg"),
           {"butppg": to_jsonable(but), "channels": to_jsonable(channels), "windows": to_jsonable(windows),

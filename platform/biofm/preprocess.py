@@ -386,12 +386,11 @@ def check_data_spec(expected: dict, actual: dict, where: str) -> None:
                               f"model's {expected['filters'][channel]}")
 
 
-# BUT-PPG: one 10 s, 5-channel row per annotated record, split by subject.
-
 def process_record(record_id: str, raw_dir: str, channels: dict[str, ChannelSpec], cfg: WindowsConfig,
                    ppg_signal: int, label: int, ref_hr: float) -> dict:
-    """Read and prepare one BUT-PPG record; never raises for a bad record. Returns its outcome
-    (JSON-able) plus ``signal`` ``[C, T]`` and ``present`` ``[C]`` when it is usable."""
+    """Read and prepare one BUT-PPG record for predict (a task's records: :mod:`biofm.tasks`); never
+    raises for a bad record. Returns its outcome (JSON-able) plus ``signal`` ``[C, T]`` and
+    ``present`` ``[C]`` when it is usable."""
     from biofm.sources.butppg import read_record, subject_of
 
     t0 = time.perf_counter()
@@ -409,108 +408,3 @@ def process_record(record_id: str, raw_dir: str, channels: dict[str, ChannelSpec
         signal, present = None, None
     outcome["seconds"] = round(time.perf_counter() - t0, 4)
     return {"outcome": outcome, "signal": signal, "present": present}
-
-
-def _process_record_row(row: dict, labels: dict, **kwargs) -> dict:
-    label, ref_hr = labels[row["record_id"]]
-    out = process_record(row["record_id"], label=label, ref_hr=ref_hr, **kwargs)
-    shape = (len(kwargs["channels"]), kwargs["cfg"].window_samples)
-    return {"outcome": json.dumps(out["outcome"]),
-            "signal": out["signal"] if out["signal"] is not None else np.zeros(shape, np.float32),
-            "present": out["present"] if out["present"] is not None else np.zeros(shape[0], bool)}
-
-
-def butppg_table(rows: list[dict], spec: dict) -> pa.Table:
-    """Parquet table of BUT-PPG rows (``record_id``, ``subject_id``, ``label``, ``ref_hr``,
-    ``signal`` ``[C, T]``, ``present`` ``[C]``), the data spec in its schema metadata."""
-    table = pa.table({
-        "record_id": pa.array([r["record_id"] for r in rows], pa.string()),
-        "subject_id": pa.array([r["subject_id"] for r in rows], pa.string()),
-        "label": pa.array([r["label"] for r in rows], pa.int8()),
-        "ref_hr": pa.array([r["ref_hr"] for r in rows], pa.float32()),
-        "signal": pa.FixedShapeTensorArray.from_numpy_ndarray(
-            np.ascontiguousarray(np.stack([r["signal"] for r in rows]).astype(np.float32))),
-        "present": pa.array([r["present"].tolist() for r in rows], pa.list_(pa.bool_(), len(spec["channels"]))),
-    })
-    return table.replace_schema_metadata({SCHEMA_KEY: json.dumps(spec).encode()})
-
-
-def build_butppg(raw_dir: str | Path, outdir: str | Path, channels: dict[str, ChannelSpec], cfg: WindowsConfig,
-                 butppg, address: str | None = None) -> dict:
-    """BUT-PPG records -> ``<outdir>/{train,val,test}/but_ppg.parquet`` and ``manifest.json``.
-
-    Records are read and prepared in parallel with Ray Data; records without an annotation or a
-    subject-info row, or that cannot be read, are skipped with their reason in the manifest.
-    Splits are by subject, stratified by the share of good records. ``butppg``: a
-    :class:`~biofm.config.ButppgConfig`. Rebuilding replaces the previous output.
-    """
-    import ray
-
-    from biofm.sources.butppg import raw_folder, read_annotations, read_records, read_subjects, subject_of
-    from biofm.splits import SPLITS, split_groups
-
-    raw_dir, outdir = raw_folder(raw_dir).resolve(), storage.normalize(outdir)
-    records, labels, subjects = read_records(raw_dir), read_annotations(raw_dir), read_subjects(raw_dir)
-    spec = {**data_spec(channels, cfg), "dataset": "but_ppg", "label": "1 = good PPG quality",
-            "ppg_signal": butppg.ppg_signal, "zscore": "per record, per channel"}
-    outcomes = {}
-    for rid in records:
-        if rid not in labels:
-            outcomes[rid] = {"record_id": rid, "status": "skipped", "code": "no_annotation",
-                             "reason": "no quality label in quality-hr-ann.csv"}
-        elif rid not in subjects:
-            outcomes[rid] = {"record_id": rid, "status": "skipped", "code": "no_subject_info",
-                             "reason": "not listed in subject-info.csv"}
-    todo = [r for r in records if r not in outcomes]
-    progress = Progress("prepare-butppg", len(todo), units=("records", "rows"))
-    t0 = time.perf_counter()
-    rows = {}
-    if todo:
-        ensure_ray(address)
-        ctx = ray.data.DataContext.get_current()
-        ctx.enable_progress_bars, ctx.print_on_execution_start = False, False
-        cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
-        per_task = max(1, min(64, len(todo) // (4 * cpus)))  # records are small: amortise Ray's per-task cost
-        ds = ray.data.from_items([{"record_id": r} for r in todo], override_num_blocks=-(-len(todo) // per_task))
-        kwargs = {"labels": {r: (labels[r].label, labels[r].ref_hr) for r in todo}, "raw_dir": str(raw_dir),
-                  "channels": channels, "cfg": cfg, "ppg_signal": butppg.ppg_signal}
-        for row in ds.map(_process_record_row, fn_kwargs=kwargs).iter_rows():
-            outcome = json.loads(row["outcome"])
-            outcomes[outcome["record_id"]] = outcome
-            progress.update({"status": outcome["status"], "windows_kept": int(outcome["status"] == "ok")})
-            if outcome["status"] == "ok":
-                rows[outcome["record_id"]] = {**outcome, "signal": row["signal"], "present": np.asarray(row["present"])}
-    if not rows:
-        reasons = Counter(o["code"] for o in outcomes.values())
-        raise NothingProduced(f"no usable BUT-PPG record in {raw_dir} ({dict(reasons)})")
-
-    by_subject: dict[str, list[int]] = {}
-    for r in rows.values():
-        by_subject.setdefault(r["subject_id"], []).append(r["label"])
-    split_of = {s: name for name, ids in split_groups(
-        list(by_subject), butppg.split_ratios, butppg.seed,
-        positive_rate={s: float(np.mean(v)) for s, v in by_subject.items()}).items() for s in ids}
-    for name in SPLITS:
-        storage.remove_tree(storage.join(outdir, name))
-    summary = {}
-    for name in SPLITS:
-        part = [rows[r] for r in sorted(rows) if split_of[subject_of(r)] == name]
-        summary[name] = {"records": len(part), "good": sum(r["label"] for r in part),
-                         "subjects": sorted({r["subject_id"] for r in part})}
-        if part:
-            storage.write(storage.join(outdir, name, "but_ppg.parquet"), lambda f: pq.write_table(butppg_table(part, spec), f))
-    skipped = Counter(o["code"] for o in outcomes.values() if o["status"] != "ok")
-    manifest = {
-        "dataset": "but_ppg", "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "code_version": _code_version(),
-        "raw_dir": str(raw_dir), "data_spec": spec, "config": to_jsonable(butppg),
-        "records_in": len(records), "records_ok": len(rows), "records_skipped": len(records) - len(rows),
-        "skip_reasons": dict(skipped.most_common()), "splits": summary,
-        "timings": {"wall_s": round(time.perf_counter() - t0, 3)},
-        "records": {r: {k: v for k, v in outcomes[r].items() if k != "record_id"} for r in records},
-    }
-    assert manifest["records_in"] == manifest["records_ok"] + manifest["records_skipped"]
-    storage.write_text(storage.join(outdir, "manifest.json"), json.dumps(manifest, indent=1))
-    print(f"[prepare-butppg] {len(rows)}/{len(records)} records usable; " + ", ".join(
-        f"{n}: {s['records']} records ({s['good']} good), {len(s['subjects'])} subjects" for n, s in summary.items()),
-        flush=True)
-    return manifest

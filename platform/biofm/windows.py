@@ -1,8 +1,9 @@
 """Recordings -> quality-checked windows, in memory: resample, band-pass, cut, check, z-score.
 
 Pure numpy (no Ray, no files): :func:`make_windows` serves build-windows and predict for every
-recording of a source; :func:`record_signal` prepares a labelled 10 s record (BUT-PPG) the same
-way, without the quality checks (its label may be the quality itself). Signal processing
+recording of a source; :func:`record_signal` prepares a labelled 10 s record (a task's window) the
+same way, and :func:`record_quality` checks it without rejecting it (its label may be the quality
+itself). Signal processing
 itself lives in :mod:`biofm.signals`.
 """
 
@@ -118,8 +119,28 @@ def record_signal(record: dict[str, tuple[np.ndarray, float]], channels: dict[st
     ``present [C]`` bool, in ``channels``' order. Each present channel is gap-filled, resampled
     to ``cfg.sample_rate_hz``, cut to its first ``cfg.window_s`` seconds, band-passed and
     z-scored, as VitalDB windows are; absent (or all-NaN non-PPG) channels are zeros."""
+    filtered, present = _record_filtered(record, channels, cfg)
+    return signals.zscore(filtered).astype(np.float32), present  # absent rows stay zeros
+
+
+def record_quality(record: dict[str, tuple[np.ndarray, float]], channels: dict[str, ChannelSpec],
+                   cfg: WindowsConfig) -> tuple[dict[str, float], str]:
+    """The quality checks of :func:`check_windows` on a labelled record's window (as
+    :func:`record_signal` prepares it), without rejecting it: its label may be the quality
+    itself. Returns the indices of the present channels (``<ch>_<index>`` -> value) and the
+    first failure (``"PPG:low_template_match"``; ``""`` where every check passes)."""
+    filtered, present = _record_filtered(record, channels, cfg)
+    names = [n for n, p in zip(channels, present) if p]
+    raw = {n: (record[n][0][:int(np.ceil(cfg.window_s * record[n][1]))], record[n][1]) for n in names}
+    _, reasons, quality = check_windows(filtered[present][None], raw, np.zeros(1), {n: channels[n] for n in names}, cfg)
+    return {k: float(v[0]) for k, v in quality.items()}, str(reasons[0])
+
+
+def _record_filtered(record: dict[str, tuple[np.ndarray, float]], channels: dict[str, ChannelSpec],
+                     cfg: WindowsConfig) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`record_signal` before the z-score: band-passed ``[C, T]`` float64 and ``present [C]``."""
     fs, length = cfg.sample_rate_hz, cfg.window_samples
-    signal = np.zeros((len(channels), length), dtype=np.float32)
+    signal = np.zeros((len(channels), length))
     present = np.zeros(len(channels), dtype=bool)
     for c, (name, spec) in enumerate(channels.items()):
         if name not in record:
@@ -133,7 +154,7 @@ def record_signal(record: dict[str, tuple[np.ndarray, float]], channels: dict[st
             if name == "PPG":
                 raise CaseSkipped("PPG:missing", "the PPG trace has no finite sample") from None
             continue
-        x = signals.bandpass(signals.resample(x, rate, fs)[:length], fs, spec.band_hz, spec.filter_order,
-                             spec.stopband_db)
-        signal[c], present[c] = signals.zscore(x), True
+        signal[c] = signals.bandpass(signals.resample(x, rate, fs)[:length], fs, spec.band_hz, spec.filter_order,
+                                     spec.stopband_db)
+        present[c] = True
     return signal, present

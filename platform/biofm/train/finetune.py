@@ -32,16 +32,16 @@ from biofm.train.ray_run import (RUN_NAME, check_run_dir, fit, mixed_precision, 
 from biofm.train.tracking import Tracker
 
 def read_split(split_dir: str | Path) -> dict[str, np.ndarray]:
-    """A BUT-PPG split read whole (they are small): ``signal [N, C, T]``, ``present [N, C]``,
-    ``label [N]``, ``record_id [N]``."""
+    """A task's split read whole (they are small): ``signal [N, C, T]``, ``present [N, C]``,
+    ``label [N]``, ``case_id [N]``."""
     files = list(storage.list_files(split_dir, ".parquet"))
     if not files:
         raise BiofmError(f"no BUT-PPG records in {split_dir}: run `biofm prepare-butppg` first")
-    table = storage.read_table(files, columns=["record_id", "label", "signal", "present"])
+    table = storage.read_table(files, columns=["case_id", "label", "signal", "present"])
     return {"signal": table.column("signal").combine_chunks().to_numpy_ndarray().astype(np.float32),
             "present": _present(table.column("present").to_pylist()),
             "label": table.column("label").to_numpy().astype(np.int64),
-            "record_id": np.array(table.column("record_id").to_pylist())}
+            "case_id": np.array(table.column("case_id").to_pylist())}
 
 
 @torch.no_grad()
