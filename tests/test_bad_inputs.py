@@ -55,6 +55,22 @@ FLAG_CASES = [
     (["build-windows", "--split-file", "{splits}", "--split", "holdout", "--outdir", "o"], "has no split 'holdout'"),
     (["build-windows", "--split-file", "{no_cases}", "--outdir", "o"], "the case list is empty"),
     (["build-windows", "--split-file", "{dir}/none.json", "--outdir", "o"], "none.json"),
+    (["prepare-task", "--task", "af", "--raw-dir", "{dir}", "--outdir", "o"],
+     "biofm prepare-task: error: unknown task 'af': the built-in tasks are butppg-quality, butppg-hr, arrhythmia-af, "
+     "arrhythmia-rhythm; for your own labels pass --labels TABLE"),
+    (["prepare-task", "--task", "arrhythmia-af", "--raw-dir", "{dir}", "--outdir", "o"],
+     "{dir} holds no MPA_<id>.mat files: point --raw-dir at the PPG arrhythmia set"),
+    (["prepare-task", "--task", "arrhythmia-af", "--labels", "{labels}", "--raw-dir", "{dir}", "--outdir", "o"],
+     "--labels makes a task of your own: name it otherwise than the built-in arrhythmia-af"),
+    (["prepare-task", "--task", "mine", "--labels", "{dir}/cols.csv", "--raw-dir", "{dir}", "--outdir", "o"],
+     "has columns ['recording', 'start', 'subject']: a label table needs recording, start_s, subject_id and one of label (classes) or target"),
+    (["prepare-task", "--task", "mine", "--labels", "{labels}", "--classes", "good", "poor", "--raw-dir", "{dir}",
+      "--outdir", "o"], "{labels}: labels {'noisy': 1} (label: rows) are not among the classes ['good', 'poor']"),
+    (["prepare-task", "--task", "mine", "--labels", "{labels}", "--raw-dir", "{dir}", "--outdir", "{file}"],
+     "--outdir {file} is a file, not a folder"),
+    (["benchmark", "--encoder", "e.pt", "--tasks", "t", "--output", "o", "--resamples", "0"],
+     "biofm benchmark: error: argument --resamples: must be >= 1, got 0"),
+    (["benchmark", "--encoder", "e.pt", "--tasks", "t", "--output", "{file}"], "--output {file} is a file, not a folder"),
 ]
 
 
@@ -65,7 +81,10 @@ def _filled(argv: list[str], message: str, tmp_path) -> tuple[list[str], str]:
     (tmp_path / "splits.json").write_text(json.dumps({"train": ["1"], "val": [], "test": []}))
     (tmp_path / "no_cases.json").write_text(json.dumps({"train": [], "val": [], "test": []}))
     (tmp_path / "windows.yaml").write_text("window_s: 10\nstrid_s: 5\n")
-    fill = {"{file}": str(file), "{dir}": str(folder), "{splits}": str(tmp_path / "splits.json"),
+    (tmp_path / "labels.csv").write_text("recording,start_s,subject_id,label\nr1,0,s1,good\nr1,10,s1,noisy\n"
+                                         "r2,0,s2,poor\n")
+    (folder / "cols.csv").write_text("recording,start,subject\nr1,0,s1\n")
+    fill = {"{labels}": str(tmp_path / "labels.csv"), "{file}": str(file), "{dir}": str(folder), "{splits}": str(tmp_path / "splits.json"),
             "{no_cases}": str(tmp_path / "no_cases.json"), "{bad_yaml}": str(tmp_path / "windows.yaml")}
     for k, v in fill.items():
         argv, message = [a.replace(k, v) for a in argv], message.replace(k, v)

@@ -78,9 +78,9 @@ def test_a_fine_tuned_classifier_embeds_but_ppg_with_its_present_mask(butppg_dat
     ckpt = checkpoint.save(tmp_path / "clf.pt", model.state_dict(), {**desc, "threshold": 0.5})
     m = embed(ckpt, butppg_data / "test", tmp_path / "out")
     test = read_split(butppg_data / "test")
-    assert m["embeddings"] == len(test["label"]) and m["id_column"] == "record_id" and m["channels"][0] == "ACC_X"
+    assert m["embeddings"] == len(test["label"]) and m["id_column"] == "case_id" and m["channels"][0] == "ACC_X"
     got = _sorted(tmp_path / "out" / "embeddings")
-    order = np.argsort(test["record_id"])
+    order = np.argsort(test["case_id"])
     with torch.no_grad():
         expected = pool(model.eval().encoder(torch.from_numpy(test["signal"][order])),
                         torch.from_numpy(test["present"][order])).numpy()
@@ -90,7 +90,7 @@ def test_a_fine_tuned_classifier_embeds_but_ppg_with_its_present_mask(butppg_dat
     # the pretrained model reads PPG and ECG of the five channels: the others are left out, and said
     m = embed(str(tmp_path / "fm.pt"), butppg_data / "test", tmp_path / "fm_out")
     assert m["channels"] == ["PPG", "ECG"] and m["channels_left_out"] == ["ACC_X", "ACC_Y", "ACC_Z"]
-    assert "[embed] the model reads PPG, ECG: the split's ACC_X, ACC_Y, ACC_Z left out" in capsys.readouterr().out
+    assert "[embed] the model reads PPG, ECG: the data's ACC_X, ACC_Y, ACC_Z left out" in capsys.readouterr().out
 
 
 def test_data_the_model_was_not_built_for_is_refused(vital_windows, tmp_path):
@@ -102,10 +102,10 @@ def test_data_the_model_was_not_built_for_is_refused(vital_windows, tmp_path):
     checkpoint.save(tmp_path / "other.pt", blob["model"], {**blob["description"], "data_spec": other})
     with pytest.raises(ConfigError, match=r"PPG filter .*0\.5, 10\.0.* differs from the model's .*0\.5, 8\.0"):
         embed(str(tmp_path / "other.pt"), split, tmp_path / "x")
-    five = {**blob["description"], "channels": ["ACC_X", "PPG", "ECG"]}
-    checkpoint.save(tmp_path / "five.pt", blob["model"], five)
-    with pytest.raises(ConfigError, match=r"has channels \['PPG', 'ECG'\]; the model .* needs .*: missing \['ACC_X'\]"):
-        embed(str(tmp_path / "five.pt"), split, tmp_path / "x")
+    acc = {**blob["description"], "channels": ["ACC_X", "ACC_Y"]}  # a channel the data lacks is marked absent; all, refused
+    checkpoint.save(tmp_path / "acc.pt", blob["model"], acc)
+    with pytest.raises(ConfigError, match=r"has channels \['PPG', 'ECG'\]; the model .* reads \['ACC_X', 'ACC_Y'\]: none of them"):
+        embed(str(tmp_path / "acc.pt"), split, tmp_path / "x")
     (tmp_path / "empty").mkdir()
     with pytest.raises(NothingProduced, match="no windows in"):
         embed(ckpt, tmp_path / "empty", tmp_path / "x")
@@ -139,7 +139,7 @@ def test_predict_every_record_of_a_but_ppg_folder(classifier, butppg_data, tmp_p
     assert ((table["probability"] >= 0.5).astype(int) == table["label"]).all()
     # the same numbers as the model on the prepared rows: the same preprocessing as training
     test = read_split(butppg_data / "test")
-    expected = dict(zip(test["record_id"], predict_in_memory(model, test["signal"], test["present"])))
+    expected = dict(zip(test["case_id"], predict_in_memory(model, test["signal"], test["present"])))
     got = dict(zip(table["recording_id"], table["probability"]))
     np.testing.assert_allclose([got[r] for r in expected], list(expected.values()), atol=1e-5)
     summary = (tmp_path / "out" / "summary.csv").read_text().splitlines()

@@ -101,19 +101,25 @@ def _evaluate_ssl(args) -> int:
     return 0
 
 
-def _prepare_butppg(args) -> int:
+def _prepare_task(args) -> int:
     from biofm.config import ButppgConfig, ChannelsConfig, WindowsConfig, load_config
+    from biofm.tasks import TASKS, builtin_task, table_task
 
+    if args.labels and args.task in TASKS:
+        raise ConfigError(f"--labels makes a task of your own: name it otherwise than the built-in {args.task}")
+    task, rows = table_task(args.task, args.labels, args.classes) if args.labels else (builtin_task(args.task), None)
     butppg = load_config(ButppgConfig, args.config)
-    channels = load_config(ChannelsConfig, args.channels_yaml).select(butppg.channels)
+    channels = load_config(ChannelsConfig, args.channels_yaml).select(args.channels or task.channels or butppg.channels)
     windows = load_config(WindowsConfig, args.windows_yaml)
     _output_folder(args.outdir, "--outdir")
-    from biofm.preprocess import build_butppg
     from biofm.sources.butppg import download, raw_folder
+    from biofm.tasks import prepare_task
 
     if args.download:
         download(raw_folder(args.raw_dir), args.physionet_url)
-    build_butppg(args.raw_dir, args.outdir, channels, windows, butppg, address=args.address)
+    prepare_task(task, args.raw_dir, args.outdir, channels, windows, split_ratios=tuple(args.split_ratios or butppg.split_ratios),
+                 seed=butppg.seed if args.seed is None else args.seed, ppg_signal=butppg.ppg_signal, label_rows=rows,
+                 address=args.address)
     return 0
 
 
@@ -184,6 +190,15 @@ def _predict(args) -> int:
     return 0
 
 
+def _benchmark(args) -> int:
+    _output_folder(args.output, "--output")
+    from biofm.benchmark import benchmark
+
+    benchmark(args.encoder, args.tasks, args.output, folds=args.folds, resamples=args.resamples, seed=args.seed,
+              fixed_split=args.fixed_split, batch_size=args.batch_size, address=args.address)
+    return 0
+
+
 def _tune_report(args) -> int:
     from biofm.tune import analyse
 
@@ -210,6 +225,14 @@ def _pipeline(args) -> int:
     cfg = with_overrides(PipelineConfig, args.config, {**overrides, **_flags(output_dir=args.output_dir)}, "--set")
     run_pipeline(cfg, force=tuple(args.force), address=args.address)
     return 0
+
+
+def _task_source_flags(p) -> None:
+    p.add_argument("--config", default="configs/butppg.yaml", help="BUT-PPG's channel order and PPG colour channel; "
+                   "the split ratios and seed")
+    p.add_argument("--channels-yaml", default="configs/channels.yaml", help="channel filters")
+    p.add_argument("--windows-yaml", default="configs/windows.yaml", help="rate and window length")
+    p.add_argument("--address", default=None, help=ADDRESS_HELP)
 
 
 def _finetune_flags(p) -> None:
@@ -377,19 +400,38 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", default=None, help="write the JSON here instead of printing it")
     p.set_defaults(func=_evaluate_ssl)
 
+    from biofm.tasks import TASKS
+
+    p = sub.add_parser("prepare-task", help="a labelled task (built in, or your label table) -> windows in Parquet, split by subject",
+                       description="Reads the task's recordings, prepares each labelled 10 s window with the training "
+                                   "preprocessing (quality checked, never dropped), splits subjects into train/val/test "
+                                   f"(Ray Data). Built-in tasks: {', '.join(TASKS)}.")
+    p.add_argument("--task", required=True, help="a built-in task, or the name of yours (with --labels)")
+    p.add_argument("--raw-dir", required=True, help="the recordings: BUT-PPG 2.0.0 folder (with RECORDS), the PPG "
+                   "arrhythmia set's MPA_*.mat files, or the .vital files a label table names")
+    p.add_argument("--outdir", required=True, help="train/val/test Parquet and manifest.json")
+    p.add_argument("--labels", default=None, help="your label table (CSV or Parquet): recording, start_s, subject_id, "
+                   "label or target")
+    p.add_argument("--classes", nargs="+", default=None, help="the label table's classes in order (default: its labels, sorted)")
+    p.add_argument("--channels", nargs="+", default=None, help="channels, in order (default: PPG for the arrhythmia set, "
+                   "PPG ECG for a label table, the --config's for BUT-PPG)")
+    p.add_argument("--split-ratios", nargs=3, type=_number(float, 0), default=None, metavar=("TRAIN", "VAL", "TEST"),
+                   help="subjects per split (default: the --config's)")
+    p.add_argument("--seed", type=int, default=None, help="seed of the subject split (default: the --config's)")
+    _task_source_flags(p)
+    p.set_defaults(func=_prepare_task, download=False, physionet_url=None)
+
     p = sub.add_parser("prepare-butppg", help="BUT-PPG records -> 5-channel 10 s rows in Parquet, split by subject",
-                       description="Read BUT-PPG (PhysioNet layout), resample and filter PPG/ECG/ACC to "
-                                   "[5, 1250], label from quality-hr-ann.csv, split by subject (Ray Data).")
+                       description="prepare-task --task butppg-quality: read BUT-PPG (PhysioNet layout), resample and "
+                                   "filter PPG/ECG/ACC to [5, 1250], label from quality-hr-ann.csv, split by subject (Ray Data).")
     p.add_argument("--raw-dir", required=True, help="the BUT-PPG 2.0.0 folder (with RECORDS)")
     p.add_argument("--outdir", default="data/but_ppg", help="train/val/test Parquet and manifest.json")
     p.add_argument("--download", action="store_true", help="first fetch the dataset from PhysioNet into --raw-dir")
     p.add_argument("--physionet-url", default=None, help="PhysioNet's files URL (default https://physionet.org/files/) or a mirror laid "
                    "out like it (with --download)")
-    p.add_argument("--config", default="configs/butppg.yaml", help="channel order, PPG colour channel, split ratios")
-    p.add_argument("--channels-yaml", default="configs/channels.yaml", help="channel filters")
-    p.add_argument("--windows-yaml", default="configs/windows.yaml", help="rate and window length")
-    p.add_argument("--address", default=None, help=ADDRESS_HELP)
-    p.set_defaults(func=_prepare_butppg)
+    _task_source_flags(p)
+    p.set_defaults(func=_prepare_task, task="butppg-quality", labels=None, classes=None, channels=None, split_ratios=None,
+                   seed=None)
 
     p = sub.add_parser("finetune", help="inflate 2 -> 5 channels and fine-tune for PPG quality in stages (Ray Train)",
                        description="Stage 1: head only; stage 2: head + last N mixer layers. Best epoch by "
@@ -469,6 +511,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plots", type=AT_LEAST_0, default=5, help="timeline PNGs for the first N recordings")
     p.add_argument("--address", default=None, help=ADDRESS_HELP)
     p.set_defaults(func=_predict)
+
+    p = sub.add_parser("benchmark", help="is the encoder any good? probes on frozen embeddings over labelled tasks, "
+                       "with 95% CIs and baselines (Ray)",
+                       description="Per task (prepare-task's folders): embeddings of every encoder and of the same "
+                                   "architecture with random weights, hand-crafted features and the trivial answer, "
+                                   "probed on the same subject-wise folds (regularisation by an inner CV on the "
+                                   "training folds); 95% CIs by resampling subjects, paired for differences. Writes "
+                                   "benchmark.json, benchmark.md, forest plots and out-of-fold predictions.")
+    p.add_argument("--encoder", nargs="+", required=True, metavar="[NAME=]CHECKPOINT",
+                   help="best_model.pt of pretrain or finetune; NAME= names its row (default: its folder)")
+    p.add_argument("--tasks", nargs="+", required=True, metavar="TASK_DIR", help="folders written by prepare-task")
+    p.add_argument("--output", required=True, help="where the report goes (a folder or URI)")
+    p.add_argument("--folds", type=_number(int, 2), default=5, help="subject-wise folds (at most the subjects)")
+    p.add_argument("--fixed-split", action="store_true", help="the task's own split instead: train + val against test")
+    p.add_argument("--resamples", type=COUNT, default=1000, help="bootstrap resamples of subjects")
+    p.add_argument("--seed", type=int, default=0, help="seed of the folds, the bootstrap and the random weights")
+    p.add_argument("--batch-size", type=COUNT, default=256, help="windows per model call")
+    p.add_argument("--address", default=None, help=ADDRESS_HELP)
+    p.set_defaults(func=_benchmark)
 
     p = sub.add_parser("tune-report", help="analyse a tune experiment folder (no Ray needed)",
                        description="Table of trials, best_config.yaml (for finetune --config), PNGs.")

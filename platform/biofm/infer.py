@@ -84,7 +84,9 @@ class _Trimmed:
 class Embedder(_Trimmed):
     """Ray Data's callable class: the encoder of ``checkpoint`` loaded once per actor. A batch of
     ``signal`` ``[B, C_data, T]`` (+ ``present`` ``[B, C_data]``) -> ``embedding`` ``[B, D]``
-    (and ``tokens`` ``[B, P, D]``, the mean over channels), ids passed through."""
+    (and ``tokens`` ``[B, P, D]``, the mean over channels), the other columns passed through.
+    ``channel_index``: each model channel's row in the data, -1 where the data lacks it (zeros,
+    marked absent, as fine-tuning marks them)."""
 
     def __init__(self, checkpoint_path: str, channel_index: list[int], tokens: bool, threads: int):
         torch.set_num_threads(max(1, threads))
@@ -96,19 +98,21 @@ class Embedder(_Trimmed):
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         from biofm.model.classifier import pool
 
-        x = torch.from_numpy(np.ascontiguousarray(batch["signal"][:, self.index], dtype=np.float32)).to(self.device)
-        present = None
-        if "present" in batch:  # [B, C] bool; Ray Data may hand it over as rows of arrays
-            mask = np.stack(batch["present"]).astype(bool)
-            present = torch.from_numpy(mask[:, self.index]).to(self.device)
+        signal = np.asarray(batch["signal"], dtype=np.float32)
+        n, have = len(signal), [i for i in self.index if i >= 0]
+        x = np.zeros((n, len(self.index), signal.shape[-1]), np.float32)
+        x[:, [c for c, i in enumerate(self.index) if i >= 0]] = signal[:, have]
+        stored = np.stack(batch["present"]).astype(bool) if "present" in batch else np.ones(signal.shape[:2], bool)
+        mask = np.zeros((n, len(self.index)), bool)  # [B, C]; a channel the data lacks is absent
+        mask[:, [c for c, i in enumerate(self.index) if i >= 0]] = stored[:, have]
+        x_t = torch.from_numpy(x).to(self.device)
         with torch.no_grad():
-            latents = self.encoder(x)
+            latents = self.encoder(x_t)
             out = {k: v for k, v in batch.items() if k not in ("signal", "present")}
-            out["embedding"] = pool(latents, present).float().cpu().numpy()
+            out["embedding"] = pool(latents, torch.from_numpy(mask).to(self.device)).float().cpu().numpy()
             if self.tokens:
                 out["tokens"] = latents.mean(dim=1).float().cpu().numpy()
-        n = len(x)
-        out.setdefault("window_idx", np.zeros(n, np.int32))  # BUT-PPG: one window per record
+        out.setdefault("window_idx", np.zeros(n, np.int32))  # one window per record
         out.setdefault("start_s", np.zeros(n, np.float64))
         return self.trimmed(out)
 
@@ -135,60 +139,73 @@ def actor_pool(concurrency: int | None = None, num_gpus: float = 0.0) -> tuple[i
     return cpus, actors, min(1.0, max(0.0, free - 1) / actors)
 
 
-def embed(checkpoint_path: str, data_dir: str, output: str, batch_size: int = 256, concurrency: int | None = None,
-          num_gpus: float = 0.0, tokens: bool = False, address: str | None = None) -> dict:
-    """Embeddings of every window of ``data_dir`` (a split folder) under ``output``; returns the
-    manifest. ``concurrency``: actors (default: the free CPUs less one, for the reads;
-    with ``num_gpus``, one actor per GPU share)."""
+def embed(checkpoint_path: str, data_dir: str | list[str], output: str, batch_size: int = 256,
+          concurrency: int | None = None, num_gpus: float = 0.0, tokens: bool = False, address: str | None = None) -> dict:
+    """Embeddings of every window of ``data_dir`` (a split folder, or several made alike: a task's
+    splits) under ``output``; returns the manifest. ``concurrency``: actors (default: the free CPUs
+    less one, for the reads; with ``num_gpus``, one actor per GPU share). Besides the ids, a
+    task's ``label``/``target`` and ``subject_id`` are passed through. A model channel the data
+    lacks is zeros marked absent; a model that reads none of the data's channels is refused."""
     import ray
 
-    from biofm.preprocess import check_data_spec, ensure_ray
+    from biofm.preprocess import check_data_spec, ensure_ray, same_data
     from biofm.train.batches import scan
 
     t0 = time.perf_counter()
-    data_dir, output = storage.normalize(data_dir), storage.normalize(output)
+    dirs = [storage.normalize(d) for d in ([data_dir] if isinstance(data_dir, str) else data_dir)]
+    output = storage.normalize(output)
     target = storage.join(output, "embeddings")
     if storage.list_files(target):
         raise BiofmError(f"{target} already holds embeddings: choose another --output, or delete it")
     description = encoder_description(checkpoint_path)
-    split = scan(data_dir)
+    splits = [scan(d) for d in dirs]
+    split = splits[0]
+    for d, other in zip(dirs[1:], splits[1:]):
+        if not same_data(other.spec, split.spec):
+            raise ConfigError(f"{d} was made with other settings than {dirs[0]}")
+    files = [f for s in splits for f in s.files]
+    where = dirs[0] if len(dirs) == 1 else f"{len(dirs)} folders from {dirs[0]}"
     needed, stored = list(description["channels"]), list(split.spec["channels"])
     missing = [c for c in needed if c not in stored]
-    if missing:
-        raise ConfigError(f"{data_dir} has channels {stored}; the model {checkpoint_path} needs {needed}: "
-                          f"missing {missing}")
-    check_data_spec(description["data_spec"], split.spec, where=f"{data_dir} vs the model {checkpoint_path}")
+    if len(missing) == len(needed):
+        raise ConfigError(f"{where} has channels {stored}; the model {checkpoint_path} reads {needed}: none of them")
+    check_data_spec(description["data_spec"], split.spec, where=f"{where} vs the model {checkpoint_path}")
     left_out = [c for c in stored if c not in needed]
     if left_out:
-        print(f"[embed] the model reads {', '.join(needed)}: the split's {', '.join(left_out)} left out", flush=True)
-    schema = storage.read_metadata(split.files[0]).schema.to_arrow_schema()
+        print(f"[embed] the model reads {', '.join(needed)}: the data's {', '.join(left_out)} left out", flush=True)
+    if missing:
+        print(f"[embed] the data has no {', '.join(missing)}: zeros, marked absent", flush=True)
+    schema = storage.read_metadata(files[0]).schema.to_arrow_schema()
     id_column = "case_id" if "case_id" in schema.names else "record_id"
-    columns = [c for c in (id_column, "window_idx", "start_s", "signal", "present") if c in schema.names]
+    columns = [c for c in (id_column, "window_idx", "start_s", "subject_id", "label", "target", "signal", "present")
+               if c in schema.names]
 
     ensure_ray(address)
     cpus, actors, actor_cpus = actor_pool(concurrency, num_gpus)
     # the scan above knows every file: one read task per file, with the training loops' reader.
     # ray.data.read_parquet reads every footer again first: for 192 files on 2 CPUs the first
     # window reached the model after 16 s instead of 6.5 s (the actor's own start).
-    ds = ray.data.from_items([{"path": f} for f in split.files], override_num_blocks=min(len(split.files), 4 * cpus))
+    ds = ray.data.from_items([{"path": f} for f in files], override_num_blocks=min(len(files), 4 * cpus))
     ds = ds.map_batches(_read_windows, fn_kwargs={"columns": columns}, batch_size=None, num_cpus=0.25)
     ds = ds.map_batches(Embedder, batch_size=batch_size, batch_format="numpy", concurrency=actors, num_gpus=num_gpus,
                         num_cpus=actor_cpus, fn_constructor_kwargs={
                             "checkpoint_path": storage.normalize(checkpoint_path),
-                            "channel_index": [stored.index(c) for c in needed], "tokens": tokens,
+                            "channel_index": [stored.index(c) if c in stored else -1 for c in needed], "tokens": tokens,
                             "threads": max(1, cpus // actors)})
     ds.write_parquet(target, ray_remote_args={"num_cpus": 0.25})
     written = sum(storage.read_metadata(f).num_rows for f in storage.list_files(target, ".parquet"))
+    windows_in = sum(s.windows for s in splits)
     manifest = {
         "checkpoint": storage.normalize(checkpoint_path),
         "checkpoint_sha256": hashlib.sha256(storage.read_bytes(checkpoint_path)).hexdigest(),
-        "checkpoint_kind": description["kind"], "channels": needed, "channels_left_out": left_out, "data_spec": description["data_spec"],
-        "data_dir": data_dir, "id_column": id_column, "windows_in": split.windows, "embeddings": written,
-        "embedding_dim": description["ttm_config"]["d_model"], "tokens": tokens, "pooling":
+        "checkpoint_kind": description["kind"], "channels": needed, "channels_left_out": left_out,
+        "channels_absent": missing, "data_spec": description["data_spec"],
+        "data_dir": dirs[0] if len(dirs) == 1 else dirs, "id_column": id_column, "windows_in": windows_in,
+        "embeddings": written, "embedding_dim": description["ttm_config"]["d_model"], "tokens": tokens, "pooling":
         "mean over patches, then over present channels (the classifier's)", "actors": actors,
         "seconds": round(time.perf_counter() - t0, 2)}
-    if written != split.windows:
-        raise BiofmError(f"{written} embeddings written for {split.windows} windows in {data_dir}")
+    if written != windows_in:
+        raise BiofmError(f"{written} embeddings written for {windows_in} windows in {where}")
     storage.write_text(storage.join(output, "manifest.json"), json.dumps(manifest, indent=1))
     print(f"[embed] {written} windows -> {target} ({manifest['seconds']:.1f} s, {actors} actor(s))", flush=True)
     return manifest

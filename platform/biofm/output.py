@@ -24,7 +24,7 @@ QUIET = "BIOFM_QUIET"
 
 # biofm's own progress lines: Ray's log deduplication would fold those of two worker processes
 # (a restarted worker's epoch lines after the lost one's) into "[repeated 2x across cluster]"
-PROGRESS_LINES = r"\[(pipeline|pretrain|finetune|build-windows|prepare-butppg|prepare-splits|embed|predict|tune|smoke)[\] ]"
+PROGRESS_LINES = r"\[(pipeline|pretrain|finetune|build-windows|prepare-butppg|prepare-splits|prepare-task|benchmark|embed|predict|tune|smoke)[\] ]"
 
 
 # Lines of Ray's other processes that the driver forwards, known and harmless: the core's note on

@@ -225,3 +225,30 @@ def zscore(windows: np.ndarray, eps: float = 1e-8) -> np.ndarray:
     mean = windows.mean(axis=-1, keepdims=True)
     std = windows.std(axis=-1, keepdims=True)
     return (windows - mean) / np.maximum(std, eps)
+
+
+FEATURE_BANDS_HZ = ((0.5, 1.0), (1.0, 2.0), (2.0, 4.0), (4.0, 8.0))
+HANDCRAFTED = ("hr_bpm", "ibi_sd_ms", "rmssd_ms", "ibi_range_ms", "beats", "template_match", "skewness", "kurtosis",
+               *(f"power_{lo:g}-{hi:g}_hz" for lo, hi in FEATURE_BANDS_HZ))
+
+
+def handcrafted_features(windows: np.ndarray, fs: float, band_hz: tuple[float, float] = (0.5, 10.0)) -> np.ndarray:
+    """The benchmark's hand-crafted PPG features of band-passed windows ``[N, T]`` at ``fs`` Hz,
+    ``[N, len(HANDCRAFTED)]`` (NaN where undefined): beat rate (bpm) and beat-interval
+    variability (SD, RMSSD and range of the intervals, ms) from :func:`detect_beats`, the beats
+    found, :func:`template_match`, skewness (Elgendi 2016's best single PPG quality index) and
+    kurtosis, and the share of the ``band_hz`` power in each of ``FEATURE_BANDS_HZ``."""
+    from scipy import stats
+
+    out = np.full((len(windows), len(HANDCRAFTED)), np.nan)
+    for i, x in enumerate(windows):
+        beats = detect_beats(x, fs, "ppg")
+        ibi = np.diff(beats) / fs * 1000.0
+        out[i, 0] = heart_rate_bpm(beats, fs)
+        if len(ibi) >= 2:
+            out[i, 1:4] = ibi.std(), np.sqrt(np.mean(np.diff(ibi) ** 2)), np.ptp(ibi)
+        out[i, 4], out[i, 5] = len(beats), template_match(x, beats)
+    out[:, 6], out[:, 7] = stats.skew(windows, axis=-1), stats.kurtosis(windows, axis=-1)
+    for k, band in enumerate(FEATURE_BANDS_HZ):
+        out[:, 8 + k] = band_power_share(windows, fs, band, band_hz)
+    return out

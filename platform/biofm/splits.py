@@ -40,6 +40,17 @@ def split_groups(groups: list[str], ratios: tuple[float, float, float] = (0.7, 0
     return {name: sorted((ids[i] for i in idx), key=_natural) for name, idx in cuts.items()}
 
 
+def kfold_groups(rates: dict[str, float], k: int, seed: int = 0) -> list[list[str]]:
+    """Groups (subjects) -> ``k`` folds, stratified: ordered by ``rates`` (their positive rate, or
+    any number to balance; ties in a seeded random order) and dealt out in turn."""
+    ids = sorted(rates)
+    order = np.random.default_rng(seed).permutation(len(ids))
+    folds: list[list[str]] = [[] for _ in range(k)]
+    for n, i in enumerate(sorted(order, key=lambda i: rates[ids[i]])):
+        folds[n % k].append(ids[i])
+    return [sorted(f) for f in folds]
+
+
 def _natural(case_id: str):
     return (0, int(case_id), "") if case_id.isdigit() else (1, 0, case_id)
 

@@ -20,6 +20,7 @@ import pyarrow.parquet as pq
 from biofm import storage
 from biofm.config import FinetuneConfig
 from biofm.errors import BiofmError, ConfigError
+from biofm.splits import kfold_groups
 from biofm.train.finetune import finetune
 
 VARIANTS = ("finetuned", "scratch", "linear_probe")
@@ -43,17 +44,6 @@ def compare_variants(cfg: FinetuneConfig, pretrained, data_dir: str | Path, outp
     storage.write_text(storage.join(output_dir, "report.json"), json.dumps(report, indent=1))
     print(format_report({v: {k: [m[k]] for k in REPORTED} for v, m in report.items()}))
     return report
-
-
-def kfold_groups(rates: dict[str, float], k: int, seed: int = 0) -> list[list[str]]:
-    """Groups (subjects) -> ``k`` folds, stratified: ordered by their positive rate (ties in a
-    seeded random order) and dealt out in turn."""
-    ids = sorted(rates)
-    order = np.random.default_rng(seed).permutation(len(ids))
-    folds: list[list[str]] = [[] for _ in range(k)]
-    for n, i in enumerate(sorted(order, key=lambda i: rates[ids[i]])):
-        folds[n % k].append(ids[i])
-    return [sorted(f) for f in folds]
 
 
 def cross_validate(cfg: FinetuneConfig, pretrained, data_dir: str | Path, output_dir: str | Path, folds: int = 5,

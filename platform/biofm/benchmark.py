@@ -1,0 +1,471 @@
+"""Is the foundation model any good? Probes on frozen embeddings over labelled tasks, subject-wise
+folds, and bootstrap confidence intervals, against honest baselines.
+
+:func:`benchmark`, per task folder (written by ``biofm prepare-task``):
+
+1. Rows: every encoder given; the same architecture with random weights (``random weights``);
+   hand-crafted PPG features (:func:`biofm.signals.handcrafted_features`); the trivial answer
+   (the training folds' class shares, or their mean target).
+2. Embeddings through ``biofm embed``'s path (:func:`biofm.infer.embed`: Ray Data, an actor pool).
+3. Subjects dealt into ``folds`` stratified folds (:func:`biofm.splits.kfold_groups`), or the
+   task's own split (train + val against test). Every row uses the same folds.
+4. Per row and fold, a Ray task fits the probe on the training folds only: logistic regression
+   (classes balanced) or ridge regression on standardised features, its regularisation chosen by
+   a subject-wise inner CV inside the training folds (log loss, or squared error).
+5. The out-of-fold predictions are pooled, and 95% confidence intervals come from resampling
+   subjects with replacement (``resamples`` times, seeded; the same draws for every row, so the
+   difference of two rows gets its own paired interval).
+
+Metrics: binary AUROC, AUPRC, F1 of the positive class and balanced accuracy (at p = 0.5);
+multiclass macro-F1, balanced accuracy and micro-averaged AUROC; regression MAE, RMSE and
+Pearson r. Output::
+
+    <output>/benchmark.json        every figure, its CI, the folds and the probes' settings
+    <output>/benchmark.md          tasks x rows, headline metric with its CI, and the paired differences
+    <output>/forest_<metric>.png   one forest plot per headline metric
+    <output>/predictions/<task>.parquet   out-of-fold predictions of every row
+    <output>/embeddings/<task>/<row>/     the embeddings (biofm embed's layout)
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from pathlib import Path
+
+import numpy as np
+
+from biofm import storage
+from biofm.errors import ConfigError
+from biofm.tasks import Task, check_labels, read_task
+
+METRICS = {"binary": ("auroc", "auprc", "f1", "balanced_accuracy"),
+           "multiclass": ("macro_f1", "balanced_accuracy", "micro_auroc"),
+           "regression": ("mae", "rmse", "pearson_r")}
+HEADLINE = {"binary": "auroc", "multiclass": "macro_f1", "regression": "mae"}
+RANDOM, HANDCRAFTED, TRIVIAL = "random weights", "hand-crafted", "trivial"
+C_GRID = (1e-3, 1e-2, 1e-1, 1.0, 10.0)           # logistic regression: inverse regularisation
+ALPHA_GRID = (1e-1, 1.0, 10.0, 100.0, 1000.0)    # ridge: regularisation
+
+
+def metrics(kind: str, y: np.ndarray, pred: np.ndarray, weights: np.ndarray | None = None) -> dict:
+    """:data:`METRICS` of ``kind`` for targets ``y [N]`` and predictions ``pred``: P(positive) ``[N]``
+    (binary), class probabilities ``[N, K]`` (multiclass) or values ``[N]`` (regression).
+
+    ``weights [R, N]``: R weightings of the windows at once (a bootstrap draw counts each window
+    as often as its subject was drawn), each metric ``[R]``; None: each metric a float, as
+    scikit-learn computes it. A metric that is undefined (one class only, no spread) is NaN.
+    Hard answers: p >= 0.5 (binary), the most probable class (multiclass)."""
+    single = weights is None
+    w = np.ones((1, len(y))) if single else np.asarray(weights, dtype=np.float64)
+    if kind == "regression":
+        out = _regression(y.astype(np.float64), pred.astype(np.float64), w)
+    elif kind == "binary":
+        y = y.astype(np.int64)
+        c = _confusion(y, (pred >= 0.5).astype(np.int64), 2, w)
+        tp, fp, fn = c[:, 1, 1], c[:, 0, 1], c[:, 1, 0]
+        out = {"auroc": _auroc(y, pred, w), "auprc": _average_precision(y, pred, w),
+               "f1": _ratio(2 * tp, 2 * tp + fp + fn, zero=0.0), "balanced_accuracy": _balanced_accuracy(c)}
+    else:
+        y, k = y.astype(np.int64), pred.shape[1]
+        c = _confusion(y, pred.argmax(axis=1), k, w)
+        tp = np.diagonal(c, axis1=1, axis2=2)
+        f1 = _ratio(2 * tp, c.sum(axis=1) + c.sum(axis=2), zero=0.0)       # per class [R, K]
+        onehot = np.eye(k, dtype=np.int64)[y].ravel()
+        out = {"macro_f1": f1.mean(axis=1), "balanced_accuracy": _balanced_accuracy(c),
+               "micro_auroc": _auroc(onehot, pred.ravel(), np.repeat(w, k, axis=1))}
+    return {m: float(v[0]) for m, v in out.items()} if single else out
+
+
+def _ratio(num: np.ndarray, den: np.ndarray, zero: float = float("nan")) -> np.ndarray:
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(den > 0, num / np.where(den > 0, den, 1), zero)
+
+
+def _confusion(y: np.ndarray, hard: np.ndarray, k: int, w: np.ndarray) -> np.ndarray:
+    """Weighted confusion matrices ``[R, K, K]`` (rows: truth, columns: answer)."""
+    cells = np.zeros((len(y), k * k))
+    cells[np.arange(len(y)), y * k + hard] = 1.0
+    return (w @ cells).reshape(-1, k, k)
+
+
+def _balanced_accuracy(c: np.ndarray) -> np.ndarray:
+    """Mean recall over the classes present ``[R]``; NaN with fewer than two present."""
+    support = c.sum(axis=2)
+    recall = _ratio(np.diagonal(c, axis1=1, axis2=2), support)
+    present = support > 0
+    with np.errstate(invalid="ignore"):
+        return np.where(present.sum(axis=1) >= 2, np.nansum(recall, axis=1) / present.sum(axis=1), np.nan)
+
+
+def _score_groups(y: np.ndarray, score: np.ndarray, w: np.ndarray, descending: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Weights of positives and negatives per distinct score ``[R, G]``, scores sorted."""
+    order = np.argsort(-score if descending else score, kind="stable")
+    s, yy, ww = score[order], y[order], w[:, order]
+    starts = np.flatnonzero(np.r_[True, s[1:] != s[:-1]])
+    return np.add.reduceat(ww * yy, starts, axis=1), np.add.reduceat(ww * (1 - yy), starts, axis=1)
+
+
+def _auroc(y: np.ndarray, score: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """Weighted AUROC ``[R]``: the chance a positive outscores a negative, ties counting half."""
+    pos, neg = _score_groups(y, score, w, descending=False)
+    below = np.cumsum(neg, axis=1) - neg
+    return _ratio((pos * (below + 0.5 * neg)).sum(axis=1), pos.sum(axis=1) * neg.sum(axis=1))
+
+
+def _average_precision(y: np.ndarray, score: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """Weighted average precision ``[R]`` (scikit-learn's: precision at each threshold, weighted by
+    the recall it adds); NaN without positives or negatives."""
+    pos, neg = _score_groups(y, score, w, descending=True)
+    tp, fp = np.cumsum(pos, axis=1), np.cumsum(neg, axis=1)
+    total = tp[:, -1]
+    ap = _ratio((pos * _ratio(tp, tp + fp, zero=0.0)).sum(axis=1), total)
+    return np.where((total > 0) & (fp[:, -1] > 0), ap, np.nan)
+
+
+def _regression(y: np.ndarray, pred: np.ndarray, w: np.ndarray) -> dict[str, np.ndarray]:
+    n = w.sum(axis=1)
+    err = pred - y
+    mean_y, mean_p = w @ y / n, w @ pred / n
+    cov = (w * (y - mean_y[:, None]) * (pred - mean_p[:, None])).sum(axis=1)
+    var_y, var_p = (w * (y - mean_y[:, None]) ** 2).sum(axis=1), (w * (pred - mean_p[:, None]) ** 2).sum(axis=1)
+    return {"mae": w @ np.abs(err) / n, "rmse": np.sqrt(w @ err ** 2 / n),
+            "pearson_r": _ratio(cov, np.sqrt(var_y * var_p))}
+
+
+def subject_draws(subjects: np.ndarray, resamples: int, seed: int) -> np.ndarray:
+    """Bootstrap weights ``[resamples, N]`` for windows of ``subjects [N]``: each draw takes the
+    subjects with replacement, and a window counts as often as its subject was drawn."""
+    ids, inverse = np.unique(subjects, return_inverse=True)
+    draws = np.random.default_rng(seed).integers(0, len(ids), (resamples, len(ids)))
+    counts = np.stack([np.bincount(d, minlength=len(ids)) for d in draws])   # [R, S]
+    return counts[:, inverse].astype(np.float32)
+
+
+def bootstrap(kind: str, y: np.ndarray, pred: np.ndarray, draws: np.ndarray, chunk: int = 100) -> dict[str, np.ndarray]:
+    """Each metric on each draw of :func:`subject_draws`: metric -> ``[resamples]`` (NaN where undefined)."""
+    parts = [metrics(kind, y, pred, draws[i:i + chunk]) for i in range(0, len(draws), chunk)]
+    return {m: np.concatenate([p[m] for p in parts]) for m in METRICS[kind]}
+
+
+def interval(values: np.ndarray) -> dict:
+    """The 95% percentile interval of bootstrap ``values`` (NaN draws left out, and counted)."""
+    ok = values[np.isfinite(values)]
+    lo, hi = (np.percentile(ok, [2.5, 97.5]).tolist() if len(ok) else [float("nan")] * 2)
+    return {"ci95": [lo, hi], "resamples_used": int(len(ok))}
+
+
+def _probe_fold(kind: str, x: np.ndarray, y: np.ndarray, subjects: np.ndarray, train: np.ndarray, test: np.ndarray,
+                classes: int, seed: int) -> tuple[np.ndarray, float]:
+    """Fit the probe on ``train`` (indices) and predict ``test``; returns the predictions and the
+    regularisation the inner CV chose. The inner CV splits ``train``'s subjects only: the test
+    fold never reaches the choice (``subjects[train]`` only are dealt into inner folds)."""
+    from sklearn.impute import SimpleImputer
+    from sklearn.linear_model import LogisticRegression, Ridge
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    from biofm.splits import kfold_groups
+
+    def path(rows, values):
+        """Fit on ``rows`` for each of ``values`` in turn, each fit starting from the last (the
+        regularisation path, as glmnet walks it: about 6x faster for logistic regression here)."""
+        head = Ridge() if kind == "regression" else LogisticRegression(class_weight="balanced", max_iter=2000,
+                                                                       tol=1e-3, warm_start=True)
+        m = make_pipeline(SimpleImputer(strategy="median", keep_empty_features=True), StandardScaler(), head)
+        for value in values:
+            m.set_params(**{m.steps[-1][0] + ("__alpha" if kind == "regression" else "__C"): value})
+            yield m.fit(x[rows], y[rows])
+
+    def predict(m, rows):
+        if kind == "regression":
+            return m.predict(x[rows])
+        p = np.zeros((len(rows), classes))
+        p[:, m.classes_] = m.predict_proba(x[rows])  # a class absent from the training folds gets 0
+        return p[:, 1] if kind == "binary" else p
+
+    def loss(truth, p):
+        if kind == "regression":
+            return float(np.mean((truth - p) ** 2))
+        p = np.column_stack([1 - p, p]) if kind == "binary" else p
+        return float(-np.mean(np.log(np.clip(p[np.arange(len(truth)), truth], 1e-12, 1))))
+
+    if kind != "regression" and len(np.unique(y[train])) < 2:  # one class to learn from: its share is the answer
+        return _trivial(kind, y[train], len(test), classes), float("nan")
+    grid = ALPHA_GRID[::-1] if kind == "regression" else C_GRID  # from the most regularised
+    inner_subjects = np.unique(subjects[train])
+    k = min(3, len(inner_subjects))
+    scores = np.zeros(len(grid))
+    if k >= 2:
+        key = y[train] if kind == "regression" else y[train] == classes - 1  # as the outer folds: tasks._split_key
+        rates = {s: float(np.mean(key[subjects[train] == s])) for s in inner_subjects}
+        for fold in kfold_groups(rates, k, seed):
+            held = np.isin(subjects[train], fold)
+            fit, val = train[~held], train[held]
+            if kind != "regression" and len(np.unique(y[fit])) < 2:
+                continue
+            for g, m in enumerate(path(fit, grid)):
+                scores[g] += loss(y[val], predict(m, val))
+    best = int(np.argmin(scores)) if scores.any() else len(grid) // 2
+    *_, m = path(train, grid[:best + 1])
+    return predict(m, test), float(grid[best])
+
+
+def _trivial(kind: str, y_train: np.ndarray, n: int, classes: int) -> np.ndarray:
+    """The answer that ignores the window: the training folds' class shares, or their mean."""
+    if kind == "regression":
+        return np.full(n, float(np.mean(y_train)))
+    shares = np.bincount(y_train, minlength=classes) / len(y_train)
+    return np.full(n, shares[1]) if kind == "binary" else np.tile(shares, (n, 1))
+
+
+def _trivial_fold(kind, x, y, subjects, train, test, classes, seed):
+    return _trivial(kind, y[train], len(test), classes), float("nan")
+
+
+def _read(task_dir: str) -> tuple[Task, dict, list[str]]:
+    """A task folder: its task, its windows' ids, values, subjects, fixed split and PPG signal ``[N, T]``
+    (in (case_id, window_idx) order), and its split folders."""
+    from biofm.splits import SPLITS
+
+    dirs = [storage.join(task_dir, s) for s in SPLITS if storage.list_files(storage.join(task_dir, s), ".parquet")]
+    if not dirs:
+        raise ConfigError(f"{task_dir} holds no train/val/test windows: write the task with `biofm prepare-task`")
+    task = read_task(dirs[0])
+    parts = []
+    for d in dirs:
+        t = storage.read_table(list(storage.list_files(d, ".parquet")),
+                               columns=["case_id", "window_idx", "subject_id", task.column, "signal"])
+        parts.append((storage.name(d), t))
+    from biofm.preprocess import read_data_spec
+
+    spec = read_data_spec(dirs[0])
+    ppg = spec["channels"].index("PPG") if "PPG" in spec["channels"] else 0
+    case = np.concatenate([t.column("case_id").to_numpy(zero_copy_only=False).astype(str) for _, t in parts])
+    idx = np.concatenate([t.column("window_idx").to_numpy() for _, t in parts])
+    order = np.lexsort((idx, case))
+    values = np.concatenate([t.column(task.column).to_numpy(zero_copy_only=False) for _, t in parts])
+    data = {"case_id": case[order], "window_idx": idx[order],
+            "subject_id": np.concatenate([t.column("subject_id").to_numpy(zero_copy_only=False).astype(str)
+                                          for _, t in parts])[order],
+            "split": np.concatenate([[s] * t.num_rows for s, t in parts])[order],
+            "y": (values.astype(np.float64) if task.kind == "regression" else values.astype(np.int64))[order],
+            "ppg": np.concatenate([t.column("signal").combine_chunks().to_numpy_ndarray()[:, ppg] for _, t in parts])[order],
+            "spec": spec}
+    keep = np.isfinite(data["y"]) if task.kind == "regression" else (data["y"] >= 0) & (data["y"] < len(task.classes))
+    data["dropped"] = int((~keep).sum())
+    for k in ("case_id", "window_idx", "subject_id", "split", "y", "ppg"):
+        data[k] = data[k][keep]
+    check_labels(task, data["y"], data["subject_id"], task_dir)
+    return task, data, dirs
+
+
+def _folds(task: Task, data: dict, k: int, seed: int, fixed: bool) -> np.ndarray:
+    """Each window's test fold ``[N]``: subjects dealt into ``k`` stratified folds, or the task's
+    own split (test = fold 0, the rest never tested)."""
+    from biofm.splits import kfold_groups
+    from biofm.tasks import _split_key
+
+    if fixed:
+        if not (data["split"] == "test").any():
+            raise ConfigError("--fixed-split: the task has no test split")
+        return np.where(data["split"] == "test", 0, -1)
+    subjects = np.unique(data["subject_id"])
+    k = min(k, len(subjects))
+    rates = {s: _split_key(task, data["y"][data["subject_id"] == s]) for s in subjects}
+    fold_of = {s: i for i, members in enumerate(kfold_groups(rates, k, seed)) for s in members}
+    return np.array([fold_of[s] for s in data["subject_id"]])
+
+
+def _row_name(path: str, taken: set) -> str:
+    name, sep, rest = path.partition("=")
+    if sep and not re.search(r"[/\\]", name):
+        return name
+    p = Path(path)
+    name = p.parent.name if p.name in ("best_model.pt", "model.pt") else p.stem
+    base, i = name or "encoder", 2
+    while name in taken:
+        name, i = f"{base}_{i}", i + 1
+    return name
+
+
+def random_encoder(description: dict, path: str, seed: int = 0) -> str:
+    """A pretraining checkpoint of the architecture ``description`` gives, with random weights (seeded)."""
+    import torch
+    from tsfm_public.models.tinytimemixer import TinyTimeMixerConfig
+
+    from biofm.model.ssl import MaskedSignalModel
+    from biofm.train import checkpoint
+
+    torch.manual_seed(seed)
+    model = MaskedSignalModel(TinyTimeMixerConfig.from_dict(description["ttm_config"]))
+    desc = {"kind": "masked_signal_model", "ttm_config": description["ttm_config"], "channels": description["channels"],
+            "data_spec": description["data_spec"], "init": f"random weights, seed {seed} (benchmark control)"}
+    return checkpoint.save(path, model.state_dict(), desc)
+
+
+def _embeddings(folder: str, data: dict) -> np.ndarray:
+    """Embeddings written by :func:`biofm.infer.embed`, in ``data``'s window order ``[N, D]``."""
+    t = storage.read_table(list(storage.list_files(storage.join(folder, "embeddings"), ".parquet")),
+                           columns=["case_id", "window_idx", "embedding"])
+    where = {(c, int(i)): r for r, (c, i) in enumerate(zip(t.column("case_id").to_pylist(), t.column("window_idx").to_pylist()))}
+    emb = np.stack(t.column("embedding").to_numpy(zero_copy_only=False))
+    return emb[[where[(c, int(i))] for c, i in zip(data["case_id"], data["window_idx"])]]
+
+
+def benchmark(encoders: list[str], task_dirs: list[str], output: str, folds: int = 5, resamples: int = 1000,
+              seed: int = 0, fixed_split: bool = False, batch_size: int = 256, address: str | None = None) -> dict:
+    """Benchmark ``encoders`` (checkpoint paths, or ``NAME=PATH``) on ``task_dirs``; writes
+    ``output`` (module docstring) and returns the report."""
+    import ray
+
+    from biofm.infer import embed, encoder_description
+    from biofm.preprocess import check_data_spec, ensure_ray
+    from biofm.signals import handcrafted_features
+
+    t0 = time.perf_counter()
+    output = storage.normalize(output)
+    if storage.is_file(storage.join(output, "benchmark.json")):
+        raise ConfigError(f"{output} already holds a benchmark: choose another --output, or delete it")
+    names: dict[str, str] = {}
+    for e in encoders:
+        names[_row_name(e, set(names))] = e.partition("=")[2] if "=" in e and not re.search(r"[/\\]", e.partition("=")[0]) else e
+    if RANDOM in names or HANDCRAFTED in names or TRIVIAL in names:
+        raise ConfigError(f"an encoder may not be named {RANDOM!r}, {HANDCRAFTED!r} or {TRIVIAL!r}: those are the baselines")
+    descriptions = {n: encoder_description(p) for n, p in names.items()}
+    tasks = {}
+    for d in task_dirs:
+        task, data, dirs = _read(storage.normalize(d))
+        if task.name in tasks:
+            raise ConfigError(f"task {task.name} is given twice ({tasks[task.name][2][0]} and {dirs[0]})")
+        for n, desc in descriptions.items():
+            check_data_spec(desc["data_spec"], data["spec"], where=f"task {task.name} ({d}) vs the encoder {n}")
+        tasks[task.name] = (task, data, dirs)
+    first = next(iter(descriptions.values()))
+    rows = [*names, RANDOM, HANDCRAFTED, TRIVIAL]
+    checkpoints = {**names, RANDOM: random_encoder(first, storage.join(output, "encoders", "random_weights.pt"), seed)}
+    ensure_ray(address)
+    probe, trivial = ray.remote(num_cpus=1)(_probe_fold), ray.remote(num_cpus=1)(_trivial_fold)
+    handcrafted = ray.remote(num_cpus=1)(handcrafted_features)
+    report = {"encoders": names, "folds": folds, "fixed_split": fixed_split, "resamples": resamples, "seed": seed,
+              "probe": {"binary/multiclass": f"logistic regression (balanced classes), C in {list(C_GRID)}",
+                        "regression": f"ridge, alpha in {list(ALPHA_GRID)}",
+                        "chosen_by": "subject-wise 3-fold inner CV on the training folds (log loss / squared error)"},
+              "tasks": {}}
+    for name, (task, data, dirs) in tasks.items():
+        kind, n_classes = task.kind, len(task.classes)
+        fold = _folds(task, data, folds, seed, fixed_split)
+        hand = handcrafted.remote(data["ppg"], data["spec"]["sample_rate_hz"], tuple(data["spec"]["filters"]["PPG"]["band_hz"]))
+        features = {}
+        for row in [*names, RANDOM]:
+            folder = storage.join(output, "embeddings", name, _slug(row))
+            embed(checkpoints[row], dirs, folder, batch_size=batch_size, address=address)
+            features[row] = _embeddings(folder, data)
+        features[HANDCRAFTED] = ray.get(hand)
+        features[TRIVIAL] = np.zeros((len(data["y"]), 1))
+        pending = {}
+        for row in rows:
+            x = ray.put(features[row].astype(np.float64))
+            for f in sorted(set(fold[fold >= 0].tolist())):
+                train, test = np.flatnonzero(fold != f), np.flatnonzero(fold == f)  # fixed split: fold -1 trains
+                fn = trivial if row == TRIVIAL else probe
+                pending[row, f] = (test, fn.remote(kind, x, data["y"], data["subject_id"], train, test, n_classes, seed + f))
+        tested = np.flatnonzero(fold >= 0)
+        predictions, chosen = {}, {}
+        for row in rows:
+            shape = (len(data["y"]),) if kind != "multiclass" else (len(data["y"]), n_classes)
+            pred = np.full(shape, np.nan)
+            chosen[row] = {}
+            for (r, f), (test, ref) in pending.items():
+                if r == row:
+                    pred[test], chosen[row][f] = ray.get(ref)
+            predictions[row] = pred
+        y, subjects = data["y"][tested], data["subject_id"][tested]
+        draws = subject_draws(subjects, resamples, seed)
+        boot = {row: bootstrap(kind, y, predictions[row][tested], draws) for row in rows}
+        table = {}
+        for row in rows:
+            point = metrics(kind, y, predictions[row][tested])
+            table[row] = {m: {"value": point[m], **interval(boot[row][m])} for m in METRICS[kind]}
+            table[row]["regularisation"] = {str(f): v for f, v in chosen[row].items()}
+        head = HEADLINE[kind]
+        differences = {}
+        for a in names:
+            for b in [n for n in names if n > a] + [RANDOM, HANDCRAFTED]:
+                diff = boot[a][head] - boot[b][head]
+                differences[f"{a} - {b}"] = {"metric": head, "value": table[a][head]["value"] - table[b][head]["value"],
+                                             **interval(diff)}
+        report["tasks"][name] = {
+            "kind": kind, "classes": list(task.classes), "target": task.target, "folder": dirs[0].rsplit("/", 1)[0],
+            "windows": int(len(y)), "subjects": int(len(np.unique(subjects))), "windows_dropped": data["dropped"],
+            "folds": int(len(set(fold[fold >= 0].tolist()))), "headline": head, "rows": table, "differences": differences,
+            "fold_subjects": {str(f): sorted(set(data["subject_id"][fold == f].tolist())) for f in sorted(set(fold.tolist()))}}
+        _write_predictions(storage.join(output, "predictions", f"{name}.parquet"), data, fold, predictions, task)
+        print(f"[benchmark] {name}: {len(y)} windows, {report['tasks'][name]['subjects']} subjects, "
+              f"{report['tasks'][name]['folds']} folds; {head} " + ", ".join(
+                  f"{r} {table[r][head]['value']:.3f} [{table[r][head]['ci95'][0]:.3f}, {table[r][head]['ci95'][1]:.3f}]"
+                  for r in rows) + f" ({time.perf_counter() - t0:.0f} s)", flush=True)
+    report["seconds"] = round(time.perf_counter() - t0, 1)
+    storage.write_text(storage.join(output, "benchmark.json"), json.dumps(report, indent=1))
+    storage.write_text(storage.join(output, "benchmark.md"), markdown(report))
+    for metric in sorted({t["headline"] for t in report["tasks"].values()}):
+        forest_plot(report, metric, storage.join(output, f"forest_{metric}.png"))
+    print(f"[benchmark] {len(tasks)} tasks x {len(rows)} rows in {report['seconds']:.0f} s -> "
+          f"{storage.join(output, 'benchmark.md')}", flush=True)
+    return report
+
+
+def _slug(row: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", row)
+
+
+def _write_predictions(path: str, data: dict, fold: np.ndarray, predictions: dict, task: Task) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    columns = {"case_id": data["case_id"], "window_idx": data["window_idx"], "subject_id": data["subject_id"],
+               "fold": fold, task.column: data["y"]}
+    for row, pred in predictions.items():
+        columns[row] = list(pred) if pred.ndim == 2 else pred
+    storage.write(path, lambda f: pq.write_table(pa.table(columns), f))
+
+
+def _cell(m: dict) -> str:
+    return f"{m['value']:.3f} [{m['ci95'][0]:.3f}, {m['ci95'][1]:.3f}]"
+
+
+def markdown(report: dict) -> str:
+    """``benchmark.md``: per task, every row's metrics with their 95% CIs, then the paired differences."""
+    lines = [f"# Benchmark: {len(report['tasks'])} tasks", "",
+             f"Probes on frozen embeddings; {'the tasks own split' if report['fixed_split'] else 'subject-wise folds'}; "
+             f"95% CIs from {report['resamples']} subject resamples (seed {report['seed']}).", ""]
+    for name, t in report["tasks"].items():
+        ms = METRICS[t["kind"]]
+        lines += [f"## {name} ({t['kind']}; {t['windows']} windows, {t['subjects']} subjects, {t['folds']} folds)", "",
+                  "| row | " + " | ".join(ms) + " |", "|---|" + "---|" * len(ms)]
+        lines += [f"| {row} | " + " | ".join(_cell(v[m]) for m in ms) + " |" for row, v in t["rows"].items()]
+        lines += ["", f"Paired differences in {t['headline']} (95% CI; an interval that excludes 0 is a difference):", ""]
+        lines += [f"- {pair}: {d['value']:+.3f} [{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}]" for pair, d in t["differences"].items()]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def forest_plot(report: dict, metric: str, path: str) -> None:
+    """Every task with headline ``metric``: each row's value and 95% CI as a point and a bar."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    entries = [(task, row, v[metric]) for task, t in report["tasks"].items() if t["headline"] == metric
+               for row, v in t["rows"].items()]
+    fig, ax = plt.subplots(figsize=(7, 0.35 * len(entries) + 1.2))
+    for i, (task, row, m) in enumerate(entries):
+        ax.errorbar(m["value"], -i, xerr=[[m["value"] - m["ci95"][0]], [m["ci95"][1] - m["value"]]], fmt="o", capsize=3)
+    ax.set_yticks([-i for i in range(len(entries))], [f"{task}: {row}" for task, row, _ in entries])
+    ax.set_xlabel(f"{metric} (95% CI over subject resamples)")
+    ax.grid(axis="x", alpha=0.3)
+    fig.tight_layout()
+    storage.write(path, lambda f: fig.savefig(f, format="png", dpi=100))
+    plt.close(fig)
