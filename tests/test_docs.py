@@ -19,7 +19,7 @@ def test_the_docs_build_strict_and_the_reference_covers_every_command_and_key(tm
     assert done.returncode == 0, done.stderr[-3000:]
     commands = (tmp_path / "site" / "reference" / "commands" / "index.html").read_text()
     names = next(a for a in cli.build_parser()._actions if isinstance(a, argparse._SubParsersAction)).choices
-    assert len(names) == 13 and all(f"biofm {name}" in commands for name in names)
+    assert len(names) == 15 and all(f"biofm {name}" in commands for name in names)
     assert "(default: 100, from configs/ssl_pretrain.yaml)" in " ".join(commands.split())  # help as printed
     configs = (tmp_path / "site" / "reference" / "configs" / "index.html").read_text()
     spec = importlib.util.spec_from_file_location("hooks", ROOT / "docs" / "hooks.py")

@@ -513,7 +513,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_predict)
 
     p = sub.add_parser("benchmark", help="is the encoder any good? probes on frozen embeddings over labelled tasks, "
-                       "with 95% CIs and baselines (Ray)",
+                       "with 95%% CIs and baselines (Ray)",
                        description="Per task (prepare-task's folders): embeddings of every encoder and of the same "
                                    "architecture with random weights, hand-crafted features and the trivial answer, "
                                    "probed on the same subject-wise folds (regularisation by an inner CV on the "
