@@ -149,7 +149,7 @@ def test_every_flag_has_help_and_biofm_has_a_version(capsys):
 
     parser = cli.build_parser()
     commands = next(a for a in parser._actions if isinstance(a, __import__("argparse")._SubParsersAction)).choices
-    assert len(commands) == 13
+    assert len(commands) == 15
     for name, sub in commands.items():
         for action in sub._actions:
             assert action.help, f"biofm {name} {action.option_strings or action.dest} has no help"
