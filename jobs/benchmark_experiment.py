@@ -8,7 +8,9 @@
    patients only, ``butppg-quality`` and ``butppg-hr`` from the BUT-PPG subset. No patient is
    both in pretraining and in a test fold.
 4. ``biofm benchmark`` of the encoder against random weights, hand-crafted features and the
-   trivial answer, on subject-wise folds with 95% bootstrap CIs.
+   trivial answer, on subject-wise folds with 95% bootstrap CIs; with ``--finetune``, also the
+   encoder fine-tuned in stages on every fold (``--finetune-epochs``, half of them head only, at
+   batch 64 and lr 1e-3: a recipe sized for a CPU).
 
     python jobs/benchmark_experiment.py --realdata ../shared/realdata --workdir /tmp/biofm-experiment
 
@@ -37,6 +39,8 @@ def main() -> None:
     p.add_argument("--epochs", type=int, default=20, help="pretraining epochs")
     p.add_argument("--seed", type=int, default=0, help="seed of the patient split, the folds and the bootstrap")
     p.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples")
+    p.add_argument("--finetune", action="store_true", help="also fine-tune the encoder on every fold")
+    p.add_argument("--finetune-epochs", type=int, default=4, help="fine-tuning epochs (half of them head only)")
     p.add_argument("--address", default=None, help="Ray cluster address (default: a local Ray)")
     p.add_argument("--verbose", action="store_true", help="Ray's own lines too")
     args = p.parse_args()
@@ -45,7 +49,7 @@ def main() -> None:
     output.configure(args.verbose, own_process=True)
 
     from biofm.benchmark import benchmark
-    from biofm.config import ChannelsConfig, PretrainConfig, WindowsConfig, load_config
+    from biofm.config import ChannelsConfig, FinetuneConfig, PretrainConfig, WindowsConfig, load_config
     from biofm.preprocess import build_windows
     from biofm.sources.arrhythmia import patients
     from biofm.sources.vitaldb import DirectorySource
@@ -94,8 +98,11 @@ def main() -> None:
         prepare_task(TASKS[name], raw, work / "tasks" / name, chans, windows, seed=args.seed, address=args.address)
         task_dirs.append(str(work / "tasks" / name))
     t1 = time.perf_counter()
+    finetune = dataclasses.replace(load_config(FinetuneConfig, "configs/finetune_butppg.yaml"), epochs=args.finetune_epochs,
+                                   head_epochs=args.finetune_epochs // 2, batch_size=64, lr=1e-3, head_lr=1e-3)
     report = benchmark([f"pretrained={work / 'foundation_model' / 'best_model.pt'}"], task_dirs, str(work / "benchmark"),
-                       resamples=args.resamples, seed=args.seed, address=args.address)
+                       resamples=args.resamples, seed=args.seed, finetune=finetune if args.finetune else None,
+                       address=args.address)
     timings["benchmark_s"] = round(time.perf_counter() - t1, 1)
     timings["total_s"] = round(time.perf_counter() - t0, 1)
     summary = {"patients": split, "vital_recordings": vital, "pretrain": {"epochs": args.epochs, **result},

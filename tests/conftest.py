@@ -216,9 +216,9 @@ def write_butppg(root: Path, records: dict[str, int], ecg: bool = True, ppg_sign
     return root
 
 
-def write_pretrained(path: Path) -> str:
-    """A pretraining checkpoint in the real format (PPG + ECG, random weights, 2 mixer layers),
-    with the data spec of configs/channels.yaml and windows.yaml."""
+def write_pretrained(path: Path, channels=("PPG", "ECG")) -> str:
+    """A pretraining checkpoint in the real format (random weights, 2 mixer layers; PPG + ECG unless
+    ``channels``), with the data spec of configs/channels.yaml and windows.yaml."""
     import json
 
     from biofm.config import ChannelsConfig, WindowsConfig, load_config
@@ -226,11 +226,11 @@ def write_pretrained(path: Path) -> str:
     from biofm.preprocess import data_spec
     from biofm.train import checkpoint
 
-    cfg = ttm_config(2, num_layers=2)
-    channels = load_config(ChannelsConfig, ROOT / "configs/channels.yaml").select(["PPG", "ECG"])
-    spec = data_spec(channels, load_config(WindowsConfig, ROOT / "configs/windows.yaml"))
+    cfg = ttm_config(len(channels), num_layers=2)
+    specs = load_config(ChannelsConfig, ROOT / "configs/channels.yaml").select(list(channels))
+    spec = data_spec(specs, load_config(WindowsConfig, ROOT / "configs/windows.yaml"))
     desc = {"kind": "masked_signal_model", "ttm_config": json.loads(json.dumps(cfg.to_dict(), default=str)),
-            "channels": ["PPG", "ECG"], "data_spec": spec}
+            "channels": list(channels), "data_spec": spec}
     return checkpoint.save(path, MaskedSignalModel(cfg).state_dict(), desc)
 
 

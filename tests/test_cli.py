@@ -137,7 +137,7 @@ def test_the_main_commands_run_from_any_folder_and_print_only_biofms_lines(ray_s
     verbose = subprocess.run([BIOFM, "--verbose", "prepare-butppg", "--raw-dir", str(REAL_BUTPPG), "--outdir",
                               "but_ppg"], cwd=tmp_path, capture_output=True, text=True, timeout=180)
     assert verbose.returncode == 0 and "Started a local Ray instance" in verbose.stderr, verbose.stderr[-2000:]
-    assert "51/51 records usable" in verbose.stdout
+    assert "[prepare-task] butppg-quality: 51 windows from 51/51 recordings" in verbose.stdout
     offline = subprocess.run([BIOFM, "pipeline", "--set", "api_url=http://127.0.0.1:9"], cwd=tmp_path,
                              capture_output=True, text=True, timeout=120)  # configs/pipeline.yaml, then the source check
     assert offline.returncode == 2 and "cannot reach the VitalDB API" in offline.stderr, offline.stderr[-2000:]

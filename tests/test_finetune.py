@@ -41,7 +41,7 @@ def test_checkpoint_built_for_other_data_is_refused(tmp_path, capsys):
     assert main(args + ["--finetune-channels", "4"]) == 2
     assert "--finetune-channels 4, but the config lists 5" in capsys.readouterr().err
     assert main(args) == 2
-    assert "no BUT-PPG records" in capsys.readouterr().err
+    assert "no labelled windows" in capsys.readouterr().err
 
 
 def test_baselines_are_the_same_fine_tuning_with_other_settings(tmp_path, monkeypatch):
@@ -146,3 +146,71 @@ def test_scratch_starts_from_random_weights_and_pretrained_from_the_checkpoint(t
             assert same == []
     again, _ = build_classifier(dataclasses.replace(FinetuneConfig(), init="scratch"), path, spec)
     assert all(torch.equal(a, b) for a, b in zip(again.state_dict().values(), models["scratch"][0].state_dict().values()))
+
+
+REAL_ARRHYTHMIA = REAL_BUTPPG.parent / "ppg_arrhythmia"
+
+
+@requires_realdata(REAL_ARRHYTHMIA)
+def test_multiclass_fine_tuning_as_the_benchmarks_row_on_the_tasks_own_split(ray_session, tmp_path, capsys):
+    """Six rhythms: a softmax head of 6, the epoch kept by val macro-F1, the benchmark's
+    fine-tuned row equal to the kept model's answers on the test patient; predict and tune refuse it."""
+    from biofm import benchmark as bm
+    from biofm.tasks import TASKS, prepare_task
+    from biofm.train.finetune import load_classifier, predict_outputs
+    from biofm.tune import run_search
+    from biofm.config import TuneSearchConfig
+
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    for f in sorted(REAL_ARRHYTHMIA.glob("MPA_*.mat"))[:4]:
+        (raw / f.name).symlink_to(f)
+    ppg = CHANNELS.select(["PPG"])
+    prepare_task(TASKS["arrhythmia-rhythm"], raw, tmp_path / "task", ppg, WINDOWS, split_ratios=(0.5, 0.25, 0.25))
+    fm = write_pretrained(tmp_path / "fm.pt", channels=("PPG",))
+    cfg = dataclasses.replace(TINY, epochs=3, batch_size=64, lr=1e-3)
+    report = bm.benchmark([f"fm={fm}"], [str(tmp_path / "task")], str(tmp_path / "bench"), resamples=50,
+                          fixed_split=True, finetune=cfg)
+    run = tmp_path / "bench" / "finetune" / "arrhythmia-rhythm" / "fold_0"
+    model, desc = load_classifier(run / "best_model.pt")
+    assert model.head.out_features == 6 and desc["task"]["kind"] == "multiclass" and "threshold" not in desc
+    history = json.loads((run / "training_history.json").read_text())
+    metrics = json.loads((run / "test_metrics.json").read_text())
+    assert history[metrics["best_epoch"] - 1]["val_macro_f1"] == max(h["val_macro_f1"] for h in history)
+    test = read_split(tmp_path / "task" / "test")
+    probs = predict_outputs(model, test["signal"], test["present"], desc)
+    assert probs.shape == (len(test["label"]), 6) and np.allclose(probs.sum(axis=1), 1, atol=1e-5)
+    assert metrics["test"]["macro_f1"] == pytest.approx(bm.metrics("multiclass", test["label"], probs)["macro_f1"])
+    row = report["tasks"]["arrhythmia-rhythm"]["rows"][bm.FINETUNED]
+    assert row["macro_f1"]["value"] == pytest.approx(metrics["test"]["macro_f1"])
+    assert "fine-tuned - random weights" in report["tasks"]["arrhythmia-rhythm"]["differences"]
+    assert main(["predict", "--model", str(run / "best_model.pt"), "--input", str(raw), "--output", str(tmp_path / "p")]) == 2
+    assert "fine-tuned for arrhythmia-rhythm (multiclass): predict rates recordings with a binary model" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match="tune searches binary tasks by val AUROC; arrhythmia-rhythm is multiclass"):
+        run_search(load_config(TuneSearchConfig, ROOT / "configs/tune_finetune.yaml"), cfg, fm, tmp_path / "task",
+                   tmp_path / "tune")
+
+
+@requires_realdata(REAL_BUTPPG)
+def test_regression_fine_tuning_on_the_annotated_heart_rate(ray_session, tmp_path):
+    """A head of one output on the standardised target (train mean and SD in the checkpoint), the
+    epoch kept by val MAE, test MAE in beats per minute."""
+    from biofm import benchmark as bm
+    from biofm.tasks import TASKS, prepare_task
+    from biofm.train.finetune import finetune, load_classifier, predict_outputs
+
+    five = CHANNELS.select(list(ButppgConfig().channels))
+    prepare_task(TASKS["butppg-hr"], REAL_BUTPPG, tmp_path / "task", five, WINDOWS)
+    metrics = finetune(dataclasses.replace(TINY, epochs=3, lr=1e-3), write_pretrained(tmp_path / "fm.pt"),
+                       tmp_path / "task", tmp_path / "out")
+    model, desc = load_classifier(tmp_path / "out" / "best_model.pt")
+    train = read_split(tmp_path / "task" / "train")
+    assert model.head.out_features == 1 and desc["target_mean"] == pytest.approx(train["target"].mean())
+    assert desc["target_std"] == pytest.approx(train["target"].std())
+    history = json.loads((tmp_path / "out" / "training_history.json").read_text())
+    assert history[metrics["best_epoch"] - 1]["val_mae"] == min(h["val_mae"] for h in history)
+    test = read_split(tmp_path / "task" / "test")
+    values = predict_outputs(model, test["signal"], test["present"], desc)
+    assert metrics["test"]["mae"] == pytest.approx(np.mean(np.abs(values - test["target"])))
+    assert metrics["test"]["n"] == len(test["target"]) and 40 < values.mean() < 140  # bpm, not standardised units
+    assert set(metrics["test"]) == {"n", *bm.METRICS["regression"]}

@@ -29,12 +29,15 @@ Pearson r. Output::
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import time
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 
 from biofm import storage
 from biofm.errors import ConfigError
@@ -44,7 +47,7 @@ METRICS = {"binary": ("auroc", "auprc", "f1", "balanced_accuracy"),
            "multiclass": ("macro_f1", "balanced_accuracy", "micro_auroc"),
            "regression": ("mae", "rmse", "pearson_r")}
 HEADLINE = {"binary": "auroc", "multiclass": "macro_f1", "regression": "mae"}
-RANDOM, HANDCRAFTED, TRIVIAL = "random weights", "hand-crafted", "trivial"
+RANDOM, HANDCRAFTED, TRIVIAL, FINETUNED = "random weights", "hand-crafted", "trivial", "fine-tuned"
 C_GRID = (1e-3, 1e-2, 1e-1, 1.0, 10.0)           # logistic regression: inverse regularisation
 ALPHA_GRID = (1e-1, 1.0, 10.0, 100.0, 1000.0)    # ridge: regularisation
 
@@ -236,27 +239,27 @@ def _read(task_dir: str) -> tuple[Task, dict, list[str]]:
     parts = []
     for d in dirs:
         t = storage.read_table(list(storage.list_files(d, ".parquet")),
-                               columns=["case_id", "window_idx", "subject_id", task.column, "signal"])
+                               columns=["case_id", "window_idx", "subject_id", task.column, "signal", "present"])
         parts.append((storage.name(d), t))
     from biofm.preprocess import read_data_spec
 
     spec = read_data_spec(dirs[0])
     ppg = spec["channels"].index("PPG") if "PPG" in spec["channels"] else 0
-    case = np.concatenate([t.column("case_id").to_numpy(zero_copy_only=False).astype(str) for _, t in parts])
-    idx = np.concatenate([t.column("window_idx").to_numpy() for _, t in parts])
-    order = np.lexsort((idx, case))
-    values = np.concatenate([t.column(task.column).to_numpy(zero_copy_only=False) for _, t in parts])
-    data = {"case_id": case[order], "window_idx": idx[order],
-            "subject_id": np.concatenate([t.column("subject_id").to_numpy(zero_copy_only=False).astype(str)
-                                          for _, t in parts])[order],
-            "split": np.concatenate([[s] * t.num_rows for s, t in parts])[order],
-            "y": (values.astype(np.float64) if task.kind == "regression" else values.astype(np.int64))[order],
-            "ppg": np.concatenate([t.column("signal").combine_chunks().to_numpy_ndarray()[:, ppg] for _, t in parts])[order],
-            "spec": spec}
-    keep = np.isfinite(data["y"]) if task.kind == "regression" else (data["y"] >= 0) & (data["y"] < len(task.classes))
-    data["dropped"] = int((~keep).sum())
-    for k in ("case_id", "window_idx", "subject_id", "split", "y", "ppg"):
-        data[k] = data[k][keep]
+    table = pa.concat_tables([t.append_column("split", pa.array([s] * t.num_rows)) for s, t in parts])
+    case = table.column("case_id").to_numpy(zero_copy_only=False).astype(str)
+    table = table.take(np.lexsort((table.column("window_idx").to_numpy(), case)))
+    values = table.column(task.column).to_numpy(zero_copy_only=False)
+    keep = (np.isfinite(values.astype(np.float64)) if task.kind == "regression"
+            else (values >= 0) & (values < len(task.classes)))
+    table = table.filter(pa.array(keep))
+    data = {"case_id": table.column("case_id").to_numpy(zero_copy_only=False).astype(str),
+            "window_idx": table.column("window_idx").to_numpy(),
+            "subject_id": table.column("subject_id").to_numpy(zero_copy_only=False).astype(str),
+            "split": table.column("split").to_numpy(zero_copy_only=False).astype(str),
+            "y": table.column(task.column).to_numpy().astype(np.float64 if task.kind == "regression" else np.int64),
+            "ppg": table.column("signal").combine_chunks().to_numpy_ndarray()[:, ppg],
+            "spec": spec, "dropped": int((~keep).sum()),
+            "table": table.drop_columns(["split"]).replace_schema_metadata(parts[0][1].schema.metadata)}
     check_labels(task, data["y"], data["subject_id"], task_dir)
     return task, data, dirs
 
@@ -315,9 +318,12 @@ def _embeddings(folder: str, data: dict) -> np.ndarray:
 
 
 def benchmark(encoders: list[str], task_dirs: list[str], output: str, folds: int = 5, resamples: int = 1000,
-              seed: int = 0, fixed_split: bool = False, batch_size: int = 256, address: str | None = None) -> dict:
+              seed: int = 0, fixed_split: bool = False, batch_size: int = 256, finetune=None,
+              address: str | None = None) -> dict:
     """Benchmark ``encoders`` (checkpoint paths, or ``NAME=PATH``) on ``task_dirs``; writes
-    ``output`` (module docstring) and returns the report."""
+    ``output`` (module docstring) and returns the report. ``finetune``: a
+    :class:`~biofm.config.FinetuneConfig`, to add the first encoder fine-tuned with it (its
+    channels: the task's) as the ``fine-tuned`` row, on the same folds."""
     import ray
 
     from biofm.infer import embed, encoder_description
@@ -331,9 +337,13 @@ def benchmark(encoders: list[str], task_dirs: list[str], output: str, folds: int
     names: dict[str, str] = {}
     for e in encoders:
         names[_row_name(e, set(names))] = e.partition("=")[2] if "=" in e and not re.search(r"[/\\]", e.partition("=")[0]) else e
-    if RANDOM in names or HANDCRAFTED in names or TRIVIAL in names:
-        raise ConfigError(f"an encoder may not be named {RANDOM!r}, {HANDCRAFTED!r} or {TRIVIAL!r}: those are the baselines")
+    if {RANDOM, HANDCRAFTED, TRIVIAL, FINETUNED} & set(names):
+        raise ConfigError(f"an encoder may not be named {RANDOM!r}, {HANDCRAFTED!r}, {TRIVIAL!r} or {FINETUNED!r}: "
+                          "those are the benchmark's own rows")
     descriptions = {n: encoder_description(p) for n, p in names.items()}
+    first_name = next(iter(names))
+    if finetune is not None and descriptions[first_name]["kind"] != "masked_signal_model":
+        raise ConfigError(f"--finetune fine-tunes the first encoder, {first_name}: it must be a pretraining checkpoint")
     tasks = {}
     for d in task_dirs:
         task, data, dirs = _read(storage.normalize(d))
@@ -342,8 +352,9 @@ def benchmark(encoders: list[str], task_dirs: list[str], output: str, folds: int
         for n, desc in descriptions.items():
             check_data_spec(desc["data_spec"], data["spec"], where=f"task {task.name} ({d}) vs the encoder {n}")
         tasks[task.name] = (task, data, dirs)
-    first = next(iter(descriptions.values()))
-    rows = [*names, RANDOM, HANDCRAFTED, TRIVIAL]
+    first = descriptions[first_name]
+    models = [*names, *([FINETUNED] if finetune is not None else [])]
+    rows = [*models, RANDOM, HANDCRAFTED, TRIVIAL]
     checkpoints = {**names, RANDOM: random_encoder(first, storage.join(output, "encoders", "random_weights.pt"), seed)}
     ensure_ray(address)
     probe, trivial = ray.remote(num_cpus=1)(_probe_fold), ray.remote(num_cpus=1)(_trivial_fold)
@@ -365,15 +376,18 @@ def benchmark(encoders: list[str], task_dirs: list[str], output: str, folds: int
         features[HANDCRAFTED] = ray.get(hand)
         features[TRIVIAL] = np.zeros((len(data["y"]), 1))
         pending = {}
-        for row in rows:
+        for row in [r for r in rows if r != FINETUNED]:
             x = ray.put(features[row].astype(np.float64))
             for f in sorted(set(fold[fold >= 0].tolist())):
                 train, test = np.flatnonzero(fold != f), np.flatnonzero(fold == f)  # fixed split: fold -1 trains
                 fn = trivial if row == TRIVIAL else probe
                 pending[row, f] = (test, fn.remote(kind, x, data["y"], data["subject_id"], train, test, n_classes, seed + f))
         tested = np.flatnonzero(fold >= 0)
-        predictions, chosen = {}, {}
-        for row in rows:
+        predictions, chosen = {}, {FINETUNED: {}}
+        if finetune is not None:
+            predictions[FINETUNED] = _finetuned(finetune, names[first_name], task, data, fold, dirs[0].rsplit("/", 1)[0],
+                                                storage.join(output, "finetune", name), address)
+        for row in [r for r in rows if r != FINETUNED]:
             shape = (len(data["y"]),) if kind != "multiclass" else (len(data["y"]), n_classes)
             pred = np.full(shape, np.nan)
             chosen[row] = {}
@@ -391,8 +405,8 @@ def benchmark(encoders: list[str], task_dirs: list[str], output: str, folds: int
             table[row]["regularisation"] = {str(f): v for f, v in chosen[row].items()}
         head = HEADLINE[kind]
         differences = {}
-        for a in names:
-            for b in [n for n in names if n > a] + [RANDOM, HANDCRAFTED]:
+        for i, a in enumerate(models):
+            for b in models[i + 1:] + [RANDOM, HANDCRAFTED]:
                 diff = boot[a][head] - boot[b][head]
                 differences[f"{a} - {b}"] = {"metric": head, "value": table[a][head]["value"] - table[b][head]["value"],
                                              **interval(diff)}
@@ -416,14 +430,44 @@ def benchmark(encoders: list[str], task_dirs: list[str], output: str, folds: int
     return report
 
 
+def _finetuned(cfg, pretrained: str, task: Task, data: dict, fold: np.ndarray, task_dir: str, folder: str,
+               address: str | None) -> np.ndarray:
+    """The staged fine-tuning recipe as a row: per test fold, fine-tuned on the other folds (the
+    next fold picks the epoch), predicting the test fold; with the task's own split (fold -1
+    trains), one run on the task's folders. Returns the predictions ``[N]`` (or ``[N, K]``)."""
+    import pyarrow.compute as pc
+
+    from biofm.train.finetune import finetune, load_classifier, predict_outputs
+
+    cfg = dataclasses.replace(cfg, channels=tuple(data["spec"]["channels"]))
+    folds = sorted(set(fold[fold >= 0].tolist()))
+    pred = np.full((len(fold), len(task.classes)) if task.kind == "multiclass" else len(fold), np.nan)
+    for f in folds:
+        run = storage.join(folder, f"fold_{f}")
+        if -1 in fold:  # the task's own split
+            data_dir = task_dir
+        else:
+            val_fold = folds[(folds.index(f) + 1) % len(folds)]
+            data_dir = storage.join(run, "data")
+            for split, mask in (("train", (fold != f) & (fold != val_fold)), ("val", fold == val_fold), ("test", fold == f)):
+                part = data["table"].filter(pa.array(mask))
+                storage.write(storage.join(data_dir, split, "windows.parquet"), lambda out: pq.write_table(part, out))
+        print(f"[benchmark] {task.name}: fine-tuning for fold {f + 1}/{len(folds)}", flush=True)
+        finetune(cfg, pretrained, data_dir, run, address=address)
+        model, description = load_classifier(storage.join(run, "best_model.pt"))
+        test = data["table"].filter(pa.array(fold == f))
+        signal = test.column("signal").combine_chunks().to_numpy_ndarray().astype(np.float32)
+        present = np.array(pc.list_flatten(test.column("present")).to_numpy(zero_copy_only=False), bool).reshape(len(signal), -1)
+        out = predict_outputs(model, signal, present, description)
+        pred[fold == f] = out[:, 1] if task.kind == "binary" else out
+    return pred
+
+
 def _slug(row: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", row)
 
 
 def _write_predictions(path: str, data: dict, fold: np.ndarray, predictions: dict, task: Task) -> None:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
     columns = {"case_id": data["case_id"], "window_idx": data["window_idx"], "subject_id": data["subject_id"],
                "fold": fold, task.column: data["y"]}
     for row, pred in predictions.items():

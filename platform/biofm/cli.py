@@ -191,11 +191,14 @@ def _predict(args) -> int:
 
 
 def _benchmark(args) -> int:
+    from biofm.config import FinetuneConfig, load_config
+
+    finetune = load_config(FinetuneConfig, args.finetune) if args.finetune else None
     _output_folder(args.output, "--output")
     from biofm.benchmark import benchmark
 
     benchmark(args.encoder, args.tasks, args.output, folds=args.folds, resamples=args.resamples, seed=args.seed,
-              fixed_split=args.fixed_split, batch_size=args.batch_size, address=args.address)
+              fixed_split=args.fixed_split, batch_size=args.batch_size, finetune=finetune, address=args.address)
     return 0
 
 
@@ -528,6 +531,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resamples", type=COUNT, default=1000, help="bootstrap resamples of subjects")
     p.add_argument("--seed", type=int, default=0, help="seed of the folds, the bootstrap and the random weights")
     p.add_argument("--batch-size", type=COUNT, default=256, help="windows per model call")
+    p.add_argument("--finetune", nargs="?", const="configs/finetune_butppg.yaml", default=None, metavar="CONFIG",
+                   help="also fine-tune the first encoder on every fold, in stages, with this fine-tuning YAML "
+                   "(its channels: the task's; default configs/finetune_butppg.yaml)")
     p.add_argument("--address", default=None, help=ADDRESS_HELP)
     p.set_defaults(func=_benchmark)
 

@@ -258,7 +258,8 @@ class FinetuneConfig:
     ``unfreeze_last_n = 0`` is a linear probe. ``init``: ``pretrained`` or ``scratch`` (same
     architecture, random weights, everything trained). ``inflation``: how the new channels'
     weights start (``preserve``, ``mean``, ``random``). ``class_balance``: ``weighted`` loss,
-    balanced ``sampler``, or ``none``.
+    balanced ``sampler`` (binary tasks), or ``none``. ``regression_loss``: ``huber`` or ``mse`` on
+    the standardised target (regression tasks).
     """
 
     channels: tuple[str, ...] = ("ACC_X", "ACC_Y", "ACC_Z", "PPG", "ECG")
@@ -273,6 +274,7 @@ class FinetuneConfig:
     weight_decay: float = 0.01
     batch_size: int = 32
     class_balance: str = "weighted"
+    regression_loss: str = "huber"
     dropout: float = 0.1
     grad_clip: float = 1.0
     amp: bool = True
@@ -285,7 +287,7 @@ class FinetuneConfig:
 
     def __post_init__(self):
         choices = {"init": ("pretrained", "scratch"), "inflation": ("preserve", "mean", "random"),
-                   "class_balance": ("weighted", "sampler", "none")}
+                   "class_balance": ("weighted", "sampler", "none"), "regression_loss": ("huber", "mse")}
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
                 raise ValueError(f"{key} must be one of {', '.join(allowed)}, got {getattr(self, key)!r}")

@@ -152,7 +152,7 @@ def embed(checkpoint_path: str, data_dir: str | list[str], output: str, batch_si
     from biofm.train.batches import scan
 
     t0 = time.perf_counter()
-    dirs = [storage.normalize(d) for d in ([data_dir] if isinstance(data_dir, str) else data_dir)]
+    dirs = [storage.normalize(d) for d in (data_dir if isinstance(data_dir, (list, tuple)) else [data_dir])]
     output = storage.normalize(output)
     target = storage.join(output, "embeddings")
     if storage.list_files(target):
@@ -366,6 +366,10 @@ def predict(model_path: str, input_dir: str, output: str, batch_size: int = 256,
     from biofm.train.finetune import load_classifier
 
     description = load_classifier(model_path)[1]  # a checkpoint it cannot load is refused before Ray starts
+    task = description.get("task", {"name": "butppg-quality", "kind": "binary"})
+    if task["kind"] != "binary":
+        raise BiofmError(f"{model_path} was fine-tuned for {task['name']} ({task['kind']}): predict rates recordings "
+                         "with a binary model (PPG quality); use biofm benchmark or embed for other tasks")
     channels, windows = model_preprocessing(description)
     source, ids = recordings_in(input_dir)
     ensure_ray(address)

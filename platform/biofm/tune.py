@@ -27,7 +27,7 @@ import yaml
 
 from biofm import output, storage
 from biofm.config import FinetuneConfig, TuneSearchConfig, from_dict, to_jsonable
-from biofm.errors import BiofmError
+from biofm.errors import BiofmError, ConfigError
 
 STATE = "biofm_search.json"
 
@@ -93,6 +93,13 @@ def run_search(tcfg: TuneSearchConfig, base: FinetuneConfig, pretrained: str | P
     from biofm.preprocess import ensure_ray
 
     exp_dir, pretrained, data_dir = storage.join(output_dir, name), storage.normalize(pretrained), storage.normalize(data_dir)
+    from biofm.train.finetune import _data_task
+
+    if storage.list_files(storage.join(data_dir, "train"), ".parquet"):
+        task = _data_task(storage.join(data_dir, "train"))
+        if task["kind"] != "binary":
+            raise ConfigError(f"tune searches binary tasks by val AUROC; {task['name']} is {task['kind']}: "
+                              "fine-tune it with biofm finetune")
     if resume and not storage.is_file(storage.join(exp_dir, STATE)):
         raise BiofmError(f"nothing to resume in {exp_dir}")
     if not resume and storage.exists(exp_dir):

@@ -1,7 +1,7 @@
 """Channel inflation (2 -> 5 channels) and the PPG-quality classifier on the TTM encoder.
 
 Shapes: signals ``[B, C, T]``, ``present`` ``[B, C]`` (False = the channel is absent, zeros),
-latents ``[B, C, P, D]``, logits ``[B, 2]``.
+latents ``[B, C, P, D]``, logits ``[B, K]`` (K classes, or 1 for a regression target).
 
 Only TTM's channel-mixing blocks have weights sized by the channel count C: per mixer layer a
 gate ``attn_layer`` (Linear C -> C, softmax over channels) and an MLP over channels (``fc1``:
@@ -97,7 +97,7 @@ def pool(latents: torch.Tensor, present: torch.Tensor | None = None) -> torch.Te
 
 class Classifier(nn.Module):
     """Encoder -> latents ``[B, C, P, D]`` -> :func:`pool` ``[B, D]`` -> batch norm without affine
-    parameters -> dropout -> linear -> logits ``[B, 2]``. The norm (MAE's linear probing)
+    parameters -> dropout -> linear -> logits ``[B, K]``. The norm (MAE's linear probing)
     standardises each feature, so the head learns at the same pace whatever the scale of the
     encoder's features: without it, a few hundred steps left the head near its random start."""
 

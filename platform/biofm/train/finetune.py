@@ -1,11 +1,15 @@
-"""Staged fine-tuning of the inflated TTM encoder for PPG quality on BUT-PPG, on Ray Train.
+"""Staged fine-tuning of the inflated TTM encoder on a labelled task (BUT-PPG quality by default),
+on Ray Train.
 
-:func:`finetune` builds the classifier on the driver (inflating the pretrained 2-channel encoder
-to the data's channels, or a random one for ``init = scratch``), streams ``<data_dir>/{train,val}``
-through Ray Data into :func:`train_loop`, keeps the checkpoint with the best val AUROC, picks the
-decision threshold on val, and evaluates once on test. Stage 1 trains the head only, stage 2 the
-head and the last N mixer layers. BUT-PPG is small (3,888 records, about 100 MB): every worker
-holds its splits in memory (:mod:`biofm.train.batches`) and reshuffles them every epoch.
+:func:`finetune` builds the model on the driver (inflating the pretrained encoder to the data's
+channels, or a random one for ``init = scratch``) with a head for the task's kind (:mod:`biofm.tasks`):
+binary and multiclass (softmax, class-weighted cross-entropy), regression (one output on the
+standardised target, Huber or MSE loss). It streams ``<data_dir>/{train,val}`` into
+:func:`train_loop`, keeps the checkpoint with the best val figure (:data:`SELECTION`), picks a
+binary task's decision threshold on val, and evaluates once on test. Stage 1 trains the head
+only, stage 2 the head and the last N mixer layers. Tasks are small (BUT-PPG: 3,888 records,
+about 100 MB): every worker holds its splits in memory (:mod:`biofm.train.batches`) and
+reshuffles them every epoch.
 """
 
 from __future__ import annotations
@@ -26,38 +30,69 @@ from biofm.model.classifier import Classifier, inflate_encoder
 from biofm.model.ssl import Encoder
 from biofm.train import checkpoint
 from biofm.train.batches import WaitClock, WindowBatches, data_wait_note, scan
+from biofm.benchmark import METRICS, metrics as task_metrics
 from biofm.train.metrics import choose_threshold, classification_metrics, classifier_warnings
 from biofm.train.ray_run import (RUN_NAME, check_run_dir, fit, mixed_precision, report_epoch, restored_training,
                                  seed_epoch, worker_print)
 from biofm.train.tracking import Tracker
 
+SELECTION = {"binary": ("val_auroc", "max"), "multiclass": ("val_macro_f1", "max"), "regression": ("val_mae", "min")}
+BUTPPG_QUALITY = {"name": "butppg-quality", "kind": "binary", "classes": ["poor", "good"]}  # data made before tasks
+
+
+def task_of(description: dict) -> dict:
+    """The task a fine-tuned model (or a fine-tuning run) was made for (:class:`biofm.tasks.Task` as a dict)."""
+    return description.get("task", BUTPPG_QUALITY)
+
+
+def outputs_for(task: dict) -> int:
+    """The head's outputs: one per class, or one value."""
+    return 1 if task["kind"] == "regression" else len(task["classes"])
+
 def read_split(split_dir: str | Path) -> dict[str, np.ndarray]:
     """A task's split read whole (they are small): ``signal [N, C, T]``, ``present [N, C]``,
-    ``label [N]``, ``case_id [N]``."""
+    ``label [N]`` int64 (or ``target [N]`` float64), ``case_id [N]``."""
     files = list(storage.list_files(split_dir, ".parquet"))
     if not files:
-        raise BiofmError(f"no BUT-PPG records in {split_dir}: run `biofm prepare-butppg` first")
-    table = storage.read_table(files, columns=["case_id", "label", "signal", "present"])
+        raise BiofmError(f"no labelled windows in {split_dir}: write the task with `biofm prepare-task` "
+                         "(BUT-PPG: `biofm prepare-butppg`)")
+    names = storage.read_metadata(files[0]).schema.names
+    if "case_id" not in names:
+        raise BiofmError(f"{split_dir} was prepared by an older biofm (no case_id column): prepare it again")
+    value = "target" if "target" in names else "label"
+    table = storage.read_table(files, columns=["case_id", value, "signal", "present"])
     return {"signal": table.column("signal").combine_chunks().to_numpy_ndarray().astype(np.float32),
             "present": _present(table.column("present").to_pylist()),
-            "label": table.column("label").to_numpy().astype(np.int64),
+            value: table.column(value).to_numpy().astype(np.float64 if value == "target" else np.int64),
             "case_id": np.array(table.column("case_id").to_pylist())}
 
 
 @torch.no_grad()
-def predict(model: Classifier, signal: np.ndarray, present: np.ndarray, batch_size: int = 64, device="cpu") -> np.ndarray:
-    """Probability of "good" ``[N]`` for ``signal [N, C, T]``."""
+def predict_outputs(model: Classifier, signal: np.ndarray, present: np.ndarray, description: dict,
+                    batch_size: int = 64, device="cpu") -> np.ndarray:
+    """The model's answers for ``signal [N, C, T]``: class probabilities ``[N, K]``, or a
+    regression task's values ``[N]`` in the target's units."""
     model.eval()
     out = []
     for i in range(0, len(signal), batch_size):
         x = torch.from_numpy(signal[i:i + batch_size]).to(device)
         m = torch.from_numpy(present[i:i + batch_size]).to(device)
-        out.append(torch.softmax(model(x, m).float(), dim=-1)[:, 1].cpu())
-    return torch.cat(out).numpy() if out else np.zeros(0)
+        out.append(model(x, m).float().cpu())
+    logits = torch.cat(out) if out else torch.zeros(0, outputs_for(task_of(description)))
+    if task_of(description)["kind"] == "regression":
+        return logits[:, 0].numpy() * description["target_std"] + description["target_mean"]
+    return torch.softmax(logits, dim=-1).numpy()
 
 
-def build_classifier(cfg: FinetuneConfig, pretrained: str | Path | None, data_spec: dict) -> tuple[Classifier, dict]:
-    """The classifier for ``data_spec``'s channels and its description (for checkpoints).
+def predict(model: Classifier, signal: np.ndarray, present: np.ndarray, batch_size: int = 64, device="cpu") -> np.ndarray:
+    """A binary model's probability of class 1 ("good" for BUT-PPG quality) ``[N]`` for ``signal [N, C, T]``."""
+    return predict_outputs(model, signal, present, {}, batch_size, device)[:, 1]
+
+
+def build_classifier(cfg: FinetuneConfig, pretrained: str | Path | None, data_spec: dict,
+                     task: dict | None = None) -> tuple[Classifier, dict]:
+    """The model for ``data_spec``'s channels and ``task`` (default: BUT-PPG quality), and its
+    description (for checkpoints).
 
     ``init = pretrained`` inflates the encoder of ``pretrained`` (a pretraining checkpoint,
     whose data spec must match: rate, window, filters); ``scratch`` builds the same architecture
@@ -87,11 +122,12 @@ def build_classifier(cfg: FinetuneConfig, pretrained: str | Path | None, data_sp
     else:
         torch.manual_seed(cfg.seed)
         encoder = Encoder(TinyTimeMixerConfig.from_dict({**ttm.to_dict(), "num_input_channels": len(channels)}))
+    task = task or BUTPPG_QUALITY
     torch.manual_seed(cfg.seed)
-    model = Classifier(encoder, dropout=cfg.dropout)
+    model = Classifier(encoder, num_classes=outputs_for(task), dropout=cfg.dropout)
     description = {"kind": "ppg_quality_classifier", "ttm_config": json.loads(json.dumps(encoder.config.to_dict(), default=str)),
                    "channels": channels, "data_spec": data_spec, "pretrained": str(pretrained), "init": cfg.init,
-                   "inflation": cfg.inflation, "pretrained_channels": old}
+                   "inflation": cfg.inflation, "pretrained_channels": old, "task": task}
     return model, description
 
 
@@ -103,12 +139,20 @@ def load_classifier(path: str | Path) -> tuple[Classifier, dict]:
     desc = blob["description"]
     if desc.get("kind") != "ppg_quality_classifier":
         raise BiofmError(f"{path} is not a fine-tuned classifier")
-    model = Classifier(Encoder(TinyTimeMixerConfig.from_dict(desc["ttm_config"])))
+    model = Classifier(Encoder(TinyTimeMixerConfig.from_dict(desc["ttm_config"])), num_classes=outputs_for(task_of(desc)))
     if "norm.running_mean" not in blob["model"]:
         raise BiofmError(f"{path} was fine-tuned by an older biofm, whose classifier had no feature norm: "
                          "fine-tune it again")
     model.load_state_dict(blob["model"])
     return model.eval(), desc
+
+
+def _data_task(split_dir: str) -> dict:
+    """The task of a prepared split (BUT-PPG quality for a folder prepared before tasks were)."""
+    from biofm.tasks import TASK_KEY, read_task
+
+    metadata = storage.read_metadata(next(iter(storage.list_files(split_dir, ".parquet")))).metadata or {}
+    return dataclasses.asdict(read_task(split_dir)) if TASK_KEY in metadata else BUTPPG_QUALITY
 
 
 def _present(column) -> np.ndarray:
@@ -149,7 +193,9 @@ def train_loop(config: dict) -> None:
     rank = ctx.get_world_rank()
     device = ray.train.torch.get_device()
     desc = config["description"]
-    model = Classifier(Encoder(TinyTimeMixerConfig.from_dict(desc["ttm_config"])), dropout=cfg.dropout)
+    kind = task_of(desc)["kind"]
+    model = Classifier(Encoder(TinyTimeMixerConfig.from_dict(desc["ttm_config"])), num_classes=outputs_for(task_of(desc)),
+                       dropout=cfg.dropout)
     model.load_state_dict(config["state"])
     autocast, scaler = mixed_precision(cfg.amp, device)
     state = {"epoch": 0, "history": [], "stage": 1, "attempts": 0}
@@ -165,8 +211,8 @@ def train_loop(config: dict) -> None:
             worker_print(f"[finetune] continuing from the checkpoint of epoch {state['epoch']}")
     state["attempts"] += 1
     model.to(device)
-    criterion = torch.nn.CrossEntropyLoss(weight=torch.tensor(config["class_weights"], dtype=torch.float32, device=device))
-    columns, world = ["signal", "present", "label"], ctx.get_world_size()
+    criterion = _criterion(kind, cfg, config["class_weights"], desc, device)
+    columns, world = ["signal", "present", "target" if kind == "regression" else "label"], ctx.get_world_size()
     train_batches = WindowBatches(config["train"], columns, cfg.batch_size, train=True, seed=cfg.seed, rank=rank,
                                   world=world, cache_mb=math.inf, repeat=config["repeat"], device=device)
     val_batches = WindowBatches(config["val"], columns, cfg.batch_size, rank=rank, world=world, cache_mb=math.inf,
@@ -188,56 +234,95 @@ def train_loop(config: dict) -> None:
         model.train()  # a frozen encoder stays in eval mode (Classifier.train)
         sums, clock = np.zeros(3), WaitClock(train_batches.epoch(epoch))
         for batch in clock:
-            x, m, y = batch["signal"], batch["present"], batch["label"]
+            x, m, y = batch["signal"], batch["present"], batch[columns[2]]
             with autocast():
                 logits = ddp(x, m)
-            loss = criterion(logits.float(), y)
+            total, weight = criterion(logits.float(), y)
+            loss = total / weight.clamp(min=1e-12)
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.unscale_(optimizer)
             torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg.grad_clip)
             scaler.step(optimizer)
             scaler.update()
-            sums += [loss.item() * len(y), (logits.argmax(-1) == y).sum().item(), len(y)]
+            correct = (logits.argmax(-1) == y).sum().item() if kind != "regression" else 0
+            sums += [loss.item() * len(y), correct, len(y)]
         ingest = clock.metrics()
-        probs, labels = [], []
+        answers, truths = [], []
         model.eval()
         with torch.no_grad():
             for batch in val_batches.epoch(epoch):
-                probs.append(torch.softmax(model(batch["signal"], batch["present"]).float(), -1)[:, 1].cpu().numpy())
-                labels.append(batch["label"].cpu().numpy())
-        p = _gather(np.concatenate(probs) if probs else np.zeros(0))
-        y = _gather(np.concatenate(labels) if labels else np.zeros(0, np.int64))
+                answers.append(model(batch["signal"], batch["present"]).float().cpu())
+                truths.append(batch[columns[2]].cpu().numpy())
+        logits = torch.cat(answers) if answers else torch.zeros(0, outputs_for(task_of(desc)))
+        y = _gather(np.concatenate(truths) if truths else np.zeros(0))
         loss_sum, correct, n = (float(v) for v in _gather(sums[None]).sum(axis=0))
-        val = classification_metrics(y, p, choose_threshold(y, p))
-        w = np.asarray(config["class_weights"])[y]  # the weighted mean, as CrossEntropyLoss(weight=...)
-        val_loss = float(np.sum(-w * np.log(np.clip(np.where(y == 1, p, 1 - p), 1e-7, 1))) / max(w.sum(), 1e-12))
-        auroc = val["auroc"] if np.isfinite(val["auroc"]) else 0.5
-        metrics = {"epoch": epoch + 1, "stage": stage, "train_loss": loss_sum / max(n, 1), "train_accuracy": correct / max(n, 1),
-                   "val_loss": val_loss, "val_auroc": auroc, "val_auprc": val["auprc"],
-                   "val_balanced_accuracy": val["balanced_accuracy"], "val_f1_good": val["f1_good"],
-                   "val_accuracy": val["accuracy"], "records_per_s": n / ingest["train_s"], **ingest,
-                   "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
-                   "attempt": state["attempts"]}
+        total, weight = criterion(logits, torch.as_tensor(np.concatenate(truths) if truths else np.zeros(0)))
+        total, weight = _gather(np.array([[total.item(), weight.item()]])).sum(axis=0)
+        val_loss = float(total / max(weight, 1e-12))  # the weighted mean, as the training loss
+        metrics = {"epoch": epoch + 1, "stage": stage, "train_loss": loss_sum / max(n, 1), "val_loss": val_loss}
+        if kind == "regression":
+            pred = _gather(logits[:, 0].numpy() * desc["target_std"] + desc["target_mean"])
+            val = {}
+            metrics |= {f"val_{k}": v for k, v in task_metrics(kind, y, pred).items()}
+        elif kind == "multiclass":
+            val = {}
+            metrics |= {"train_accuracy": correct / max(n, 1),
+                        **{f"val_{k}": v for k, v in task_metrics(kind, y.astype(np.int64),
+                                                                  _gather(torch.softmax(logits, -1).numpy())).items()}}
+        else:
+            p, y = _gather(torch.softmax(logits, -1)[:, 1].numpy()), y.astype(np.int64)
+            val = classification_metrics(y, p, choose_threshold(y, p))
+            metrics |= {"train_accuracy": correct / max(n, 1), "val_auroc": val["auroc"] if np.isfinite(val["auroc"]) else 0.5,
+                        "val_auprc": val["auprc"], "val_balanced_accuracy": val["balanced_accuracy"],
+                        "val_f1_good": val["f1_good"], "val_accuracy": val["accuracy"]}
+        metrics |= {"records_per_s": n / ingest["train_s"], **ingest,
+                    "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
+                    "attempt": state["attempts"]}
         state.update(epoch=epoch + 1, stage=stage)
-        state["history"].append({**metrics, "val_confusion": val["confusion"]})  # [[tn, fp], [fn, tp]]
+        state["history"].append({**metrics, **({"val_confusion": val["confusion"]} if val else {})})  # [[tn, fp], [fn, tp]]
         report_epoch(metrics, rank, lambda path: checkpoint.save(
             path, model.state_dict(), desc, {**state, "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict()}))
         if rank == 0:
             tracker.log(metrics, epoch + 1)
+            shown = (f"val AUROC {metrics['val_auroc']:.3f} balanced acc {val['balanced_accuracy']:.3f}" if val else
+                     ", ".join(f"val {k} {metrics[f'val_{k}']:.3f}" for k in METRICS[kind]))
             worker_print(f"[finetune] epoch {epoch + 1}/{cfg.epochs} stage {stage} train loss "
-                         f"{metrics['train_loss']:.4f} val AUROC {auroc:.3f} balanced acc {val['balanced_accuracy']:.3f}, "
-                         f"{data_wait_note(metrics)}")
+                         f"{metrics['train_loss']:.4f} {shown}, {data_wait_note(metrics)}")
     if tracker:
         tracker.close()
 
 
-def class_weights(class_balance: str, labels: np.ndarray) -> list[float]:
-    """The cross-entropy weights ``[poor, good]``: with ``weighted`` balance ``n / (2 n_class)``
-    (each class weighs as much in the loss), else ``[1, 1]``."""
+def _criterion(kind: str, cfg: FinetuneConfig, weights: list[float], desc: dict, device):
+    """``loss(logits [B, K], y [B]) -> (sum, weight)`` over a batch; the loss is ``sum / weight``.
+    Classes: cross-entropy weighted by ``weights`` (per class; the weight is theirs summed, as
+    ``CrossEntropyLoss(weight=...)`` averages). Regression: Huber (or MSE: ``cfg.regression_loss``)
+    on the target standardised by the training split's mean and SD (the weight is the count)."""
+    import torch.nn.functional as F
+
+    if kind == "regression":
+        mean, std = desc["target_mean"], desc["target_std"]
+        fn = F.huber_loss if cfg.regression_loss == "huber" else F.mse_loss
+
+        def loss(logits, y):
+            per = fn(logits[:, 0], (y.to(logits.device, logits.dtype) - mean) / std, reduction="none")
+            return per.sum(), torch.tensor(float(len(y)), device=logits.device)
+    else:
+        w = torch.tensor(weights, dtype=torch.float32, device=device)
+
+        def loss(logits, y):
+            y, wd = y.to(logits.device, torch.int64), w.to(logits.device)
+            return F.cross_entropy(logits, y, weight=wd, reduction="none").sum(), wd[y].sum()
+    return loss
+
+
+def class_weights(class_balance: str, labels: np.ndarray, classes: int = 2) -> list[float]:
+    """The cross-entropy weights per class: with ``weighted`` balance ``n / (K n_class)`` (each
+    class weighs as much in the loss; 0 for a class without records), else all 1."""
     if class_balance != "weighted":
-        return [1.0, 1.0]
-    return (len(labels) / (2 * np.bincount(labels, minlength=2))).tolist()
+        return [1.0] * classes
+    counts = np.bincount(labels, minlength=classes)
+    return np.where(counts > 0, len(labels) / (classes * np.maximum(counts, 1)), 0.0).tolist()
 
 
 def oversampling(class_balance: str, labels: np.ndarray) -> np.ndarray | None:
@@ -262,57 +347,81 @@ def finetune(cfg: FinetuneConfig, pretrained: str | Path | None, data_dir: str |
     ray_dir = check_run_dir(output_dir, resume, "fine-tuning", run_name)
     for split in ("train", "val", "test"):
         if not storage.list_files(split_dir(split), ".parquet"):
-            raise BiofmError(f"no BUT-PPG records in {split_dir(split)}: run `biofm prepare-butppg` first")
+            raise BiofmError(f"no labelled windows in {split_dir(split)}: write the task with `biofm prepare-task` "
+                             "(BUT-PPG: `biofm prepare-butppg`)")
     train, val, test = (scan(split_dir(s)) for s in ("train", "val", "test"))
     for split, other in (("val", val), ("test", test)):
         if not same_data(other.spec, train.spec):
             raise ConfigError(f"{data_dir}/{split} was made with other settings than {data_dir}/train")
-    model, description = build_classifier(cfg, pretrained, train.spec)
-    train_labels = storage.read_table(list(train.files), columns=["label"]).column("label").to_numpy().astype(np.int64)
-    counts = np.bincount(train_labels, minlength=2)
-    if counts.min() == 0:
-        raise BiofmError(f"{data_dir}/train has only one class ({counts.tolist()} poor/good records)")
-    weights = class_weights(cfg.class_balance, train_labels)
+    task = _data_task(split_dir("train"))
+    model, description = build_classifier(cfg, pretrained, train.spec, task)
+    values = read_split(split_dir("train"))["target" if task["kind"] == "regression" else "label"]
+    if task["kind"] == "regression":
+        if not len(values) or np.std(values) == 0:
+            raise BiofmError(f"{data_dir}/train: the target has no spread ({len(values)} windows): nothing to learn")
+        description.update(target_mean=float(np.mean(values)), target_std=float(np.std(values)))
+        weights, repeat = [], None
+    else:
+        counts = np.bincount(values, minlength=len(task["classes"]))
+        if (counts > 0).sum() < 2:
+            raise BiofmError(f"{data_dir}/train has only one class ({dict(zip(task['classes'], counts.tolist()))})")
+        if cfg.class_balance == "sampler" and task["kind"] != "binary":
+            raise ConfigError(f"class_balance sampler oversamples one minority class: a binary task's; {task['name']} "
+                              "is multiclass (use weighted)")
+        weights, repeat = class_weights(cfg.class_balance, values, len(task["classes"])), oversampling(cfg.class_balance, values)
     ensure_ray(address)
     loop_config = {"cfg": dataclasses.asdict(cfg), "state": model.state_dict(), "description": description,
-                   "class_weights": weights, "train": train, "val": val, "output_dir": output_dir,
-                   "repeat": oversampling(cfg.class_balance, train_labels)}
-    best, history = fit(train_loop, loop_config, cfg, ray_dir, "val_auroc", "max", run_name, callbacks)
+                   "class_weights": weights, "train": train, "val": val, "output_dir": output_dir, "repeat": repeat}
+    best, history = fit(train_loop, loop_config, cfg, ray_dir, *SELECTION[task["kind"]], run_name, callbacks)
     return write_artifacts(output_dir, best, history, cfg, data_dir, pretrained)
 
 
 def write_artifacts(output_dir: str, best: dict, history: list[dict], cfg: FinetuneConfig, data_dir: str,
                     pretrained) -> dict:
-    """Threshold on val, metrics on test; best_model.pt, training_history.json,
-    training_config.json, test_metrics.json, roc_curve.png, learning_curves.png."""
+    """Metrics on val and test (a binary task's threshold chosen on val); best_model.pt,
+    training_history.json, training_config.json, test_metrics.json, learning_curves.png (and a
+    binary task's roc_curve.png)."""
     from biofm.train.plots import plot_history, plot_roc
 
-    model = Classifier(Encoder(_config(best)))
+    task = task_of(best["description"])
+    kind = task["kind"]
+    model = Classifier(Encoder(_config(best)), num_classes=outputs_for(task))
     model.load_state_dict(best["model"])
     val, test = read_split(storage.join(data_dir, "val")), read_split(storage.join(data_dir, "test"))
-    p_val = predict(model, val["signal"], val["present"])
-    threshold = choose_threshold(val["label"], p_val)
-    p_test = predict(model, test["signal"], test["present"])
-    metrics = {"test": classification_metrics(test["label"], p_test, threshold),
-               "val": classification_metrics(val["label"], p_val, threshold),
-               "best_epoch": best["training"]["epoch"], "threshold_from": "val (Youden's J)"}
-    metrics["warnings"] = classifier_warnings(metrics["val"], "val") + classifier_warnings(metrics["test"], "test")
-    description = {**best["description"], "threshold": threshold}
     out = functools.partial(storage.join, output_dir)
+    description, threshold = best["description"], None
+    if kind == "binary":
+        p_val = predict(model, val["signal"], val["present"])
+        threshold = choose_threshold(val["label"], p_val)
+        p_test = predict(model, test["signal"], test["present"])
+        metrics = {"test": classification_metrics(test["label"], p_test, threshold),
+                   "val": classification_metrics(val["label"], p_val, threshold),
+                   "best_epoch": best["training"]["epoch"], "threshold_from": "val (Youden's J)"}
+        metrics["warnings"] = classifier_warnings(metrics["val"], "val") + classifier_warnings(metrics["test"], "test")
+        description = {**description, "threshold": threshold}
+        plot_roc({"val": (val["label"], p_val), "test": (test["label"], p_test)}, out("roc_curve.png"))
+        curves, loss_name = ("AUROC / balanced accuracy", ("val_auroc", "val_balanced_accuracy")), "cross-entropy"
+        m = metrics["test"]
+        line = (f"test ({m['n']} records, {m['positives']} good): AUROC {m['auroc']:.3f} AUPRC {m['auprc']:.3f} "
+                f"balanced acc {m['balanced_accuracy']:.3f} F1(good) {m['f1_good']:.3f} at threshold {threshold:.3f}")
+    else:
+        column = "target" if kind == "regression" else "label"
+        metrics = {split: {"n": int(len(d[column])), **task_metrics(kind, d[column], predict_outputs(
+                       model, d["signal"], d["present"], description))} for split, d in (("test", test), ("val", val))}
+        metrics |= {"best_epoch": best["training"]["epoch"], "warnings": []}
+        curves = (" / ".join(METRICS[kind][:2]), tuple(f"val_{k}" for k in METRICS[kind][:2]))
+        loss_name = f"{cfg.regression_loss} (standardised target)" if kind == "regression" else "cross-entropy"
+        line = f"test ({metrics['test']['n']} windows): " + ", ".join(f"{k} {metrics['test'][k]:.3f}" for k in METRICS[kind])
     checkpoint.save(out("best_model.pt"), best["model"], description)
     storage.write_text(out("training_history.json"), json.dumps(history, indent=1))
     storage.write_text(out("training_config.json"), json.dumps(
-        {**to_jsonable(cfg), "pretrained": str(pretrained), "data_dir": data_dir,
+        {**to_jsonable(cfg), "pretrained": str(pretrained), "data_dir": data_dir, "task": task,
          "best_epoch": best["training"]["epoch"], "threshold": threshold}, indent=1))
     storage.write_text(out("test_metrics.json"), json.dumps(metrics, indent=1))
-    plot_roc({"val": (val["label"], p_val), "test": (test["label"], p_test)}, out("roc_curve.png"))
     stage2 = next((h["epoch"] for h in history if h["stage"] == 2), None)
-    plot_history(history, {"loss": ("cross-entropy", ("train_loss", "val_loss")),
-                           "validation": ("AUROC / balanced accuracy", ("val_auroc", "val_balanced_accuracy"))},
+    plot_history(history, {"loss": (loss_name, ("train_loss", "val_loss")), "validation": curves},
                  out("learning_curves.png"), (stage2, "stage 2 starts") if stage2 else None)
-    m = metrics["test"]
-    print(f"[finetune] test ({m['n']} records, {m['positives']} good): AUROC {m['auroc']:.3f} AUPRC {m['auprc']:.3f} "
-          f"balanced acc {m['balanced_accuracy']:.3f} F1(good) {m['f1_good']:.3f} at threshold {threshold:.3f}", flush=True)
+    print(f"[finetune] {line}", flush=True)
     for warning in metrics["warnings"]:
         print(f"[finetune] warning: {warning}", flush=True)
     return metrics
