@@ -34,6 +34,7 @@ import pyarrow.parquet as pq
 from biofm import storage
 from biofm.config import ChannelSpec, WindowsConfig
 from biofm.errors import CaseSkipped, ConfigError, NothingProduced
+from biofm.sources.arrhythmia import RHYTHMS
 
 TASK_KEY = b"biofm_task"
 KINDS = ("binary", "multiclass", "regression")
@@ -67,12 +68,6 @@ class Task:
         return "target" if self.kind == "regression" else "label"
 
 
-def _rhythms():
-    from biofm.sources.arrhythmia import RHYTHMS
-
-    return RHYTHMS
-
-
 TASKS = {t.name: t for t in (
     Task("butppg-quality", "binary", "butppg", "BUT-PPG: the experts' PPG quality rating (quality-hr-ann.csv, Quality)",
          classes=("poor", "good"), channels=None),
@@ -81,7 +76,7 @@ TASKS = {t.name: t for t in (
     Task("arrhythmia-af", "binary", "arrhythmia", "PPG arrhythmia set: atrial fibrillation against every other rhythm",
          classes=("other rhythm", "AF")),
     Task("arrhythmia-rhythm", "multiclass", "arrhythmia", "PPG arrhythmia set: the six rhythms, read from the ECG",
-         classes=("sinus", "PVC", "PAC", "VT", "SVT", "AF")),
+         classes=RHYTHMS),
 )}
 
 
@@ -158,7 +153,7 @@ def _butppg_windows(item: str, task: Task, raw_dir: Path, channels, cfg, values:
 
 
 def _arrhythmia_windows(item: str, task: Task, raw_dir: Path, channels, cfg):
-    from biofm.sources.arrhythmia import RATE_HZ, RHYTHMS, SEGMENT_S, read_patient
+    from biofm.sources.arrhythmia import RATE_HZ, SEGMENT_S, read_patient
 
     segments, rhythms = read_patient(raw_dir, item)
     out, skipped = [], Counter()
