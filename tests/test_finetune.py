@@ -3,8 +3,10 @@ real BUT-PPG subset."""
 
 from __future__ import annotations
 
+import csv
 import dataclasses
 import json
+from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -13,7 +15,7 @@ import torch
 
 from biofm.cli import main
 from biofm.config import ButppgConfig, ChannelsConfig, FinetuneConfig, WindowsConfig, load_config
-from biofm.errors import ConfigError
+from biofm.errors import BiofmError, ConfigError
 from biofm.preprocess import data_spec
 from biofm.train import checkpoint, transfer
 from biofm.train.finetune import build_classifier, class_weights, oversampling, read_split
@@ -154,7 +156,8 @@ REAL_ARRHYTHMIA = REAL_BUTPPG.parent / "ppg_arrhythmia"
 @requires_realdata(REAL_ARRHYTHMIA)
 def test_multiclass_fine_tuning_as_the_benchmarks_row_on_the_tasks_own_split(ray_session, tmp_path, capsys):
     """Six rhythms: a softmax head of 6, the epoch kept by val macro-F1, the benchmark's
-    fine-tuned row equal to the kept model's answers on the test patient; predict and tune refuse it."""
+    fine-tuned row equal to the kept model's answers on the test patient; predict refuses it, a
+    Tune search judges it by val macro-F1."""
     from biofm import benchmark as bm
     from biofm.tasks import TASKS, prepare_task
     from biofm.train.finetune import load_classifier, predict_outputs
@@ -186,9 +189,16 @@ def test_multiclass_fine_tuning_as_the_benchmarks_row_on_the_tasks_own_split(ray
     assert "fine-tuned - random weights" in report["tasks"]["arrhythmia-rhythm"]["differences"]
     assert main(["predict", "--model", str(run / "best_model.pt"), "--input", str(raw), "--output", str(tmp_path / "p")]) == 2
     assert "fine-tuned for arrhythmia-rhythm (multiclass): predict rates recordings with a binary model" in capsys.readouterr().err
-    with pytest.raises(ConfigError, match="tune searches binary tasks by val AUROC; arrhythmia-rhythm is multiclass"):
-        run_search(load_config(TuneSearchConfig, ROOT / "configs/tune_finetune.yaml"), cfg, fm, tmp_path / "task",
-                   tmp_path / "tune")
+    # a search on it is judged by val macro-F1, and says so
+    search = TuneSearchConfig(num_samples=1, max_epochs=2, grace_period=1, search={"lr": {"choice": [1e-3]}})
+    with pytest.raises(BiofmError, match=r"the data has channels \['PPG'\], the fine-tuning config \['ACC_X'"):
+        run_search(search, TINY, fm, tmp_path / "task", tmp_path / "tune")
+    exp = Path(run_search(search, dataclasses.replace(cfg, channels=("PPG",)), fm, tmp_path / "task", tmp_path / "tune"))
+    (trial,) = list(csv.DictReader((exp / "trials.csv").read_text().splitlines()))
+    ran = json.loads(next((exp / "trials").glob("*/training_history.json")).read_text())
+    assert float(trial["best_val_macro_f1"]) == pytest.approx(max(h["val_macro_f1"] for h in ran))
+    assert "test_macro_f1" in trial and (exp / "val_macro_f1_by_epoch.png").is_file()
+    assert "val macro-F1" in (exp / "best_config.yaml").read_text().splitlines()[0]
 
 
 @requires_realdata(REAL_BUTPPG)

@@ -224,7 +224,7 @@ def test_report_shows_where_each_trial_stopped(tmp_path):
     (exp / "trials" / "aaaaa_00005" / "test_metrics.json").write_text(json.dumps({"test": {"auroc": 0.625}}))
     summary = analyse(exp, prefix="[x]")
     assert summary == {"trials": 6, "completed": 3, "stopped_early": 1, "errors": 2, "best_trial": "aaaaa_00000",
-                       "best_val_auroc": 0.75, "best_params": {"lr": 1e-4}}
+                       "metric": "val_auroc", "best": 0.75, "best_params": {"lr": 1e-4}}  # an experiment from before tasks
     rows = list(csv.reader((exp / "trials.csv").read_text().splitlines()))
     assert rows[0][:8] == ["trial", "status", "epochs", "best_val_auroc", "best_epoch", "best_val_loss", "test_auroc",
                            "failures"]
@@ -250,7 +250,7 @@ def test_the_learning_rate_panel_has_readable_ticks(monkeypatch, tmp_path):
     monkeypatch.setattr(plots, "save_png", lambda fig, path, dpi=100: figures.append(fig))
     trials = [{"trial": f"t{i}", "status": "completed", "history": [(1, 0.5 + i / 10)], "best_val_auroc": 0.5 + i / 10,
                "params": {"lr": lr, "init": "scratch"}} for i, lr in enumerate([1e-5, 1e-4, 1e-3])]
-    tune._plots(str(tmp_path), trials, ["init", "lr"])
+    tune._plots(str(tmp_path), trials, ["init", "lr"], "val_auroc")
     lr_axis = figures[1].axes[1]
     assert lr_axis.get_xscale() == "log" and lr_axis.get_xlabel() == "lr"
     labels = [t for t in lr_axis.get_xticklabels(minor=False) if t.get_text()]

@@ -203,12 +203,12 @@ def _benchmark(args) -> int:
 
 
 def _tune_report(args) -> int:
-    from biofm.tune import analyse
+    from biofm.tune import SHOWN, analyse
 
     summary = analyse(args.experiment)
     print(f"[tune-report] {summary['trials']} trials: {summary['completed']} completed, "
           f"{summary['stopped_early']} stopped early, {summary['errors']} failed"
-          + (f"; best {summary['best_trial']} (val AUROC {summary['best_val_auroc']:.4f}) -> "
+          + (f"; best {summary['best_trial']} ({SHOWN[summary['metric']]} {summary['best']:.4f}) -> "
              f"{args.experiment}/best_config.yaml" if "best_trial" in summary else ""))
     return 0
 
@@ -457,7 +457,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of the folds")
     p.set_defaults(func=_finetune_cv)
 
-    p = sub.add_parser("tune", help="search fine-tuning schedules with Ray Tune (ASHA on val AUROC)",
+    p = sub.add_parser("tune", help="search fine-tuning schedules with Ray Tune (ASHA on the task's val figure: AUROC, macro-F1 or MAE)",
                        description="One fine-tuning run per trial; poor schedules stop early. --resume "
                                    "finishes an interrupted experiment without rerunning completed trials.")
     p.add_argument("--config", default="configs/tune_finetune.yaml", help=CONFIG_HELP)

@@ -2,7 +2,8 @@
 
 :func:`run_search` launches one Ray Train fine-tuning run per trial (the documented
 Train-inside-Tune pattern: :func:`biofm.train.finetune.finetune` with Tune's report callback),
-stops poor schedules early with ASHA on val AUROC, and resumes an interrupted experiment.
+stops poor schedules early with ASHA on the task's val figure (AUROC for binary tasks, macro-F1
+for multiclass, MAE for regression: ``finetune.SELECTION``), and resumes an interrupted experiment.
 :func:`analyse` reads an experiment folder with plain files only (no Ray), so it works on a
 folder copied from a cluster, or in place under a URI: a sorted table of trials, the best config as a YAML that
 ``biofm finetune --config`` accepts, and PNGs.
@@ -11,7 +12,8 @@ folder copied from a cluster, or in place under a URI: a sorted table of trials,
         biofm_search.json                    the search config and the base fine-tuning config
         <trial folders>/params.json, result.json, error.txt   written by Tune
         trials/<trial_id>/                   the trial's fine-tuning run and artifacts
-        trials.csv, best_config.yaml, val_auroc_by_epoch.png, val_auroc_vs_hyperparameters.png
+        trials.csv, best_config.yaml, <metric>_by_epoch.png, <metric>_vs_hyperparameters.png
+                                             (<metric>: val_auroc, val_macro_f1 or val_mae)
 """
 
 from __future__ import annotations
@@ -27,9 +29,10 @@ import yaml
 
 from biofm import output, storage
 from biofm.config import FinetuneConfig, TuneSearchConfig, from_dict, to_jsonable
-from biofm.errors import BiofmError, ConfigError
+from biofm.errors import BiofmError
 
 STATE = "biofm_search.json"
+SHOWN = {"val_auroc": "val AUROC", "val_macro_f1": "val macro-F1", "val_mae": "val MAE"}
 
 
 def param_space(search: dict) -> dict:
@@ -93,13 +96,8 @@ def run_search(tcfg: TuneSearchConfig, base: FinetuneConfig, pretrained: str | P
     from biofm.preprocess import ensure_ray
 
     exp_dir, pretrained, data_dir = storage.join(output_dir, name), storage.normalize(pretrained), storage.normalize(data_dir)
-    from biofm.train.finetune import _data_task
+    from biofm.train.finetune import SELECTION, _data_task
 
-    if storage.list_files(storage.join(data_dir, "train"), ".parquet"):
-        task = _data_task(storage.join(data_dir, "train"))
-        if task["kind"] != "binary":
-            raise ConfigError(f"tune searches binary tasks by val AUROC; {task['name']} is {task['kind']}: "
-                              "fine-tune it with biofm finetune")
     if resume and not storage.is_file(storage.join(exp_dir, STATE)):
         raise BiofmError(f"nothing to resume in {exp_dir}")
     if not resume and storage.exists(exp_dir):
@@ -107,12 +105,20 @@ def run_search(tcfg: TuneSearchConfig, base: FinetuneConfig, pretrained: str | P
                          "another --output-dir / --name")
     if not storage.is_file(pretrained):
         raise BiofmError(f"pretrained checkpoint not found: {pretrained}")
-    if not storage.is_dir(storage.join(data_dir, "train")):
-        raise BiofmError(f"no BUT-PPG records in {data_dir}: run `biofm prepare-butppg` first")
+    if not storage.list_files(storage.join(data_dir, "train"), ".parquet"):
+        raise BiofmError(f"no labelled windows in {data_dir}/train: write the task with `biofm prepare-task` "
+                         "(BUT-PPG: `biofm prepare-butppg`)")
+    metric, mode = SELECTION[_data_task(storage.join(data_dir, "train"))["kind"]]
+    from biofm.preprocess import read_data_spec
+
+    channels = read_data_spec(storage.join(data_dir, "train"))["channels"]
+    if list(base.channels) != channels:  # said once here, not by every trial that fails on it
+        raise BiofmError(f"the data has channels {channels}, the fine-tuning config {list(base.channels)}")
     base_dict = trial_base(tcfg, base)
     if not resume:
         storage.write_text(storage.join(exp_dir, STATE), json.dumps(
-            {"search": to_jsonable(tcfg), "base": base_dict, "pretrained": pretrained, "data_dir": data_dir}, indent=1))
+            {"search": to_jsonable(tcfg), "base": base_dict, "pretrained": pretrained, "data_dir": data_dir,
+             "metric": metric, "mode": mode}, indent=1))
     # Tune saves the experiment state (which trials finished) at most every 5 s, and copies it to
     # the experiment folder at most every sync_period (below): an interruption loses at most that
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "5")
@@ -129,7 +135,7 @@ def run_search(tcfg: TuneSearchConfig, base: FinetuneConfig, pretrained: str | P
             trainable,
             param_space=param_space(search),
             tune_config=tune.TuneConfig(
-                metric="val_auroc", mode="max", num_samples=1 if tcfg.mode == "grid" else tcfg.num_samples,
+                metric=metric, mode=mode, num_samples=1 if tcfg.mode == "grid" else tcfg.num_samples,
                 # ASHA puts a rung at max_t when max_t / grace_period is a power of the reduction
                 # factor; a trial stopped there, at its last epoch, would never write its artifacts.
                 # max_t = max_epochs - 1 keeps every rung before the last epoch, and
@@ -158,6 +164,9 @@ def load_trials(exp_dir: str) -> tuple[dict, list[dict]]:
     if not storage.is_file(state_file):
         raise BiofmError(f"{exp_dir} is not a biofm tune experiment (no {STATE})")
     state = json.loads(storage.read_text(state_file))
+    state.setdefault("metric", "val_auroc")  # experiments from before tasks searched BUT-PPG quality
+    state.setdefault("mode", "max")
+    metric, sign = state["metric"], 1.0 if state["mode"] == "max" else -1.0
     max_epochs = state["search"]["max_epochs"]
     trials = []
     for folder in storage.list_dirs(exp_dir):
@@ -169,7 +178,7 @@ def load_trials(exp_dir: str) -> tuple[dict, list[dict]]:
             return storage.read_text(files[name]) if name in files else ""
 
         results = [json.loads(line) for line in read("result.json").splitlines() if line.strip()]
-        results = [r for r in results if "val_auroc" in r]
+        results = [r for r in results if metric in r]
         error = read("error.txt").strip()
         # Tune writes "Failure # n (occurred at <date>)" per failure (a rerun on --resume keeps
         # counting, and keeps only its own); a trial retried after one (its node lost) and
@@ -179,26 +188,28 @@ def load_trials(exp_dir: str) -> tuple[dict, list[dict]]:
         recovered = bool(error and failed_at and results and results[-1].get("date", "") > max(failed_at))
         epochs = max((r["epoch"] for r in results), default=0)
         status = "error" if error and not recovered else "completed" if epochs >= max_epochs else "stopped early"
-        best = max(results, key=lambda r: (r["val_auroc"], -r.get("val_loss", 0.0)), default=None)
+        best = max(results, key=lambda r: (sign * r[metric], -r.get("val_loss", 0.0)), default=None)
         trials.append({
             "trial": results[0]["trial_id"] if results else _trial_id(storage.name(folder)), "folder": storage.name(folder),
             "params": json.loads(read("params.json")),
-            "status": status, "epochs": epochs, "best_val_auroc": best["val_auroc"] if best else float("nan"),
+            "status": status, "epochs": epochs, f"best_{metric}": best[metric] if best else float("nan"),
             "best_epoch": best["epoch"] if best else 0,
             "best_val_loss": best.get("val_loss", float("nan")) if best else float("nan"),
-            "test_auroc": _test_auroc(storage.join(exp_dir, "trials", results[0]["trial_id"])) if results else float("nan"),
-            "history": [(r["epoch"], r["val_auroc"]) for r in results],
+            f"test_{metric[4:]}": _test_figure(storage.join(exp_dir, "trials", results[0]["trial_id"]), metric[4:])
+            if results else float("nan"),
+            "history": [(r["epoch"], r[metric]) for r in results],
             "failures": max((int(n) for n, _ in failures), default=int(bool(error))), "error": error.splitlines()[-1] if error and not recovered else ""})
-    # ties on val AUROC (frequent on small val splits) go to the lower val loss at that epoch
-    trials.sort(key=lambda t: (t["status"] == "error", -t["best_val_auroc"] if t["epochs"] else 1.0,
+    # ties (frequent on small val splits) go to the lower val loss at that epoch
+    trials.sort(key=lambda t: (t["status"] == "error", -sign * t[f"best_{metric}"] if t["epochs"] else float("inf"),
                                t["best_val_loss"] if t["epochs"] else 0.0, t["trial"]))
     return state, trials
 
 
-def _test_auroc(trial_run: str) -> float:
-    """The test AUROC of a trial's fine-tuning run (written by trials that ran to their end)."""
+def _test_figure(trial_run: str, name: str) -> float:
+    """A test figure (``auroc``, ``macro_f1``, ``mae``) of a trial's fine-tuning run (written by
+    trials that ran to their end)."""
     path = storage.join(trial_run, "test_metrics.json")
-    return json.loads(storage.read_text(path))["test"]["auroc"] if storage.is_file(path) else float("nan")
+    return json.loads(storage.read_text(path))["test"][name] if storage.is_file(path) else float("nan")
 
 
 def _trial_id(folder_name: str) -> str:
@@ -213,41 +224,43 @@ def analyse(exp_dir: str | Path, prefix: str = "[tune-report]") -> dict:
     state, trials = load_trials(exp_dir)
     if not trials:
         raise BiofmError(f"{exp_dir} holds no trials yet")
+    metric = state["metric"]
+    best_key, test_key = f"best_{metric}", f"test_{metric[4:]}"
     keys = sorted({k for t in trials for k in t["params"]})
-    for line in format_table(trials, keys).splitlines():
+    for line in format_table(trials, keys, metric).splitlines():
         print(f"{prefix} {line}")
     table = io.StringIO(newline="")
     w = csv.writer(table)
-    w.writerow(["trial", "status", "epochs", "best_val_auroc", "best_epoch", "best_val_loss", "test_auroc", "failures",
-                *keys, "error"])
+    w.writerow(["trial", "status", "epochs", best_key, "best_epoch", "best_val_loss", test_key, "failures", *keys, "error"])
     for t in trials:
-        w.writerow([t["trial"], t["status"], t["epochs"], t["best_val_auroc"], t["best_epoch"], t["best_val_loss"],
-                    t["test_auroc"], t["failures"],
+        w.writerow([t["trial"], t["status"], t["epochs"], t[best_key], t["best_epoch"], t["best_val_loss"],
+                    t[test_key], t["failures"],
                     *[t["params"].get(k) for k in keys], t["error"]])
     storage.write_text(storage.join(exp_dir, "trials.csv"), table.getvalue())
     ok = [t for t in trials if t["status"] != "error" and t["epochs"] > 0]
     summary = {"trials": len(trials), "completed": sum(t["status"] == "completed" for t in trials),
                "stopped_early": sum(t["status"] == "stopped early" for t in trials),
-               "errors": sum(t["status"] == "error" for t in trials)}
+               "errors": sum(t["status"] == "error" for t in trials), "metric": metric}
     if ok:
         best = ok[0]
         config = to_jsonable(trial_config(state["base"], best["params"]))
-        header = (f"# Best schedule of {storage.name(exp_dir)}: trial {best['trial']}, val AUROC {best['best_val_auroc']:.4f} "
+        header = (f"# Best schedule of {storage.name(exp_dir)}: trial {best['trial']}, {SHOWN[metric]} {best[best_key]:.4f} "
                   f"at epoch {best['best_epoch']} (ties: the lower val loss).\n# Use it with: biofm finetune --config <this file>\n")
         storage.write_text(storage.join(exp_dir, "best_config.yaml"), header + yaml.safe_dump(config, sort_keys=False))
-        summary.update(best_trial=best["trial"], best_val_auroc=best["best_val_auroc"], best_params=best["params"])
-        _plots(exp_dir, ok, keys)
+        summary.update(best_trial=best["trial"], best=best[best_key], best_params=best["params"])
+        _plots(exp_dir, ok, keys, metric)
     return summary
 
 
-def format_table(trials: list[dict], keys: list[str]) -> str:
+def format_table(trials: list[dict], keys: list[str], metric: str = "val_auroc") -> str:
     def show(v):
         return f"{v:.3g}" if isinstance(v, float) else str(v)
 
-    rows = [["trial", "status", "epochs", "best val AUROC", "val loss there", "test AUROC", *keys]]
-    rows += [[t["trial"], t["status"], str(t["epochs"]), f"{t['best_val_auroc']:.4f}" if t["epochs"] else "-",
+    best_key, test_key = f"best_{metric}", f"test_{metric[4:]}"
+    rows = [["trial", "status", "epochs", f"best {SHOWN[metric]}", "val loss there", SHOWN[metric].replace("val", "test"), *keys]]
+    rows += [[t["trial"], t["status"], str(t["epochs"]), f"{t[best_key]:.4f}" if t["epochs"] else "-",
               f"{t['best_val_loss']:.4f}" if t["epochs"] else "-",
-              "-" if t["test_auroc"] != t["test_auroc"] else f"{t['test_auroc']:.4f}",  # nan: no test run
+              "-" if t[test_key] != t[test_key] else f"{t[test_key]:.4f}",  # nan: no test run
               *[show(t["params"].get(k)) for k in keys]]
              for t in trials]
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
@@ -256,7 +269,7 @@ def format_table(trials: list[dict], keys: list[str]) -> str:
     return "\n".join(lines)
 
 
-def _plots(exp_dir: str, trials: list[dict], keys: list[str]) -> None:
+def _plots(exp_dir: str, trials: list[dict], keys: list[str], metric: str) -> None:
     from biofm.train.plots import plt, save_png  # plots sets the Agg backend before pyplot loads
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
@@ -265,16 +278,16 @@ def _plots(exp_dir: str, trials: list[dict], keys: list[str]) -> None:
         line, = ax.plot(epochs, auroc, marker=".", label=f"{t['trial']} ({t['status']})")
         if t["status"] == "stopped early":
             ax.plot(epochs[-1], auroc[-1], "x", color=line.get_color(), ms=9)
-    ax.set(xlabel="epoch", ylabel="val AUROC", title="val AUROC per trial (x: stopped early)")
+    ax.set(xlabel="epoch", ylabel=SHOWN[metric], title=f"{SHOWN[metric]} per trial (x: stopped early)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
-    save_png(fig, storage.join(exp_dir, "val_auroc_by_epoch.png"))
+    save_png(fig, storage.join(exp_dir, f"{metric}_by_epoch.png"))
 
     fig, axes = plt.subplots(1, max(1, len(keys)), figsize=(3.2 * max(1, len(keys)), 3.2), squeeze=False)
     for ax, key in zip(axes[0], keys):
         values = [t["params"][key] for t in trials]
-        y = [t["best_val_auroc"] for t in trials]
+        y = [t[f"best_{metric}"] for t in trials]
         if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
             ax.scatter(values, y)
             if key in ("lr", "head_lr", "weight_decay") and min(values) > 0:
@@ -284,7 +297,7 @@ def _plots(exp_dir: str, trials: list[dict], keys: list[str]) -> None:
             labels = sorted({str(v) for v in values})
             ax.scatter([labels.index(str(v)) for v in values], y)
             ax.set_xticks(range(len(labels)), labels, rotation=30, fontsize=8)
-        ax.set(xlabel=key, ylabel="best val AUROC")
+        ax.set(xlabel=key, ylabel=f"best {SHOWN[metric]}")
         ax.grid(alpha=0.3)
     fig.tight_layout()
-    save_png(fig, storage.join(exp_dir, "val_auroc_vs_hyperparameters.png"))
+    save_png(fig, storage.join(exp_dir, f"{metric}_vs_hyperparameters.png"))
