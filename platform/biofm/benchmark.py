@@ -11,7 +11,8 @@ folds, and bootstrap confidence intervals, against honest baselines.
    task's own split (train + val against test). Every row uses the same folds.
 4. Per row and fold, a Ray task fits the probe on the training folds only: logistic regression
    (classes balanced) or ridge regression on standardised features, its regularisation chosen by
-   a subject-wise inner CV inside the training folds (log loss, or squared error).
+   a subject-wise inner CV inside the training folds (log loss, or squared error). Every task's
+   probes are submitted before the first is awaited: they run while the next task embeds.
 5. The out-of-fold predictions are pooled, and 95% confidence intervals come from resampling
    subjects with replacement (``resamples`` times, seeded; the same draws for every row, so the
    difference of two rows gets its own paired interval).
@@ -364,8 +365,8 @@ def benchmark(encoders: list[str], task_dirs: list[str], output: str, folds: int
                         "regression": f"ridge, alpha in {list(ALPHA_GRID)}",
                         "chosen_by": "subject-wise 3-fold inner CV on the training folds (log loss / squared error)"},
               "tasks": {}}
+    submitted = {}  # every task's probes are Ray tasks, submitted before the first is awaited
     for name, (task, data, dirs) in tasks.items():
-        kind, n_classes = task.kind, len(task.classes)
         fold = _folds(task, data, folds, seed, fixed_split)
         hand = handcrafted.remote(data["ppg"], data["spec"]["sample_rate_hz"], tuple(data["spec"]["filters"]["PPG"]["band_hz"]))
         features = {}
@@ -373,15 +374,20 @@ def benchmark(encoders: list[str], task_dirs: list[str], output: str, folds: int
             folder = storage.join(output, "embeddings", name, _slug(row))
             embed(checkpoints[row], dirs, folder, batch_size=batch_size, address=address)
             features[row] = _embeddings(folder, data)
-        features[HANDCRAFTED] = ray.get(hand)
+        features[HANDCRAFTED] = hand
         features[TRIVIAL] = np.zeros((len(data["y"]), 1))
         pending = {}
         for row in [r for r in rows if r != FINETUNED]:
-            x = ray.put(features[row].astype(np.float64))
+            x = features[row] if row == HANDCRAFTED else ray.put(features[row].astype(np.float64))
             for f in sorted(set(fold[fold >= 0].tolist())):
                 train, test = np.flatnonzero(fold != f), np.flatnonzero(fold == f)  # fixed split: fold -1 trains
                 fn = trivial if row == TRIVIAL else probe
-                pending[row, f] = (test, fn.remote(kind, x, data["y"], data["subject_id"], train, test, n_classes, seed + f))
+                pending[row, f] = (test, fn.remote(task.kind, x, data["y"], data["subject_id"], train, test,
+                                                   len(task.classes), seed + f))
+        submitted[name] = fold, pending
+    for name, (task, data, dirs) in tasks.items():
+        kind, n_classes = task.kind, len(task.classes)
+        fold, pending = submitted[name]
         tested = np.flatnonzero(fold >= 0)
         predictions, chosen = {}, {FINETUNED: {}}
         if finetune is not None:
