@@ -152,3 +152,28 @@ def test_benchmark_end_to_end_on_a_real_task_with_two_encoders(ray_session, tmp_
     other = checkpoint.save(tmp_path / "other.pt", blob["model"], blob["description"])
     with pytest.raises(ConfigError, match=r"task arrhythmia-af .* vs the encoder other: PPG filter .* differs"):
         bm.benchmark([other], [str(task_dir)], str(tmp_path / "bench2"))
+
+
+def test_encoder_rows_are_named_by_flag_or_folder_and_a_name_twice_is_refused():
+    assert bm._encoder_row("a=/x/y.pt", set()) == ("a", "/x/y.pt")
+    assert bm._encoder_row("/r/foundation_model/best_model.pt", {"foundation_model"}) == \
+        ("foundation_model_2", "/r/foundation_model/best_model.pt")
+    assert bm._encoder_row("/tmp/enc.pt", set()) == ("enc", "/tmp/enc.pt")
+    with pytest.raises(ConfigError, match="the name 'a' is given twice"):
+        bm._encoder_row("a=/z.pt", {"a"})
+
+
+def test_handcrafted_features_of_a_pulse_at_a_known_rate():
+    """Beat rate and regularity, template match and band shares of band-passed PPG at 125 Hz."""
+    from biofm.signals import HANDCRAFTED, bandpass, handcrafted_features
+    from conftest import heartbeat_signals
+
+    windows = np.stack([bandpass(heartbeat_signals(10.0, 125.0, hr_bpm=hr, seed=i)[0], 125.0, (0.5, 10.0))
+                        for i, hr in enumerate((60.0, 90.0))])
+    f = dict(zip(HANDCRAFTED, handcrafted_features(windows, 125.0).T))
+    np.testing.assert_allclose(f["hr_bpm"], [60.0, 90.0], rtol=0.05)
+    assert (f["beats"] >= [9, 14]).all() and (f["ibi_sd_ms"] < 60).all() and (f["template_match"] > 0.9).all()
+    # 60 bpm puts harmonics on the band edges (1, 2, 4 Hz): each counted once, the shares sum to 1
+    np.testing.assert_allclose(f["power_0.5-1_hz"] + f["power_1-2_hz"] + f["power_2-4_hz"] + f["power_4-8_hz"], 1, atol=0.05)
+    noise = handcrafted_features(bandpass(np.random.default_rng(0).standard_normal((1, 1250)), 125.0, (0.5, 10.0)), 125.0)
+    assert noise[0, HANDCRAFTED.index("template_match")] < 0.8  # 0.70 for this noise: no beat repeats

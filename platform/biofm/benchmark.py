@@ -282,16 +282,21 @@ def _folds(task: Task, data: dict, k: int, seed: int, fixed: bool) -> np.ndarray
     return np.array([fold_of[s] for s in data["subject_id"]])
 
 
-def _row_name(path: str, taken: set) -> str:
-    name, sep, rest = path.partition("=")
+def _encoder_row(text: str, taken: set) -> tuple[str, str]:
+    """``NAME=PATH`` or ``PATH`` -> ``(row name, checkpoint path)``; an unnamed checkpoint is named
+    after its folder (``.../foundation_model/best_model.pt`` -> ``foundation_model``), numbered
+    if that is taken; a name given twice is refused."""
+    name, sep, path = text.partition("=")
     if sep and not re.search(r"[/\\]", name):
-        return name
-    p = Path(path)
-    name = p.parent.name if p.name in ("best_model.pt", "model.pt") else p.stem
-    base, i = name or "encoder", 2
+        if name in taken:
+            raise ConfigError(f"--encoder: the name {name!r} is given twice")
+        return name, path
+    p = Path(text)
+    name = base = (p.parent.name if p.name in ("best_model.pt", "model.pt") else p.stem) or "encoder"
+    i = 2
     while name in taken:
         name, i = f"{base}_{i}", i + 1
-    return name
+    return name, text
 
 
 def random_encoder(description: dict, path: str, seed: int = 0) -> str:
@@ -337,7 +342,8 @@ def benchmark(encoders: list[str], task_dirs: list[str], output: str, folds: int
         raise ConfigError(f"{output} already holds a benchmark: choose another --output, or delete it")
     names: dict[str, str] = {}
     for e in encoders:
-        names[_row_name(e, set(names))] = e.partition("=")[2] if "=" in e and not re.search(r"[/\\]", e.partition("=")[0]) else e
+        name, path = _encoder_row(e, set(names))
+        names[name] = path
     if {RANDOM, HANDCRAFTED, TRIVIAL, FINETUNED} & set(names):
         raise ConfigError(f"an encoder may not be named {RANDOM!r}, {HANDCRAFTED!r}, {TRIVIAL!r} or {FINETUNED!r}: "
                           "those are the benchmark's own rows")

@@ -237,7 +237,8 @@ def handcrafted_features(windows: np.ndarray, fs: float, band_hz: tuple[float, f
     ``[N, len(HANDCRAFTED)]`` (NaN where undefined): beat rate (bpm) and beat-interval
     variability (SD, RMSSD and range of the intervals, ms) from :func:`detect_beats`, the beats
     found, :func:`template_match`, skewness (Elgendi 2016's best single PPG quality index) and
-    kurtosis, and the share of the ``band_hz`` power in each of ``FEATURE_BANDS_HZ``."""
+    kurtosis, and the share of the ``band_hz`` power in each of ``FEATURE_BANDS_HZ`` (each
+    ``[lo, hi)`` Hz)."""
     from scipy import stats
 
     out = np.full((len(windows), len(HANDCRAFTED)), np.nan)
@@ -249,6 +250,6 @@ def handcrafted_features(windows: np.ndarray, fs: float, band_hz: tuple[float, f
             out[i, 1:4] = ibi.std(), np.sqrt(np.mean(np.diff(ibi) ** 2)), np.ptp(ibi)
         out[i, 4], out[i, 5] = len(beats), template_match(x, beats)
     out[:, 6], out[:, 7] = stats.skew(windows, axis=-1), stats.kurtosis(windows, axis=-1)
-    for k, band in enumerate(FEATURE_BANDS_HZ):
-        out[:, 8 + k] = band_power_share(windows, fs, band, band_hz)
+    for k, (lo, hi) in enumerate(FEATURE_BANDS_HZ):  # [lo, hi): a harmonic on an edge counts once
+        out[:, 8 + k] = band_power_share(windows, fs, (lo, hi - 1e-9), band_hz)
     return out

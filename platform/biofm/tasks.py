@@ -113,7 +113,7 @@ def table_task(name: str, labels_path: str | Path, classes: list[str] | None = N
                           "label (classes) or target (a number)")
     rows = table.select([*LABEL_COLUMNS, value[0]]).to_pylist()
     if value[0] == "target":
-        task = Task(name, "regression", "table", f"label table {path.name}", target="target")
+        task = Task(name, "regression", "table", f"label table {path.name}", target="target", channels=("PPG", "ECG"))
         for r in rows:
             r["target"] = float("nan") if r["target"] is None else float(r["target"])
         return task, rows
