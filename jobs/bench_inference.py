@@ -52,7 +52,7 @@ WARMUP = 8  # batches per model left out of its steady rate
 def write_checkpoint(split_dir: Path, path: Path) -> str:
     from biofm.config import PretrainConfig, load_config, to_jsonable
     from biofm.model.ssl import MaskedSignalModel, ttm_config
-    from biofm.preprocess import read_data_spec
+    from biofm.dataset import read_data_spec
     from biofm.train import checkpoint
 
     cfg = load_config(PretrainConfig, ROOT / "configs/ssl_pretrain.yaml")

@@ -223,7 +223,7 @@ def write_pretrained(path: Path, channels=("PPG", "ECG")) -> str:
 
     from biofm.config import ChannelsConfig, WindowsConfig, load_config
     from biofm.model.ssl import MaskedSignalModel, ttm_config
-    from biofm.preprocess import data_spec
+    from biofm.dataset import data_spec
     from biofm.train import checkpoint
 
     cfg = ttm_config(len(channels), num_layers=2)

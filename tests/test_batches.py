@@ -11,7 +11,7 @@ import torch
 
 from biofm.config import ChannelsConfig, WindowsConfig, load_config
 from biofm.errors import BiofmError, ConfigError
-from biofm.preprocess import data_spec, windows_table
+from biofm.dataset import data_spec, windows_table
 from biofm.train.batches import WaitClock, WindowBatches, scan
 from conftest import ROOT
 

@@ -16,7 +16,7 @@ import torch
 from biofm.cli import main
 from biofm.config import ButppgConfig, ChannelsConfig, FinetuneConfig, WindowsConfig, load_config
 from biofm.errors import BiofmError, ConfigError
-from biofm.preprocess import data_spec
+from biofm.dataset import data_spec
 from biofm.train import checkpoint, transfer
 from biofm.train.finetune import build_classifier, class_weights, oversampling, read_split
 from conftest import REAL_BUTPPG, ROOT, requires_realdata, write_pretrained

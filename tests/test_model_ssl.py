@@ -10,7 +10,8 @@ from biofm.model.ssl import (MaskedSignalModel, MultiResolutionSTFTLoss, masked_
                              ttm_config)
 from biofm.train import checkpoint
 from biofm.train.evaluate import interpolate_masked
-from biofm.train.pretrain import _lr_factor, window_masks
+from biofm.model.ssl import window_masks
+from biofm.train.pretrain import _lr_factor
 from biofm.train.ray_run import mixed_precision, seed_epoch, worker_cpus
 
 

@@ -20,7 +20,8 @@ import pytest
 from biofm import storage
 from biofm.config import ChannelsConfig, FinetuneConfig, WindowsConfig, load_config
 from biofm.errors import BiofmError
-from biofm.preprocess import build_windows, read_data_spec, read_manifest
+from biofm.preprocess import build_windows
+from biofm.dataset import read_data_spec, read_manifest
 from biofm.train.finetune import finetune, load_classifier, predict, read_split
 from biofm.train.metrics import choose_threshold, classification_metrics
 from biofm.sources.vitaldb import ApiSource

@@ -13,11 +13,13 @@ from tsfm_public.models.tinytimemixer import TinyTimeMixerForPrediction
 from biofm.cli import main
 from biofm.config import ChannelsConfig, PretrainConfig, WindowsConfig, load_config
 from biofm.errors import BiofmError
-from biofm.preprocess import build_windows, read_manifest
+from biofm.preprocess import build_windows
+from biofm.dataset import read_manifest
 from biofm.sources.vitaldb import DirectorySource
 from biofm.train import checkpoint
 from biofm.train.evaluate import evaluate_ssl, smoke
-from biofm.train.pretrain import load_pretrained, pretrain
+from biofm.train.evaluate import load_pretrained
+from biofm.train.pretrain import pretrain
 from conftest import REAL_VITAL, ROOT, requires_realdata, tensorboard_scalars
 
 pytestmark = [requires_realdata(REAL_VITAL), pytest.mark.timeout(600)]  # the shared run takes ~4 min

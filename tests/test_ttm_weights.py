@@ -173,7 +173,8 @@ def test_a_model_started_from_ibm_weights_goes_through_every_later_stage(ibm, bu
     from biofm.sources.vitaldb import DirectorySource
     from biofm.train import checkpoint
     from biofm.train.evaluate import evaluate_ssl
-    from biofm.train.pretrain import load_pretrained, pretrain
+    from biofm.train.evaluate import load_pretrained
+    from biofm.train.pretrain import pretrain
     from biofm.train.transfer import compare_variants
 
     ids = sorted(p.stem for p in REAL_VITAL.glob("*.vital"))

@@ -93,7 +93,7 @@ def run_search(tcfg: TuneSearchConfig, base: FinetuneConfig, pretrained: str | P
     from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
-    from biofm.preprocess import ensure_ray
+    from biofm.ray_connect import ensure_ray
 
     exp_dir, pretrained, data_dir = storage.join(output_dir, name), storage.normalize(pretrained), storage.normalize(data_dir)
     from biofm.train.finetune import SELECTION, _data_task
@@ -109,7 +109,7 @@ def run_search(tcfg: TuneSearchConfig, base: FinetuneConfig, pretrained: str | P
         raise BiofmError(f"no labelled windows in {data_dir}/train: write the task with `biofm prepare-task` "
                          "(BUT-PPG: `biofm prepare-butppg`)")
     metric, mode = SELECTION[_data_task(storage.join(data_dir, "train"))["kind"]]
-    from biofm.preprocess import read_data_spec
+    from biofm.dataset import read_data_spec
 
     channels = read_data_spec(storage.join(data_dir, "train"))["channels"]
     if list(base.channels) != channels:  # said once here, not by every trial that fails on it

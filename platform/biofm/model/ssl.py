@@ -12,6 +12,7 @@ patches that hold window samples (``ceil(T / patch)``) and the padding's latents
 from __future__ import annotations
 
 import math
+import zlib
 
 import torch
 from torch import nn
@@ -147,3 +148,14 @@ class MultiResolutionSTFTLoss(nn.Module):
             log_mag = (torch.log(spec[1] + self.eps) - torch.log(spec[0] + self.eps)).abs().mean()
             total = total + convergence + log_mag
         return total / len(self.ffts)
+
+
+def window_masks(case_ids, window_idx, channels: int, patches: int, ratio: float, seed: int,
+                 same_across_channels: bool = False) -> torch.Tensor:
+    """Masks ``[B, C, P]`` fixed per window (seeded by ``seed``, case id and window index), so
+    validation and evaluation compare the same cells whatever order the windows arrive in."""
+    masks = []
+    for case, idx in zip(case_ids, window_idx):
+        g = torch.Generator().manual_seed(seed ^ zlib.crc32(f"{case}:{int(idx)}".encode()))
+        masks.append(random_mask(1, channels, patches, ratio, same_across_channels, generator=g))
+    return torch.cat(masks)

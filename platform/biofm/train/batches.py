@@ -66,9 +66,9 @@ class Split:
 
 
 def scan(split_dir: str, channels: Sequence[str] | None = None) -> Split:
-    """Scan ``split_dir`` (every footer: see :func:`biofm.preprocess.scan_split`) and select
+    """Scan ``split_dir`` (every footer: see :func:`biofm.dataset.scan_split`) and select
     ``channels`` (names, in the order wanted; None: all, as stored)."""
-    from biofm.preprocess import scan_split
+    from biofm.dataset import scan_split
 
     spec, rows = scan_split(split_dir)
     channels = list(spec["channels"] if channels is None else channels)

@@ -56,8 +56,8 @@ def evaluate_ssl(checkpoint_path: str | Path, data_dir: str | Path, split: str =
     """Masked-cell MSE per channel of the model, of predicting zero (the z-scored mean) and of
     linear interpolation, on the same fixed masks."""
     from biofm.model.ssl import patch_samples
-    from biofm.preprocess import check_data_spec, read_data_spec
-    from biofm.train.pretrain import load_pretrained, window_masks
+    from biofm.dataset import check_data_spec, read_data_spec
+    from biofm.model.ssl import window_masks
 
     model = load_pretrained(checkpoint_path)
     desc = checkpoint.load(checkpoint_path)["description"]
@@ -103,7 +103,7 @@ def smoke(data_dir: str | Path, output_dir: str | Path, max_windows: int = 64, b
     Writes ``best_model.pt`` and ``smoke_metrics.json`` (each check passed or failed)."""
     from biofm.config import PretrainConfig, to_jsonable
     from biofm.model.ssl import MaskedSignalModel, MultiResolutionSTFTLoss, masked_mse, random_mask, ttm_config
-    from biofm.preprocess import read_data_spec
+    from biofm.dataset import read_data_spec
 
     t0 = time.perf_counter()
     torch.manual_seed(seed)
@@ -165,3 +165,17 @@ def smoke(data_dir: str | Path, output_dir: str | Path, max_windows: int = 64, b
                "passed": all(checks.values()), "runtime_s": round(time.perf_counter() - t0, 2)}
     storage.write_text(storage.join(output_dir, "smoke_metrics.json"), json.dumps(metrics, indent=1))
     return metrics
+
+
+def load_pretrained(path: str | Path):
+    """A :class:`~biofm.model.ssl.MaskedSignalModel` from a pretraining checkpoint (CPU, eval mode)."""
+    from tsfm_public.models.tinytimemixer import TinyTimeMixerConfig
+
+    from biofm.model.ssl import MaskedSignalModel
+
+    blob = checkpoint.load(path)
+    if blob["description"].get("kind") != "masked_signal_model":
+        raise BiofmError(f"{path} is not a pretraining checkpoint")
+    model = MaskedSignalModel(TinyTimeMixerConfig.from_dict(blob["description"]["ttm_config"]))
+    model.load_state_dict(blob["model"])
+    return model.eval()

@@ -30,8 +30,8 @@ from biofm.model.classifier import Classifier, inflate_encoder
 from biofm.model.ssl import Encoder
 from biofm.train import checkpoint
 from biofm.train.batches import WaitClock, WindowBatches, data_wait_note, scan
-from biofm.benchmark import METRICS, metrics as task_metrics
-from biofm.train.metrics import choose_threshold, classification_metrics, classifier_warnings
+from biofm.train.metrics import METRICS, choose_threshold, classification_metrics, classifier_warnings
+from biofm.train.metrics import metrics as task_metrics
 from biofm.train.ray_run import (RUN_NAME, check_run_dir, fit, mixed_precision, report_epoch, restored_training,
                                  seed_epoch, worker_print)
 from biofm.train.tracking import Tracker
@@ -97,7 +97,7 @@ def build_classifier(cfg: FinetuneConfig, pretrained: str | Path | None, data_sp
     ``init = pretrained`` inflates the encoder of ``pretrained`` (a pretraining checkpoint,
     whose data spec must match: rate, window, filters); ``scratch`` builds the same architecture
     with random weights."""
-    from biofm.preprocess import check_data_spec
+    from biofm.dataset import check_data_spec
 
     channels = list(data_spec["channels"])
     if list(cfg.channels) != channels:
@@ -340,7 +340,8 @@ def finetune(cfg: FinetuneConfig, pretrained: str | Path | None, data_dir: str |
     """Fine-tune on ``<data_dir>/{train,val,test}`` and write the artifacts to ``output_dir``
     (each a local path or a URI); returns the test metrics. ``run_name`` and ``callbacks``: for a
     run inside a Ray Tune trial."""
-    from biofm.preprocess import ensure_ray, same_data
+    from biofm.dataset import same_data
+    from biofm.ray_connect import ensure_ray
 
     data_dir, output_dir = storage.normalize(data_dir), storage.normalize(output_dir)
     split_dir = functools.partial(storage.join, data_dir)

@@ -42,7 +42,7 @@ def plot_history(history: list[dict], panels: dict[str, tuple[str, tuple[str, ..
 def plot_reconstructions(model, split_dir: str, description: dict, path: str, n: int = 3) -> None:
     """Validation windows against their reconstructions; masked patches shaded."""
     from biofm.train.evaluate import first_windows
-    from biofm.train.pretrain import window_masks
+    from biofm.model.ssl import window_masks
 
     spec, cfg = description["data_spec"], description["pretrain_config"]
     x, case_ids, window_idx = first_windows(split_dir, description["channels"], n)

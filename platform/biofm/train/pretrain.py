@@ -14,7 +14,6 @@ import functools
 import json
 import math
 import os
-import zlib
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +22,7 @@ import torch
 from biofm import output, storage
 from biofm.config import PretrainConfig, to_jsonable
 from biofm.errors import BiofmError, ConfigError
-from biofm.model.ssl import MaskedSignalModel, MultiResolutionSTFTLoss, masked_mse, random_mask
+from biofm.model.ssl import MaskedSignalModel, MultiResolutionSTFTLoss, masked_mse, random_mask, window_masks
 from biofm.model.ttm_weights import describe as describe_init
 from biofm.model.ttm_weights import initial_model
 from biofm.train import checkpoint
@@ -31,17 +30,6 @@ from biofm.train.batches import Split, WaitClock, WindowBatches, data_wait_note,
 from biofm.train.ray_run import (check_run_dir, fit, mixed_precision, report_epoch, restored_training, seed_epoch,
                                  worker_print)
 from biofm.train.tracking import Tracker
-
-def window_masks(case_ids, window_idx, channels: int, patches: int, ratio: float, seed: int,
-                 same_across_channels: bool = False) -> torch.Tensor:
-    """Masks ``[B, C, P]`` fixed per window (seeded by ``seed``, case id and window index), so
-    validation and evaluation compare the same cells whatever order the windows arrive in."""
-    masks = []
-    for case, idx in zip(case_ids, window_idx):
-        g = torch.Generator().manual_seed(seed ^ zlib.crc32(f"{case}:{int(idx)}".encode()))
-        masks.append(random_mask(1, channels, patches, ratio, same_across_channels, generator=g))
-    return torch.cat(masks)
-
 
 def _lr_factor(step: int, warmup: int, total: int) -> float:
     if step < warmup:
@@ -184,7 +172,8 @@ def pretrain(cfg: PretrainConfig, data_dir: str | Path, output_dir: str | Path, 
              address: str | None = None) -> dict:
     """Pretrain on ``<data_dir>/{train,val}`` and write the artifacts to ``output_dir`` (each a
     local path or a URI); returns the final metrics."""
-    from biofm.preprocess import ensure_ray, same_data
+    from biofm.dataset import same_data
+    from biofm.ray_connect import ensure_ray
 
     data_dir, output_dir = storage.normalize(data_dir), storage.normalize(output_dir)
     ray_dir = check_run_dir(output_dir, resume, "pretraining")
@@ -214,6 +203,7 @@ def pretrain(cfg: PretrainConfig, data_dir: str | Path, output_dir: str | Path, 
 def write_artifacts(output_dir: str, best: dict, history: list[dict], cfg: PretrainConfig, data_dir: str,
                     init: dict) -> None:
     """best_model.pt, training_history.json, training_config.json, encoder/ (Hugging Face), PNGs."""
+    from biofm.train.evaluate import load_pretrained
     from biofm.train.plots import plot_history, plot_reconstructions
 
     out = functools.partial(storage.join, output_dir)
@@ -228,15 +218,3 @@ def write_artifacts(output_dir: str, best: dict, history: list[dict], cfg: Pretr
                            "masked-cell MSE": ("MSE (z-scored units)", ("train_mse", "val_masked_mse")),
                            "multi-resolution STFT loss": ("STFT loss", ("train_stft",))}, out("loss_curves.png"))
     plot_reconstructions(model, storage.join(data_dir, "val"), best["description"], out("reconstruction.png"))
-
-
-def load_pretrained(path: str | Path) -> MaskedSignalModel:
-    """A :class:`MaskedSignalModel` from a pretraining checkpoint (CPU, eval mode)."""
-    from tsfm_public.models.tinytimemixer import TinyTimeMixerConfig
-
-    blob = checkpoint.load(path)
-    if blob["description"].get("kind") != "masked_signal_model":
-        raise BiofmError(f"{path} is not a pretraining checkpoint")
-    model = MaskedSignalModel(TinyTimeMixerConfig.from_dict(blob["description"]["ttm_config"]))
-    model.load_state_dict(blob["model"])
-    return model.eval()
