@@ -17,7 +17,7 @@ from biofm.infer import embed, load_encoder
 from biofm.preprocess import build_windows
 from biofm.sources.vitaldb import DirectorySource
 from biofm.train import checkpoint
-from conftest import REAL_BUTPPG, REAL_VITAL, ROOT, requires_realdata, write_pretrained
+from conftest import REAL_BUTPPG, REAL_VITAL, REALDATA, ROOT, requires_realdata, write_pretrained
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +70,7 @@ def test_embeddings_of_real_windows_count_finite_and_deterministic(vital_windows
 @requires_realdata(REAL_BUTPPG)
 def test_a_fine_tuned_classifier_embeds_but_ppg_with_its_present_mask(butppg_data, tmp_path, capsys):
     from biofm.model.classifier import pool
-    from biofm.preprocess import read_data_spec
+    from biofm.dataset import read_data_spec
     from biofm.train.finetune import build_classifier, read_split
 
     spec = read_data_spec(butppg_data / "train")
@@ -117,7 +117,7 @@ def test_data_the_model_was_not_built_for_is_refused(vital_windows, tmp_path):
 
 @pytest.fixture(scope="module")
 def classifier(tmp_path_factory, butppg_data):
-    from biofm.preprocess import read_data_spec
+    from biofm.dataset import read_data_spec
     from biofm.train.finetune import build_classifier
 
     folder = tmp_path_factory.mktemp("clf")
@@ -189,10 +189,41 @@ def test_predict_on_a_physionet_wfdb_folder(classifier, tmp_path):
                 adc_gain=[1000.0], baseline=[0], write_dir=str(folder))
     m = predict(ckpt, str(folder), tmp_path / "out", plots=1)
     assert (m["input_kind"], m["recordings_in"], m["recordings_ok"], m["windows"]) == ("wfdb", 2, 1, 6)
-    assert m["skipped"] == {"rec2": "missing_track: no PPG signal in rec2 (signals: RESP)"}
+    assert m["skipped"] == {"rec2": "no_matching_channel: no PPG signal among RESP (channels.yaml: tracks and aliases)"}
     table = pq.read_table(tmp_path / "out" / "predictions.parquet").to_pandas()
     assert list(table["window_idx"]) == list(range(6)) and list(table["start_s"]) == [0.0, 10.0, 20.0, 30.0, 40.0, 50.0]
     assert (table["ppg_beats"] >= 10).all() and m["timelines"] == ["rec1"]
+    mimic = REALDATA / "mimic3_wdb" / "p000878"
+    if mimic.is_dir():  # a real multi-segment record with 34 of its 36 segments absent: its two PPG windows are rated
+        m = predict(ckpt, str(mimic), tmp_path / "mimic", plots=1)
+        assert (m["input_kind"], m["recordings_in"], m["windows"]) == ("wfdb", 1, 2)
+        table = pq.read_table(tmp_path / "mimic" / "predictions.parquet").to_pandas()
+        assert list(table["start_s"]) == [30.0, 46.0] and (tmp_path / "mimic" / "timeline_p000878-2137-10-26-16-57.png").is_file()
+
+
+@requires_realdata(REAL_BUTPPG)
+def test_predict_on_an_edf_folder_with_nsrr_names_and_a_ppg_only_record(classifier, tmp_path):
+    """NSRR's labels (Pleth, EKG) map to the model's PPG and ECG; a record with PPG only is rated
+    with ECG absent (present = false), one with neither is skipped with the names it holds."""
+    from conftest import heartbeat_signals
+    from test_sources_formats import write_edf
+
+    from biofm.infer import predict
+
+    ckpt, _ = classifier
+    folder = tmp_path / "edf"
+    folder.mkdir()
+    ppg, ecg = heartbeat_signals(40.0, 256.0, seed=5)
+    write_edf(folder / "both.edf", {"Pleth": (ppg, 256.0), "EKG": (ecg, 256.0), "Thor": (ecg[::8], 32.0)})
+    write_edf(folder / "ppg.edf", {"Pleth": (ppg, 256.0)})
+    write_edf(folder / "eeg.edf", {"C3-A2": (ecg, 256.0)})
+    m = predict(ckpt, str(folder), tmp_path / "out", plots=0)
+    assert (m["input_kind"], m["recordings_in"], m["recordings_ok"], m["windows"]) == ("edf", 3, 2, 8)
+    assert m["skipped"] == {"eeg": "no_matching_channel: no PPG signal among C3-A2 (channels.yaml: tracks and aliases)"}
+    table = pq.read_table(tmp_path / "out" / "predictions.parquet").to_pandas()
+    by = {r: table[table.recording_id == r] for r in ("both", "ppg")}
+    assert len(by["both"]) == len(by["ppg"]) == 4 and by["both"]["ppg_beats"].between(11, 13).all()  # 72 bpm
+    assert by["both"]["ecg_beats"].notna().all() and by["ppg"]["ecg_beats"].isna().all()  # ECG absent: not checked
 
 
 def test_bench_inference_steady_rate_leaves_out_warm_up_and_its_own_measuring(monkeypatch):
@@ -221,7 +252,7 @@ def test_predict_uses_the_models_own_preprocessing_and_threshold(butppg_data, tm
     import wfdb
 
     from biofm.infer import predict
-    from biofm.preprocess import read_data_spec
+    from biofm.dataset import read_data_spec
     from biofm.windows import record_signal
     from biofm.sources.butppg import read_record
     from biofm.train.finetune import build_classifier, predict as predict_in_memory

@@ -13,7 +13,7 @@ import yaml
 from biofm.cli import main
 from biofm.errors import BiofmError
 from biofm.pipeline import MARKER, run_stage
-from conftest import ROOT
+from conftest import ROOT, write_case
 
 
 def test_a_stage_is_skipped_continued_or_rebuilt_by_its_settings(tmp_path, capsys):
@@ -59,7 +59,7 @@ def test_a_changed_setting_rebuilds_its_stage_and_every_stage_after_it(tmp_path,
     def recorder(name):
         return lambda *args, **kwargs: calls.append((name, args, kwargs))
 
-    monkeypatch.setattr(biofm.preprocess, "ensure_ray", lambda address=None: None)
+    monkeypatch.setattr(biofm.ray_connect, "ensure_ray", lambda address=None: None)
     monkeypatch.setattr(biofm.preprocess, "build_windows", recorder("windows"))
     monkeypatch.setattr(biofm.tasks, "prepare_butppg", recorder("butppg"))
     monkeypatch.setattr(biofm.train.pretrain, "pretrain", recorder("pretrain"))
@@ -107,20 +107,22 @@ def test_pipeline_stops_at_once_when_a_source_is_unreachable(dead_url, s3, tmp_p
     assert main(base + ["--set", f"api_url={dead_url}", "--set", f"physionet_url={dead_url}",
                         "--set", f"butppg_raw_dir={tmp_path / 'none'}"]) == 2
     err = capsys.readouterr().err  # every unreachable source at once, and one line of settings
+    vital = tmp_path / "vital"
+    write_case(vital, "1", duration_s=20.0)
     assert f"cannot reach the VitalDB API at {dead_url}" in err and "cannot download BUT-PPG" in err
     assert err.rstrip().endswith("To run from local copies, add to the same command: --set vital_source=<folder of "
                                  ".vital files> --set case_set=<the same folder> --set butppg_raw_dir=<BUT-PPG 2.0.0 folder>")
-    assert main(base + ["--set", f"vital_source={tmp_path}", "--set", f"physionet_url={dead_url}",
+    assert main(base + ["--set", f"vital_source={vital}", "--set", f"physionet_url={dead_url}",
                         "--set", f"butppg_raw_dir={tmp_path / 'none'}"]) == 2
     err = capsys.readouterr().err
     assert "cannot download BUT-PPG" in err and "--set butppg_raw_dir=" in err
     raw = tmp_path / "raw"
     raw.mkdir()
     (raw / "RECORDS").write_text("100001/100001_PPG\n")
-    assert main(base[:-1] + ["s3://no-such-bucket/run", "--set", f"vital_source={tmp_path}",
+    assert main(base[:-1] + ["s3://no-such-bucket/run", "--set", f"vital_source={vital}",
                              "--set", f"butppg_raw_dir={raw}"]) == 2
     assert "cannot write to s3://no-such-bucket/run: " in capsys.readouterr().err
-    assert main(base + ["--set", f"vital_source={tmp_path}", "--set", "butppg_raw_dir=s3://bucket/butppg"]) == 2
+    assert main(base + ["--set", f"vital_source={vital}", "--set", "butppg_raw_dir=s3://bucket/butppg"]) == 2
     assert "BUT-PPG raw folder s3://bucket/butppg: the raw records are read from a folder" in capsys.readouterr().err
     assert time.perf_counter() - t0 < 30 and not (tmp_path / "run").exists()  # nothing was started
     import huggingface_hub.constants as hub

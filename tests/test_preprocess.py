@@ -12,7 +12,8 @@ import pytest
 
 from biofm.config import ChannelsConfig, WindowsConfig, load_config
 from biofm.errors import ConfigError, NothingProduced, SourceUnreachable
-from biofm.preprocess import SCHEMA_KEY, build_windows, data_spec, load_outcomes, process_case, read_manifest
+from biofm.preprocess import build_windows, process_case
+from biofm.dataset import data_spec, load_outcomes, read_manifest, SCHEMA_KEY
 from biofm.sources.vitaldb import ApiSource, DirectorySource
 from conftest import ROOT, REAL_VITAL, heartbeat_signals, requires_realdata, write_case
 
@@ -84,7 +85,7 @@ def test_bad_cases_are_skipped_with_reasons(ray_session, tmp_path):
 
     codes = {c: (o["status"], o.get("code")) for c, o in m["cases"].items()}
     assert codes == {"good": ("ok", None), "gap": ("ok", None), "short": ("skipped", "too_short"),
-                     "noecg": ("skipped", "missing_track"), "flat": ("skipped", "flat_track"),
+                     "noecg": ("skipped", "no_matching_channel"), "flat": ("skipped", "flat_track"),
                      "corrupt": ("skipped", "corrupt_file"), "absent": ("skipped", "not_found")}
     assert m["cases"]["short"]["reason"] == "recording lasts 8.0 s, shorter than one 10 s window"
     assert (m["cases_in"], m["cases_ok"], m["cases_skipped"]) == (7, 2, 5)
@@ -233,7 +234,8 @@ def test_a_split_with_a_corrupt_or_foreign_file_is_refused_by_name(tmp_path):
     file's footer: junk named .parquet, or windows made with other settings, fail naming the file."""
     import dataclasses
 
-    from biofm.preprocess import process_case, read_data_spec
+    from biofm.preprocess import process_case
+    from biofm.dataset import read_data_spec
 
     for i in range(3):
         write_case(tmp_path / "vital", str(i + 1), duration_s=40.0, seed=i)

@@ -7,8 +7,8 @@ import pytest
 from biofm import storage
 from biofm.config import ChannelsConfig, load_config
 from biofm.errors import CaseSkipped, SourceUnreachable
-from biofm.sources.vitaldb import (ApiSource, CloudSource, DirectorySource, case_sets, open_source,
-                                   read_tracks)
+from biofm.sources.formats import open_source
+from biofm.sources.vitaldb import ApiSource, CloudSource, DirectorySource, case_sets, read_tracks
 from conftest import ROOT, REAL_VITAL, requires_realdata, write_case
 
 CHANNELS = load_config(ChannelsConfig, ROOT / "configs/channels.yaml").select(["PPG", "ECG"])
@@ -65,7 +65,7 @@ def test_not_a_vital_file(tmp_path):
 @pytest.mark.parametrize("names, missing", [((None, "SNUADC/ECG_II"), "PPG"), (("SNUADC/PLETH", None), "ECG")])
 def test_missing_track(tmp_path, names, missing):
     e = skipped(write_case(tmp_path, "1", names=names))
-    assert e.code == "missing_track" and e.detail.startswith(f"no {missing} track (tried SNUADC/")
+    assert e.code == "no_matching_channel" and e.detail.startswith(f"no {missing} signal among SNUADC/")
 
 
 def test_all_nan_and_flat_tracks(tmp_path):
@@ -104,8 +104,10 @@ def test_cloud_source_reads_from_s3(s3, tmp_path):
     for missing in (f"{uri}-missing", "s3://no-such-bucket/vital"):
         with pytest.raises(SourceUnreachable, match=f"nothing at {missing}: no such bucket or prefix"):
             CloudSource(missing).check_reachable()
-    assert isinstance(open_source("s3://bucket/vital"), CloudSource)
-    assert isinstance(open_source("/data/vital"), DirectorySource)
+    assert isinstance(open_source(uri), CloudSource) and open_source(uri).ids() == ["0012"]
+    assert isinstance(open_source(f"vital:{tmp_path}"), DirectorySource)
+    with pytest.raises(SourceUnreachable, match="source folder /no/such/folder does not exist"):
+        open_source("/no/such/folder")
 
 
 def test_api_downloads_case(tmp_path, http_server):

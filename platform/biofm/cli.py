@@ -31,15 +31,15 @@ def _build_windows(args) -> int:
     _output_folder(args.outdir, "--outdir")
     from biofm.config import ChannelsConfig, WindowsConfig, load_config
     from biofm.preprocess import build_windows
-    from biofm.sources.vitaldb import open_source
+    from biofm.sources.formats import open_source
     from biofm.splits import load_split
 
     channels = load_config(ChannelsConfig, args.channels_yaml).select(args.channels)
     windows = load_config(WindowsConfig, args.windows_yaml)
     case_ids = load_split(args.split_file, args.split)
-    source = open_source(args.source, args.api_url)
+    source = open_source(args.source, args.api_url, args.rate_hz)
     inputs = {"split_file": args.split_file, "split": args.split, "channels_yaml": args.channels_yaml,
-              "windows_yaml": args.windows_yaml, "source": args.source}
+              "windows_yaml": args.windows_yaml, "source": args.source, "rate_hz": args.rate_hz}
     m = build_windows(case_ids, source, channels, windows, args.outdir, args.split,
                       overwrite=args.overwrite, address=args.address, inputs=inputs)
     print(f"[build-windows {args.split}] {m['cases_ok']}/{m['cases_in']} cases ok, "
@@ -339,7 +339,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mode", choices=["fasttrack", "full"], default="fasttrack",
                    help="fasttrack: a deterministic subset of 70 cases; full: all of them")
     p.add_argument("--case-set", default="bis",
-                   help="a vitaldb case set (bis, tiva, ...), a text file of case ids, or a folder of .vital files")
+                   help="a vitaldb case set (bis, tiva, ...), a text file of case ids, or a folder of recordings "
+                        "(.vital, WFDB, EDF, CSV; a wfdb: ... prefix names the format)")
     p.add_argument("--output", default="data", help="folder for splits_<mode>.json")
     p.add_argument("--seed", type=int, default=0, help="seed of the subset and the split")
     p.add_argument("--ratios", type=float, nargs=3, default=[0.7, 0.15, 0.15],
@@ -356,8 +357,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--outdir", default="data/vitaldb_windows", help="windows go to <outdir>/<split>/ (a folder or URI)")
     p.add_argument("--channels", nargs="+", default=["PPG", "ECG"], help="channels, in order")
     p.add_argument("--source", default="api",
-                   help="'api' (VitalDB open dataset), a folder of .vital files, or a cloud URI (s3://...)")
+                   help="'api' (VitalDB open dataset), or a folder or cloud URI (s3://...) of .vital, WFDB, EDF or "
+                        "CSV recordings; a prefix (wfdb:, edf:, csv:, vital:) names the format of a mixed folder")
     p.add_argument("--api-url", default=None, help="base URL of the API or a mirror (with --source api)")
+    p.add_argument("--rate-hz", type=POSITIVE, default=None, help="sample rate of CSV files that have no time column")
     p.add_argument("--overwrite", action="store_true", help="delete this split's output and start over")
     p.add_argument("--address", default=None, help=ADDRESS_HELP)
     p.set_defaults(func=_build_windows)

@@ -34,13 +34,15 @@ config_class = functools.partial(pydantic.dataclasses.dataclass, frozen=True,
 class ChannelSpec:
     """One signal channel: where to find it in a recording and how to clean it.
 
-    ``tracks``: recording track names tried in order. ``band_hz``: Chebyshev II band-pass
+    ``tracks``: ``.vital`` track names tried in order. ``aliases``: the signal's names in WFDB,
+    EDF and CSV recordings, matched case-insensitively, the first one found wins. ``band_hz``: Chebyshev II band-pass
     ``[low, high]`` in Hz. ``quality``: the beat detector that checks windows (``ppg``, ``ecg``
     or ``none``).
     """
 
     band_hz: tuple[float, float]
     tracks: tuple[str, ...] = ()
+    aliases: tuple[str, ...] = ()
     filter_order: int = 4
     stopband_db: float = 40.0
     quality: str = "none"

@@ -43,7 +43,7 @@ def load_encoder(path: str):
     """The encoder of a pretraining checkpoint, or of a fine-tuned classifier, and the checkpoint's
     description (CPU, eval mode)."""
     from biofm.train.finetune import load_classifier
-    from biofm.train.pretrain import load_pretrained
+    from biofm.train.evaluate import load_pretrained
 
     description = encoder_description(path)
     if description["kind"] == "masked_signal_model":
@@ -148,7 +148,8 @@ def embed(checkpoint_path: str, data_dir: str | list[str], output: str, batch_si
     lacks is zeros marked absent; a model that reads none of the data's channels is refused."""
     import ray
 
-    from biofm.preprocess import check_data_spec, ensure_ray, same_data
+    from biofm.dataset import check_data_spec, same_data
+    from biofm.ray_connect import ensure_ray
     from biofm.train.batches import scan
 
     t0 = time.perf_counter()
@@ -226,21 +227,22 @@ def model_preprocessing(description: dict):
         f = spec["filters"][name]
         base = shipped.get(name)
         channels[name] = ChannelSpec(band_hz=tuple(f["band_hz"]), filter_order=f["order"], stopband_db=f["stopband_db"],
-                                     tracks=base.tracks if base else (), quality=base.quality if base else "none")
+                                     tracks=base.tracks if base else (),
+                                     aliases=base.aliases if base else (), quality=base.quality if base else "none")
     windows = dataclasses.replace(load_config(WindowsConfig, "configs/windows.yaml"),
                                   sample_rate_hz=spec["sample_rate_hz"], window_s=spec["window_s"],
                                   stride_s=spec["window_s"])
     return channels, windows
 
 
-def _recording_windows(row: dict, kind: str, folder: str, channels: dict, windows, ppg_signal: int) -> list[dict]:
+def _recording_windows(row: dict, kind: str, source, folder: str, channels: dict, windows, ppg_signal: int) -> list[dict]:
     """One recording -> its windows (``signal [C, T]``, ``present [C]``, ids, quality) through the
     training preprocessing, or one row that records why it was skipped. ``ppg_signal``: which
-    signal of a BUT-PPG ``_PPG`` record is the PPG (the model's data spec says)."""
+    signal of a BUT-PPG ``_PPG`` record is the PPG (the model's data spec says). Other recordings
+    need PPG; of the other channels, those every PPG piece holds are used, the rest are absent."""
     from biofm.errors import CaseSkipped
-    from biofm.preprocess import process_record
-    from biofm.windows import make_windows
-    from biofm.sources.vitaldb import read_tracks
+    from biofm.preprocess import recording_windows
+    from biofm.tasks import process_record
 
     rid, names = row["recording_id"], list(channels)
     try:
@@ -250,13 +252,11 @@ def _recording_windows(row: dict, kind: str, folder: str, channels: dict, window
                 raise CaseSkipped(out["outcome"]["code"], out["outcome"]["reason"])
             return [{"recording_id": rid, "window_idx": 0, "start_s": 0.0, "signal": out["signal"],
                      "present": out["present"], "skipped": ""}]
-        readable = {n: s for n, s in channels.items() if s.tracks}
-        if kind == "wfdb":
-            tracks = _wfdb_tracks(Path(folder) / rid, readable)
-            readable = {n: s for n, s in readable.items() if n in tracks}
-        else:
-            tracks = read_tracks(Path(folder) / f"{rid}.vital", readable)
-        columns, reasons = make_windows(tracks, readable, windows, {})
+        readable = {n: s for n, s in channels.items() if s.tracks or s.aliases}
+        recording = source.read(rid, readable)
+        with_ppg = [p for p in recording.pieces if "PPG" in p.tracks]
+        readable = {n: s for n, s in readable.items() if with_ppg and all(n in p.tracks for p in with_ppg)}
+        columns, reasons = recording_windows(recording.require(readable or ["PPG"]), readable, windows, {})
         rejected, total = Counter(r for r in reasons if r), len(reasons)
         n = len(columns["window_idx"])
         if n == 0:
@@ -275,29 +275,6 @@ def _recording_windows(row: dict, kind: str, folder: str, channels: dict, window
         reason = f"error: {type(e).__name__}: {e}"
     return [{"recording_id": rid, "window_idx": -1, "start_s": 0.0, "signal": np.zeros((len(names), windows.window_samples),
              np.float32), "present": np.zeros(len(names), bool), "skipped": reason}]
-
-
-def _wfdb_tracks(record: Path, channels: dict) -> dict[str, tuple[np.ndarray, float, str]]:
-    """A PhysioNet/WFDB record's signals for ``channels``, as :func:`read_tracks` returns them. A
-    signal is a channel's when its name is the channel's, a track name's last part in
-    ``channels.yaml`` (PLETH, ECG_II) or that part less the channel's prefix (II). PPG is required."""
-    import wfdb
-
-    from biofm.errors import CaseSkipped
-
-    try:
-        rec = wfdb.rdrecord(str(record))
-    except Exception as e:  # wfdb raises many kinds for a bad header or signal file
-        raise CaseSkipped("corrupt_file", f"wfdb cannot read {record.name}: {type(e).__name__}: {e}") from None
-    found = {}
-    for name, spec in channels.items():
-        names = {name} | {t.split("/")[-1] for t in spec.tracks} | {t.split("/")[-1].removeprefix(f"{name}_") for t in spec.tracks}
-        column = next((i for i, s in enumerate(rec.sig_name) if s.upper() in {n.upper() for n in names}), None)
-        if column is not None:
-            found[name] = (rec.p_signal[:, column].astype(np.float64), float(rec.fs), rec.sig_name[column])
-    if "PPG" not in found:
-        raise CaseSkipped("missing_track", f"no PPG signal in {record.name} (signals: {', '.join(rec.sig_name)})")
-    return found
 
 
 class Predictor(_Trimmed):
@@ -322,26 +299,22 @@ class Predictor(_Trimmed):
         return self.trimmed(out)
 
 
-def recordings_in(folder: str) -> tuple[str, list[str]]:
-    """``("butppg", record ids)`` for a BUT-PPG folder (RECORDS of ``<id>/<id>_PPG``), ``("vital",
-    names)`` for a folder of .vital files, ``("wfdb", record names)`` for a PhysioNet/WFDB folder."""
+def recordings_in(folder: str) -> tuple[str, object, list[str]]:
+    """``(kind, source, record ids)``: ``("butppg", None, ids)`` for a BUT-PPG folder (RECORDS of
+    ``<id>/<id>_PPG``), else the format and :func:`~biofm.sources.formats.open_source`'s source for
+    a folder of .vital, WFDB, EDF or CSV recordings (a ``wfdb:`` ... prefix names the format)."""
     from biofm.sources.butppg import read_records
+    from biofm.sources.formats import open_source
 
-    root = Path(folder)
+    root = Path(folder.split(":", 1)[1] if folder.split(":", 1)[0] in ("vital", "wfdb", "edf", "csv") else folder)
     if not root.is_dir():
         raise BiofmError(f"{folder} is not a folder of recordings")
     listed = [x.strip() for x in (root / "RECORDS").read_text().splitlines() if x.strip()] \
         if (root / "RECORDS").is_file() else []
     if listed and all(x.endswith("_PPG") for x in listed):
-        return "butppg", read_records(root)
-    vital = sorted(p.stem for p in root.glob("*.vital"))
-    if vital:
-        return "vital", vital
-    records = listed or sorted(p.stem for p in root.glob("*.hea"))
-    if not records:
-        raise BiofmError(f"no recordings in {folder}: expected .vital files, WFDB records (.hea) or a BUT-PPG "
-                         "folder (with RECORDS)")
-    return "wfdb", records
+        return "butppg", None, read_records(root)
+    source = open_source(folder)
+    return getattr(source, "fmt", "vital"), source, source.ids()
 
 
 def predict(model_path: str, input_dir: str, output: str, batch_size: int = 256, plots: int = 5,
@@ -356,7 +329,7 @@ def predict(model_path: str, input_dir: str, output: str, batch_size: int = 256,
     import pyarrow.parquet as pq
     import ray
 
-    from biofm.preprocess import ensure_ray
+    from biofm.ray_connect import ensure_ray
 
     t0 = time.perf_counter()
     kind = checkpoint.load(model_path)["description"].get("kind")
@@ -371,12 +344,12 @@ def predict(model_path: str, input_dir: str, output: str, batch_size: int = 256,
         raise BiofmError(f"{model_path} was fine-tuned for {task['name']} ({task['kind']}): predict rates recordings "
                          "with a binary model (PPG quality); use biofm benchmark or embed for other tasks")
     channels, windows = model_preprocessing(description)
-    source, ids = recordings_in(input_dir)
+    kind, source, ids = recordings_in(str(input_dir))
     ensure_ray(address)
     cpus, actors, actor_cpus = actor_pool()
     ds = ray.data.from_items([{"recording_id": r} for r in ids], override_num_blocks=min(len(ids), 4 * cpus))
     ppg_signal = description["data_spec"].get("ppg_signal", 0)  # only BUT-PPG-trained models record it
-    ds = ds.flat_map(_recording_windows, fn_kwargs={"kind": source, "folder": str(input_dir), "channels": channels,
+    ds = ds.flat_map(_recording_windows, fn_kwargs={"kind": kind, "source": source, "folder": str(input_dir), "channels": channels,
                                                    "windows": windows, "ppg_signal": ppg_signal})
     ds = ds.map_batches(Predictor, batch_size=batch_size, batch_format="numpy", concurrency=actors,
                         num_cpus=actor_cpus, fn_constructor_kwargs={
@@ -400,11 +373,11 @@ def predict(model_path: str, input_dir: str, output: str, batch_size: int = 256,
     storage.write_text(storage.join(output, "summary.csv"), summary.getvalue())
     plotted = [rid for rid in ids if rid not in skipped][:plots]
     for rid in plotted:
-        _timeline(rid, _raw_ppg(source, input_dir, rid, channels, ppg_signal), [r for r in kept if r["recording_id"] == rid],
+        _timeline(rid, _raw_ppg(kind, source, input_dir, rid, channels, ppg_signal), [r for r in kept if r["recording_id"] == rid],
                   description["threshold"], storage.join(output, f"timeline_{rid}.png"))
     manifest = {"model": storage.normalize(model_path),
                 "model_sha256": hashlib.sha256(storage.read_bytes(model_path)).hexdigest(),
-                "input": str(input_dir), "input_kind": source, "data_spec": description["data_spec"],
+                "input": str(input_dir), "input_kind": kind, "data_spec": description["data_spec"],
                 "threshold": description["threshold"], "recordings_in": len(ids),
                 "recordings_ok": len(ids) - len(skipped), "recordings_skipped": len(skipped),
                 "skipped": skipped, "windows": len(kept), "timelines": plotted,
@@ -421,17 +394,19 @@ def predict(model_path: str, input_dir: str, output: str, batch_size: int = 256,
     return manifest
 
 
-def _raw_ppg(source: str, folder: str, rid: str, channels: dict, ppg_signal: int) -> tuple[np.ndarray, float]:
-    """The recording's PPG as recorded ``(x [n], Hz)``, for its timeline."""
+def _raw_ppg(kind: str, source, folder: str, rid: str, channels: dict, ppg_signal: int) -> tuple[np.ndarray, float]:
+    """The recording's PPG as recorded ``(x [n], Hz)``, for its timeline: pieces at their offsets,
+    NaN between them."""
     from biofm.sources.butppg import read_record
-    from biofm.sources.vitaldb import read_tracks
 
-    if source == "butppg":
+    if kind == "butppg":
         return read_record(Path(folder), rid, ppg_signal)["PPG"]
-    if source == "wfdb":
-        x, fs, _ = _wfdb_tracks(Path(folder) / rid, {"PPG": channels["PPG"]})["PPG"]
-        return x, fs
-    x, fs, _ = read_tracks(Path(folder) / f"{rid}.vital", {"PPG": channels["PPG"]})["PPG"]
+    pieces = source.read(rid, {"PPG": channels["PPG"]}).require(["PPG"]).pieces
+    fs = pieces[0].tracks["PPG"][1]
+    x = np.full(max(int(round(p.start_s * fs)) + len(p.tracks["PPG"][0]) for p in pieces), np.nan)
+    for p in pieces:
+        first = int(round(p.start_s * fs))
+        x[first:first + len(p.tracks["PPG"][0])] = p.tracks["PPG"][0]
     return x, fs
 
 

@@ -46,12 +46,12 @@ def check_sources(cfg: PipelineConfig, pre: PretrainConfig) -> None:
     and the published weights pretraining starts from), naming every one at once and the settings
     that point the run at local copies, as one command line."""
     from biofm.sources import butppg
-    from biofm.sources.vitaldb import open_source
+    from biofm.sources.formats import open_source
 
     problems, fixes = [], {}
     try:
         open_source(cfg.vital_source, cfg.api_url).check_reachable()
-    except SourceUnreachable as e:
+    except (SourceUnreachable, ConfigError) as e:  # ConfigError: a folder without recordings
         problems.append(str(e))
         fixes["vital_source"] = "<folder of .vital files>"
         if not Path(cfg.case_set).exists():  # a vitaldb case set names the API's cases, not the folder's
@@ -125,9 +125,10 @@ def run_pipeline(cfg: PipelineConfig, force: tuple[str, ...] = (), address: str 
     storage.check_writable(out)
 
     from biofm.infer import embed
-    from biofm.preprocess import build_windows, ensure_ray
+    from biofm.preprocess import build_windows
+    from biofm.ray_connect import ensure_ray
     from biofm.sources.butppg import download, raw_folder
-    from biofm.sources.vitaldb import open_source
+    from biofm.sources.formats import open_source
     from biofm.splits import load_split, prepare_splits
     from biofm.train.finetune import finetune
     from biofm.train.pretrain import pretrain

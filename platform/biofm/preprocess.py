@@ -2,13 +2,8 @@
 
 :func:`process_case` does one case end to end (read, resample, filter, window, quality, z-score,
 write ``<split>/<case_id>.parquet``) and returns its outcome; :func:`build_windows` runs it over
-many cases with Ray Data, resumes from earlier runs, and records every outcome in ``<outdir>/manifest.json``.
-
-Layout (split folders hold only Parquet, so pandas/pyarrow/Ray read them as they are)::
-
-    <outdir>/<split>/<case_id>.parquet     kept windows of one case (written atomically)
-    <outdir>/<split>/_cases/<case_id>.json outcome of one case: ok + counts, or skipped + reason
-    <outdir>/manifest.json                 per split: config, per-case outcomes, totals, timings
+many cases with Ray Data, resumes from earlier runs, and records every outcome in ``<outdir>/manifest.json``
+(the layout and data spec: :mod:`biofm.dataset`).
 
 ``outdir`` is a local path or a URI (:mod:`biofm.storage`): the tasks write their files directly.
 """
@@ -18,59 +13,22 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
-import os
 import resource
-import subprocess
 import time
 from collections import Counter
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
 import pyarrow.parquet as pq
 
-from biofm import __version__, storage
-from biofm.config import ChannelSpec, WindowsConfig, config_hash, to_jsonable
+from biofm import storage
+from biofm.config import ChannelSpec, WindowsConfig, to_jsonable
+from biofm.dataset import code_version, data_spec, load_outcomes, windows_table
 from biofm.errors import CaseSkipped, ConfigError, NothingProduced
-from biofm.windows import make_windows, record_signal
+from biofm.ray_connect import ensure_ray
+from biofm.windows import make_windows
 
-SCHEMA_KEY = b"biofm"
 STAGES = ("read", "resample", "filter", "quality", "write")
-
-
-def data_spec(channels: dict[str, ChannelSpec], windows: WindowsConfig) -> dict:
-    """What a window means: channel order, rate, length and filters, plus the config hash.
-
-    Stored in every Parquet file's schema metadata and in the manifest, so models can refuse
-    data they were not built for.
-    """
-    return {
-        "channels": list(channels),
-        "sample_rate_hz": windows.sample_rate_hz,
-        "window_s": windows.window_s,
-        "window_samples": windows.window_samples,
-        "filters": {
-            name: {"type": "cheby2", "band_hz": list(s.band_hz), "order": s.filter_order,
-                   "stopband_db": s.stopband_db, "zero_phase": True}
-            for name, s in channels.items()
-        },
-        "zscore": "per window, per channel",
-        "config_hash": config_hash(windows, *channels.values()),
-    }
-
-
-def windows_table(case_id: str, columns: dict, spec: dict) -> pa.Table:
-    """The Parquet table of one case's windows; ``signal`` is a fixed-shape tensor ``[C, T]``."""
-    n = len(columns["window_idx"])
-    arrays = {
-        "case_id": pa.array([case_id] * n, pa.string()),
-        "window_idx": pa.array(columns["window_idx"], pa.int32()),
-        "start_s": pa.array(columns["start_s"], pa.float64()),
-        "signal": pa.FixedShapeTensorArray.from_numpy_ndarray(np.ascontiguousarray(columns["signal"])),
-        **{k: pa.array(v) for k, v in columns.items() if k not in ("window_idx", "start_s", "signal")},
-    }
-    table = pa.table(arrays)
-    return table.replace_schema_metadata({SCHEMA_KEY: json.dumps(spec).encode()})
 
 
 def process_case(case_id: str, source, channels: dict[str, ChannelSpec], cfg: WindowsConfig,
@@ -80,24 +38,25 @@ def process_case(case_id: str, source, channels: dict[str, ChannelSpec], cfg: Wi
     The outcome (JSON-able) is also written to ``<split_dir>/_cases/<case_id>.json``, after the
     Parquet file, so an interrupted run knows which cases are complete.
     """
-    from biofm.sources.vitaldb import read_tracks
-
     spec = data_spec(channels, cfg)
     timings = {s: 0.0 for s in STAGES}
     outcome = {"case_id": case_id, "config_hash": spec["config_hash"], "timings": timings}
     t0 = time.perf_counter()
     try:
-        with source.local_file(case_id) as path:
-            tracks = read_tracks(path, channels)
+        recording = source.read(case_id, channels).require(channels)
         timings["read"] = time.perf_counter() - t0
-        columns, reasons = make_windows(tracks, channels, cfg, timings)
+        columns, reasons = recording_windows(recording, channels, cfg, timings)
         rejected, n_total = Counter(r for r in reasons if r), len(reasons)
+        pieces = recording.pieces
         outcome.update(
-            tracks={n: t for n, (_, _, t) in tracks.items()},
-            rates_hz={n: r for n, (_, r, _) in tracks.items()},
-            duration_s=round(min(len(x) / r for x, r, _ in tracks.values()), 3),
+            tracks=recording.names(),
+            rates_hz={n: r for n, (_, r, _) in pieces[0].tracks.items()},
+            duration_s=round(sum(min(len(x) / r for x, r, _ in p.tracks.values()) for p in pieces), 3),
             windows_total=n_total, windows_kept=len(columns["window_idx"]), rejected=dict(rejected),
         )
+        if recording.absent or recording.incomplete:
+            outcome["partial_record"] = {"pieces": len(pieces), "absent": recording.absent,
+                                         "incomplete": recording.incomplete}
         if outcome["windows_kept"] == 0:
             top = ", ".join(f"{r} x{n}" for r, n in rejected.most_common(3))
             raise CaseSkipped("no_usable_windows", f"all {n_total} windows failed quality checks ({top})")
@@ -119,6 +78,31 @@ def process_case(case_id: str, source, channels: dict[str, ChannelSpec], cfg: Wi
     outcome["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
     storage.write_text(storage.join(split_dir, "_cases", f"{case_id}.json"), json.dumps(outcome))
     return outcome
+
+
+def recording_windows(recording, channels: dict[str, ChannelSpec], cfg: WindowsConfig,
+                      timings: dict) -> tuple[dict, list[str]]:
+    """:func:`make_windows` over every piece of ``recording``: ``window_idx`` runs on across pieces
+    and ``start_s`` counts from the recording's start. A piece shorter than a window gives none;
+    all of them that short is ``too_short``."""
+    parts, reasons, offset, short = [], [], 0, []
+    for piece in recording.pieces:
+        try:
+            columns, why = make_windows(piece.tracks, channels, cfg, timings)
+        except CaseSkipped as e:
+            if e.code != "too_short":
+                raise
+            short.append(e.detail)
+            continue
+        columns["window_idx"] = columns["window_idx"] + offset
+        columns["start_s"] = columns["start_s"] + piece.start_s
+        parts.append(columns)
+        reasons += why
+        offset += len(why)
+    if not parts:
+        raise CaseSkipped("too_short", short[0] if len(short) == 1 else
+                          f"each of its {len(short)} pieces is shorter than one {cfg.window_s:g} s window")
+    return {k: np.concatenate([c[k] for c in parts]) for k in parts[0]}, reasons
 
 
 def _check_case_id(case_id: str) -> str:
@@ -173,49 +157,6 @@ def run_cases(case_ids: list[str], progress: Progress, **kwargs) -> None:
         progress.update(json.loads(row["outcome"]))
 
 
-def ensure_ray(address: str | None = None) -> None:
-    """Connect to Ray: ``address`` or ``RAY_ADDRESS`` targets a cluster, else a local instance starts
-    (quiet unless ``--verbose``: :mod:`biofm.output`). A local instance's processes are told its
-    address (``RAY_ADDRESS``, inherited from its raylet): Ray's own state queries in them (Train's
-    placement-group cleaner) otherwise fail with "Found multiple active Ray instances" when another
-    runs on the machine."""
-    import socket
-
-    import ray
-
-    from biofm import output
-
-    if not ray.is_initialized() and (address or os.environ.get("RAY_ADDRESS")):
-        ray.init(address=address, log_to_driver=True, **output.ray_init_options())
-    elif not ray.is_initialized():
-        with socket.socket() as s:  # a free port for the new instance's GCS, so its address is known first
-            s.bind(("", 0))
-            port = s.getsockname()[1]
-        # read by the node this process starts; its raylet passes RAY_ADDRESS on to every worker
-        os.environ.update(RAY_GCS_SERVER_PORT=str(port), RAY_ADDRESS=f"{ray.util.get_node_ip_address()}:{port}")
-        try:
-            ray.init(address="local", log_to_driver=True, **output.ray_init_options())
-        finally:
-            del os.environ["RAY_GCS_SERVER_PORT"], os.environ["RAY_ADDRESS"]
-    import ray.data  # noqa: F401  (its loggers exist once it is imported)
-
-    output.quiet_ray_data()
-
-
-def _code_version() -> str:
-    try:
-        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                             cwd=Path(__file__).parent, timeout=5).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        sha = ""
-    return f"{__version__}+{sha}" if sha else __version__
-
-
-def load_outcomes(split_dir: str) -> dict[str, dict]:
-    return {storage.name(p).removesuffix(".json"): json.loads(storage.read_text(p))
-            for p in storage.list_files(storage.join(split_dir, "_cases"), ".json")}
-
-
 def build_windows(case_ids: list[str], source, channels: dict[str, ChannelSpec], cfg: WindowsConfig,
                   outdir: str | Path, split: str, overwrite: bool = False,
                   address: str | None = None, inputs: dict | None = None) -> dict:
@@ -225,11 +166,11 @@ def build_windows(case_ids: list[str], source, channels: dict[str, ChannelSpec],
     skipped for a transient cause are retried). ``overwrite`` deletes the split folder first.
     Raises :class:`NothingProduced` when no case yields a window.
     """
-    trackless = [name for name, spec in channels.items() if not spec.tracks]
+    trackless = [name for name, spec in channels.items() if not spec.tracks and not spec.aliases]
     if trackless:
-        raise ConfigError(f"channel(s) {trackless} have no recording track names in channels.yaml, so no .vital "
-                          f"file can provide them (the windows take channels with tracks: "
-                          f"{[n for n, s in channels.items() if s.tracks] or 'none'})")
+        raise ConfigError(f"channel(s) {trackless} have no track names or aliases in channels.yaml, so no "
+                          f"recording can provide them (the windows take channels that have them: "
+                          f"{[n for n, s in channels.items() if s.tracks or s.aliases] or 'none'})")
     case_ids = list(dict.fromkeys(_check_case_id(str(c)) for c in case_ids))
     if not case_ids:
         raise NothingProduced(f"no cases to process for split {split!r}: the case list is empty")
@@ -281,7 +222,7 @@ def write_manifest(split_dir: str, case_ids: list[str], spec: dict, channels, cf
     manifest = {
         "split": storage.name(split_dir),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "code_version": _code_version(),
+        "code_version": code_version(),
         "source": source.describe(),
         "inputs": inputs,
         "data_spec": spec,
@@ -289,6 +230,7 @@ def write_manifest(split_dir: str, case_ids: list[str], spec: dict, channels, cf
         "cases_in": len(cases),
         "cases_ok": len(ok),
         "cases_skipped": len(cases) - len(ok),
+        "partial_records": sum("partial_record" in o for o in ok),
         "windows_kept": sum(o["windows_kept"] for o in ok),
         "windows_rejected": dict(rejected.most_common()),
         "skip_reasons": dict(skip_reasons.most_common()),
@@ -319,92 +261,3 @@ def _manifest_lock(outdir: str):
         yield
 
 
-def read_manifest(outdir: str | Path, split: str) -> dict:
-    """The manifest section of ``split`` under ``outdir``."""
-    path = storage.join(outdir, "manifest.json")
-    splits = json.loads(storage.read_text(path))["splits"] if storage.is_file(path) else {}
-    if split not in splits:
-        raise NothingProduced(f"{outdir} has no windows for split {split!r} (built: {sorted(splits) or 'none'})")
-    return splits[split]
-
-
-def scan_split(split_dir: str | Path) -> tuple[dict, dict[str, int]]:
-    """The data spec stored in a split's Parquet schema metadata, and the windows (rows) of each
-    file (location -> rows, sorted by location). Every file's footer is read, a few at a time (on
-    an object store each read is a round trip): a file that is not Parquet, or that was made with
-    other settings, is an error naming it (not a failure deep inside a read)."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    files = list(storage.list_files(split_dir, ".parquet"))
-    if not files:
-        splits = [storage.name(d) for d in storage.list_dirs(split_dir) if storage.list_files(d, ".parquet")]
-        if splits:
-            raise ConfigError(f"{split_dir} holds the splits {', '.join(splits)}, not one split: choose one, e.g. "
-                              f"{storage.join(split_dir, splits[-1])}")
-        raise NothingProduced(f"no windows in {split_dir}: build them first with `biofm build-windows`")
-
-    def footer(f):
-        try:
-            return storage.read_metadata(f)
-        except (pa.ArrowException, OSError) as e:
-            raise ConfigError(f"{f} is not a readable Parquet file ({type(e).__name__}: {e}); remove it, "
-                              "or rebuild the split with --overwrite") from None
-
-    with ThreadPoolExecutor(16) as pool:
-        footers = list(pool.map(footer, files))
-    specs = {}
-    for f, meta in zip(files, footers):
-        metadata = meta.metadata or {}
-        if SCHEMA_KEY not in metadata:
-            raise ConfigError(f"{f} was not written by biofm build-windows (no data spec)")
-        specs.setdefault(metadata[SCHEMA_KEY], f)
-    if len(specs) > 1:
-        a, b = list(specs.values())[:2]
-        raise ConfigError(f"{split_dir} mixes windows made with different settings ({storage.name(a)} and {storage.name(b)}): "
-                          "rebuild the split with --overwrite")
-    return json.loads(next(iter(specs))), {f: m.num_rows for f, m in zip(files, footers)}
-
-
-def read_data_spec(split_dir: str | Path) -> dict:
-    """The data spec of a windows split (see :func:`scan_split`)."""
-    return scan_split(split_dir)[0]
-
-
-def same_data(a: dict, b: dict) -> bool:
-    """Two data specs describe the same signals (their config hashes aside)."""
-    return {k: v for k, v in a.items() if k != "config_hash"} == {k: v for k, v in b.items() if k != "config_hash"}
-
-
-def check_data_spec(expected: dict, actual: dict, where: str) -> None:
-    """Refuse data made differently from what a model was built for (rate, window, filters)."""
-    for key in ("sample_rate_hz", "window_samples"):
-        if expected[key] != actual[key]:
-            raise ConfigError(f"{where}: {key} is {actual[key]}, the model was built for {expected[key]}")
-    for channel in set(expected["filters"]) & set(actual["filters"]):
-        if expected["filters"][channel] != actual["filters"][channel]:
-            raise ConfigError(f"{where}: {channel} filter {actual['filters'][channel]} differs from the "
-                              f"model's {expected['filters'][channel]}")
-
-
-def process_record(record_id: str, raw_dir: str, channels: dict[str, ChannelSpec], cfg: WindowsConfig,
-                   ppg_signal: int, label: int, ref_hr: float) -> dict:
-    """Read and prepare one BUT-PPG record for predict (a task's records: :mod:`biofm.tasks`); never
-    raises for a bad record. Returns its outcome (JSON-able) plus ``signal`` ``[C, T]`` and
-    ``present`` ``[C]`` when it is usable."""
-    from biofm.sources.butppg import read_record, subject_of
-
-    t0 = time.perf_counter()
-    outcome = {"record_id": record_id, "subject_id": subject_of(record_id), "label": label, "ref_hr": ref_hr}
-    try:
-        record = read_record(Path(raw_dir), record_id, ppg_signal)
-        signal, present = record_signal(record, channels, cfg)
-        outcome.update(status="ok", present=dict(zip(channels, present.tolist())),
-                       rates_hz={n: rate for n, (_, rate) in record.items()})
-    except CaseSkipped as e:
-        outcome.update(status="skipped", code=e.code, reason=e.detail)
-        signal, present = None, None
-    except Exception as e:  # one bad record never stops the job; the manifest keeps the cause
-        outcome.update(status="skipped", code="error", reason=f"{type(e).__name__}: {e}")
-        signal, present = None, None
-    outcome["seconds"] = round(time.perf_counter() - t0, 4)
-    return {"outcome": outcome, "signal": signal, "present": present}

@@ -73,11 +73,16 @@ def cut_windows(x: np.ndarray, starts: np.ndarray, window: int) -> np.ndarray:
     return x[starts[:, None] + np.arange(window)[None, :]]
 
 
+FLAT_RUN_S = 0.25  # equal samples for this long is a stuck signal (a pulse or QRS never stays put as long)
+
+
 def raw_quality(raw: np.ndarray, fs: float, starts_s: np.ndarray, window_s: float) -> dict:
     """Per-window quality of a raw native-rate signal (NaNs mark missing samples).
 
     For each window starting at ``starts_s`` (seconds): ``nan_fraction`` (missing samples),
-    ``flat_fraction`` (samples equal to their predecessor: a stuck signal) and
+    ``flat_fraction`` (samples equal to their predecessor in a run of at least
+    :data:`FLAT_RUN_S`: a stuck signal, not the repeats of a coarse ADC, such as MIMIC's 8-bit
+    PLETH, where 44% of samples repeat their predecessor) and
     ``clip_fraction`` (samples pinned at the window's minimum or maximum: saturation).
     Returns a dict of float32 arrays ``[N]``; a window with no valid sample scores 1 on each.
     """
@@ -89,8 +94,10 @@ def raw_quality(raw: np.ndarray, fs: float, starts_s: np.ndarray, window_s: floa
     segs = cut_windows(raw, starts, length)                       # [N, L]
     missing = ~np.isfinite(segs)
     n_valid = length - missing.sum(axis=1)
-    stuck = np.zeros(raw.size, dtype=bool)
-    stuck[1:] = raw[1:] == raw[:-1]
+    repeat = np.zeros(raw.size, dtype=bool)
+    repeat[1:] = raw[1:] == raw[:-1]
+    run = np.cumsum(~repeat)  # a run of equal samples shares one id
+    stuck = repeat & (np.bincount(run)[run] >= max(2, round(FLAT_RUN_S * fs)))
     lo = np.where(missing, np.inf, segs).min(axis=1, keepdims=True)
     hi = np.where(missing, -np.inf, segs).max(axis=1, keepdims=True)
     pinned = (segs == lo).sum(axis=1) + (segs == hi).sum(axis=1) - 2

@@ -57,21 +57,23 @@ def _natural(case_id: str):
 
 def read_case_list(spec: str) -> tuple[list[str], str]:
     """Case ids from a vitaldb case set name, a text file (one id per line, ``#`` comments), or a
-    folder of ``.vital`` files (their stems). Returns ``(ids, description)``."""
+    folder of recordings in any format :func:`~biofm.sources.formats.open_source` reads (a
+    ``wfdb:`` ... prefix names one). Returns ``(ids, description)``."""
+    from biofm.sources.formats import FORMATS, open_source
     from biofm.sources.vitaldb import case_sets
 
     sets = case_sets()
     if spec in sets:
         return sets[spec], f"vitaldb case set {spec!r}"
-    path = Path(spec)
+    path = Path(spec.split(":", 1)[1] if spec.split(":", 1)[0] in FORMATS else spec)
     if path.is_dir():
-        ids = sorted({p.stem for p in path.glob("*.vital")} | {p.stem for p in path.glob("vital_files/*.vital")})
-        return ids, f"folder {path}"
+        source = open_source(spec)
+        return source.ids(), f"folder {source.describe()}"
     if path.is_file():
         ids = [line.split("#")[0].strip() for line in path.read_text().splitlines()]
         return [i for i in ids if i], f"case list file {path}"
     raise ConfigError(f"--case-set {spec!r} is neither a vitaldb case set ({', '.join(sorted(sets))}), "
-                      "a file of case ids, nor a folder of .vital files")
+                      "a file of case ids, nor a folder of recordings")
 
 
 def prepare_splits(mode: str, case_set: str, output: str | Path, seed: int = 0,
@@ -84,8 +86,7 @@ def prepare_splits(mode: str, case_set: str, output: str | Path, seed: int = 0,
         raise ConfigError(f"--mode must be fasttrack or full, got {mode!r}")
     ids, described = read_case_list(case_set)
     if not ids:
-        what = ".vital files (looked for *.vital and vital_files/*.vital)" if Path(case_set).is_dir() else "case ids"
-        raise ConfigError(f"{described} holds no {what}")
+        raise ConfigError(f"{described} holds no case ids")
     rng = np.random.default_rng(seed)
     if mode == "fasttrack" and len(ids) > FASTTRACK_CASES:
         ids = sorted(rng.choice(sorted(ids), FASTTRACK_CASES, replace=False).tolist(), key=_natural)

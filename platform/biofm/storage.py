@@ -91,6 +91,16 @@ def list_files(folder: str | Path, suffix: str = "") -> dict[str, int]:
             if i.type == pafs.FileType.File and i.base_name.endswith(suffix) and not i.base_name.startswith(".")}
 
 
+def list_tree(folder: str | Path) -> list[str]:
+    """Every file below ``folder`` (sub-folders too; hidden ones and those under ``_``-folders left
+    out), as paths relative to it, sorted; empty when it does not exist."""
+    fs, path = filesystem(folder)
+    base = path.rstrip("/") + "/"
+    infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True, recursive=True))
+    rel = (i.path.removeprefix(base) for i in infos if i.type == pafs.FileType.File)
+    return sorted(r for r in rel if not any(part.startswith((".", "_")) for part in r.split("/")))
+
+
 def list_dirs(folder: str | Path) -> list[str]:
     """Sub-folders directly in ``folder``, sorted; empty when it does not exist."""
     fs, path = filesystem(folder)

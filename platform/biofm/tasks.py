@@ -4,7 +4,7 @@ subject to split by.
 :func:`prepare_task` reads a built-in task's recordings (:data:`TASKS`) or those a label table
 names (:func:`table_task`), prepares every labelled window as a 10 s record with the training
 preprocessing (:func:`biofm.windows.record_signal`, the data spec of
-:func:`biofm.preprocess.data_spec`), checks its quality without dropping it
+:func:`biofm.dataset.data_spec`), checks its quality without dropping it
 (:func:`biofm.windows.record_quality`: the label may be the quality itself), splits the subjects
 into train/val/test and writes the windows layout::
 
@@ -35,6 +35,7 @@ from biofm import storage
 from biofm.config import ChannelSpec, WindowsConfig
 from biofm.errors import CaseSkipped, ConfigError, NothingProduced
 from biofm.sources.arrhythmia import RHYTHMS
+from biofm.windows import record_quality, record_signal
 
 TASK_KEY = b"biofm_task"
 KINDS = ("binary", "multiclass", "regression")
@@ -133,7 +134,6 @@ def table_task(name: str, labels_path: str | Path, classes: list[str] | None = N
 
 def _window(record: dict, channels: dict[str, ChannelSpec], cfg: WindowsConfig) -> dict:
     """One labelled record -> ``signal [C, T]``, ``present [C]``, its quality columns and reason."""
-    from biofm.windows import record_quality, record_signal
 
     signal, present = record_signal(record, channels, cfg)
     quality, reason = record_quality(record, channels, cfg)
@@ -233,7 +233,7 @@ def task_table(rows: list[dict], spec: dict, task: Task, quality_columns: list[s
         **{c: pa.array([r["quality"].get(c, np.nan) for r in rows], pa.float32()) for c in quality_columns},
         "quality_reason": pa.array([r["quality_reason"] for r in rows], pa.string()),
     })
-    from biofm.preprocess import SCHEMA_KEY
+    from biofm.dataset import SCHEMA_KEY
 
     return table.replace_schema_metadata({SCHEMA_KEY: json.dumps(spec).encode(),
                                           TASK_KEY: json.dumps(dataclasses.asdict(task)).encode()})
@@ -266,7 +266,9 @@ def prepare_task(task: Task, raw_dir: str | Path, outdir: str | Path, channels: 
     Subjects are split by ``split_ratios`` (train, val, test) with ``seed``, stratified by
     :func:`_split_key`. ``label_rows``: a label table's rows (:func:`table_task`). Rebuilding
     replaces the previous output. A task left with one class or one subject is refused."""
-    from biofm.preprocess import Progress, _code_version, data_spec, ensure_ray
+    from biofm.preprocess import Progress
+    from biofm.dataset import code_version, data_spec
+    from biofm.ray_connect import ensure_ray
     from biofm.sources.butppg import raw_folder
     from biofm.splits import SPLITS, split_groups
 
@@ -343,7 +345,7 @@ def prepare_task(task: Task, raw_dir: str | Path, outdir: str | Path, channels: 
                           lambda f: pq.write_table(task_table(mine, spec, task, quality_columns), f))
     manifest = {
         "task": dataclasses.asdict(task), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "code_version": _code_version(), "raw_dir": str(raw_dir), "data_spec": spec,
+        "code_version": code_version(), "raw_dir": str(raw_dir), "data_spec": spec,
         "config": {"split_ratios": list(split_ratios), "seed": seed, "ppg_signal": ppg_signal},
         "records_in": len(items), "records_ok": sum(o["status"] == "ok" for o in outcomes.values()),
         "records_skipped": sum(o["status"] != "ok" for o in outcomes.values()),
@@ -385,3 +387,27 @@ def prepare_butppg(raw_dir: str | Path, outdir: str | Path, channels: dict[str, 
     """The ``butppg-quality`` task with a :class:`~biofm.config.ButppgConfig`'s split and PPG colour channel."""
     return prepare_task(TASKS["butppg-quality"], raw_dir, outdir, channels, cfg, butppg.split_ratios, butppg.seed,
                         butppg.ppg_signal, address=address)
+
+
+def process_record(record_id: str, raw_dir: str, channels: dict[str, ChannelSpec], cfg: WindowsConfig,
+                   ppg_signal: int, label: int, ref_hr: float) -> dict:
+    """Read and prepare one BUT-PPG record for predict (a task's records: :mod:`biofm.tasks`); never
+    raises for a bad record. Returns its outcome (JSON-able) plus ``signal`` ``[C, T]`` and
+    ``present`` ``[C]`` when it is usable."""
+    from biofm.sources.butppg import read_record, subject_of
+
+    t0 = time.perf_counter()
+    outcome = {"record_id": record_id, "subject_id": subject_of(record_id), "label": label, "ref_hr": ref_hr}
+    try:
+        record = read_record(Path(raw_dir), record_id, ppg_signal)
+        signal, present = record_signal(record, channels, cfg)
+        outcome.update(status="ok", present=dict(zip(channels, present.tolist())),
+                       rates_hz={n: rate for n, (_, rate) in record.items()})
+    except CaseSkipped as e:
+        outcome.update(status="skipped", code=e.code, reason=e.detail)
+        signal, present = None, None
+    except Exception as e:  # one bad record never stops the job; the manifest keeps the cause
+        outcome.update(status="skipped", code="error", reason=f"{type(e).__name__}: {e}")
+        signal, present = None, None
+    outcome["seconds"] = round(time.perf_counter() - t0, 4)
+    return {"outcome": outcome, "signal": signal, "present": present}

@@ -1,7 +1,7 @@
 """VitalDB recordings: case sets, and reading one case from the API, a mirror or cloud storage.
 
-A source turns a case id into a local ``.vital`` file (:meth:`local_file`); :func:`read_tracks`
-decodes it into native-rate signals. Every way a case can be unusable raises
+A source turns a case id into a local ``.vital`` file (:meth:`local_file`); :func:`read_file`
+decodes it into native-rate signals (a :class:`~biofm.sources.recording.Recording`). Every way a case can be unusable raises
 :class:`~biofm.errors.CaseSkipped` with a reason code.
 """
 
@@ -25,6 +25,7 @@ from biofm import storage
 from biofm.config import ChannelSpec
 from biofm.errors import BiofmError, CaseSkipped, SourceUnreachable
 from biofm.sources import http
+from biofm.sources.recording import Piece, Recording, Tracks, check_track
 
 DEFAULT_API_URL = f"{vitaldb.dataset.api_url}/{vitaldb.dataset.DATASET_VERSION}"
 
@@ -46,8 +47,16 @@ def _temp_copy(chunks: Iterator[bytes]) -> Path:
     return Path(name)
 
 
+class _VitalSource:
+    """What the three ``.vital`` sources share: :meth:`read` through their ``local_file``."""
+
+    def read(self, case_id: str, channels: dict[str, ChannelSpec]) -> Recording:
+        with self.local_file(case_id) as path:
+            return read_file(path, channels)
+
+
 @dataclass(frozen=True)
-class ApiSource:
+class ApiSource(_VitalSource):
     """The VitalDB open-dataset API (or any server laid out like it): ``GET {base_url}/{id}.vital``.
 
     Connection errors and HTTP 5xx are retried ``retries`` times with exponential backoff
@@ -105,7 +114,7 @@ def _reason(e: OSError) -> str:
 
 
 @dataclass(frozen=True)
-class DirectorySource:
+class DirectorySource(_VitalSource):
     """A folder of ``.vital`` files: ``<root>/<id>.vital`` or PhysioNet's ``<root>/vital_files/``.
 
     Numeric ids also match zero-padded names (``1`` -> ``0001.vital``).
@@ -119,6 +128,10 @@ class DirectorySource:
     def check_reachable(self) -> None:
         if not Path(self.root).is_dir():
             raise SourceUnreachable(f"source folder {self.root} does not exist")
+
+    def ids(self) -> list[str]:
+        root = Path(self.root)
+        return sorted({p.stem for p in root.glob("*.vital")} | {p.stem for p in root.glob("vital_files/*.vital")})
 
     def candidates(self, case_id: str) -> list[Path]:
         names = [case_id] + ([f"{int(case_id):04d}"] if case_id.isdigit() else [])
@@ -135,7 +148,7 @@ class DirectorySource:
 
 
 @dataclass(frozen=True)
-class CloudSource:
+class CloudSource(_VitalSource):
     """``.vital`` files under a cloud URI (``s3://bucket/prefix``, ``gs://...``), read through
     :mod:`biofm.storage`, so credentials come from the usual environment."""
 
@@ -151,6 +164,9 @@ class CloudSource:
             raise SourceUnreachable(f"cannot reach {self.uri}: {e}") from None
         if not found:
             raise SourceUnreachable(f"nothing at {self.uri}: no such bucket or prefix of .vital files")
+
+    def ids(self) -> list[str]:
+        return sorted(Path(name).stem for name in storage.list_files(self.uri, ".vital"))
 
     @contextlib.contextmanager
     def local_file(self, case_id: str) -> Iterator[Path]:
@@ -171,17 +187,6 @@ class CloudSource:
             yield path
         finally:
             path.unlink(missing_ok=True)
-
-
-def open_source(source: str, api_url: str | None = None):
-    """``api`` (optionally at ``api_url``), a cloud URI (``scheme://...``), or a local folder."""
-    if source == "api":
-        return ApiSource(api_url or DEFAULT_API_URL)
-    if api_url:
-        raise SourceUnreachable("--api-url only applies to --source api")
-    if "://" in source and not source.startswith("file://"):
-        return CloudSource(source)
-    return DirectorySource(source.removeprefix("file://"))
 
 
 def _check_container(path: Path) -> None:
@@ -208,12 +213,9 @@ def _check_container(path: Path) -> None:
         raise CaseSkipped("corrupt_file", "not a Vital file (no VITA signature)")
 
 
-def read_tracks(path: Path, channels: dict[str, ChannelSpec]) -> dict[str, tuple[np.ndarray, float, str]]:
-    """Decode the channels' tracks from a ``.vital`` file at their native rates.
-
-    Returns ``{channel: (samples [T] float64 with NaN for gaps, rate in Hz, track name)}``,
-    every channel on the file's common time axis (sample 0 at the file's start).
-    """
+def read_file(path: Path, channels: dict[str, ChannelSpec]) -> Recording:
+    """A ``.vital`` file -> one piece with the channels whose tracks it holds, at their native
+    rates, every channel on the file's common time axis (sample 0 at the file's start)."""
     _check_container(path)
     wanted = [t for spec in channels.values() for t in spec.tracks]
     vf = vitaldb.VitalFile()
@@ -223,20 +225,17 @@ def read_tracks(path: Path, channels: dict[str, ChannelSpec]) -> dict[str, tuple
     if not ok:
         raise CaseSkipped("corrupt_file", f"vitaldb could not parse the file: "
                           f"{messages.getvalue().strip() or 'unknown error'}")
-    out = {}
+    tracks = {}
     for name, spec in channels.items():
-        track = next((t for t in spec.tracks if t in vf.trks), None)
-        if track is None:
-            raise CaseSkipped("missing_track", f"no {name} track (tried {', '.join(spec.tracks)})")
-        trk = vf.trks[track]
-        if trk.srate <= 0:
-            raise CaseSkipped("missing_track", f"{name} track {track} is not a waveform")
-        x = np.asarray(vf.get_track_samples(track, 1.0 / trk.srate), dtype=np.float64)
-        finite = x[np.isfinite(x)]
-        if finite.size == 0:
-            raise CaseSkipped("empty_track", f"{name} track {track} has no valid samples (all NaN)")
-        if finite.min() == finite.max():
-            raise CaseSkipped("flat_track", f"{name} track {track} is flat (constant {finite[0]:g})")
-        out[name] = (x, float(trk.srate), track)
-    return out
+        track = next((t for t in spec.tracks if t in vf.trks and vf.trks[t].srate > 0), None)
+        if track is not None:
+            x = np.asarray(vf.get_track_samples(track, 1.0 / vf.trks[track].srate), dtype=np.float64)
+            check_track(name, track, x)
+            tracks[name] = (x, float(vf.trks[track].srate), track)
+    return Recording([Piece(0.0, tracks, path.name)], sorted(vf.trks))
 
+
+def read_tracks(path: Path, channels: dict[str, ChannelSpec]) -> Tracks:
+    """Every channel's track from a ``.vital`` file: ``{channel: (samples [T] float64 with NaN for
+    gaps, rate in Hz, track name)}``; a channel it lacks is ``no_matching_channel``."""
+    return read_file(path, channels).require(channels).pieces[0].tracks
