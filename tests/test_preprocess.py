@@ -13,7 +13,7 @@ import pytest
 from biofm.config import ChannelsConfig, WindowsConfig, load_config
 from biofm.errors import ConfigError, NothingProduced, SourceUnreachable
 from biofm.preprocess import build_windows, process_case
-from biofm.dataset import data_spec, load_outcomes, read_manifest, SCHEMA_KEY
+from biofm.dataset import data_spec, load_outcomes, read_examples, read_manifest, SCHEMA_KEY
 from biofm.sources.vitaldb import ApiSource, DirectorySource
 from conftest import ROOT, REAL_VITAL, heartbeat_signals, requires_realdata, write_case
 
@@ -93,6 +93,18 @@ def test_bad_cases_are_skipped_with_reasons(ray_session, tmp_path):
     assert m["windows_kept"] == 11 and m["windows_rejected"] == {"PPG:missing": 1}
     gap = pq.read_table(tmp_path / "out" / "train" / "gap.parquet")
     assert gap.column("window_idx").to_pylist() == [0, 1, 3, 4, 5]
+
+    # the data report beside the manifest: counts, reasons, pictures, the rejected window itself
+    report = (tmp_path / "out" / "report.md").read_text()
+    assert "| 7 | 2 | 5 | 0 | 0.03 | 12 | 11 (92%) | 1 |" in report  # 2 x 60 s read; 12 windows cut
+    for code in ("too_short", "no_matching_channel", "flat_track", "corrupt_file", "not_found"):
+        assert f"| `{code}` | 1 | " in report
+    assert "| `PPG:missing` | 1 | 8.3% |" in report
+    assert "Kept and rejected windows (2 kept, 1 rejected;" in report
+    for png in ("train_heart_rate.png", "train_examples.png"):
+        assert (tmp_path / "out" / "report" / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    (reason, start, x), = read_examples(str(tmp_path / "out" / "train"), "gap")
+    assert (reason, start, x.shape) == ("PPG:missing", 20.0, (2, 1250)) and abs(float(x[0].std()) - 1) < 0.01
 
 
 def test_rerun_resumes_without_reading_again(ray_session, tmp_path):

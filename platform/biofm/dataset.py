@@ -6,7 +6,9 @@ they are)::
 
     <outdir>/<split>/<case_id>.parquet     kept windows of one case (written atomically)
     <outdir>/<split>/_cases/<case_id>.json outcome of one case: ok + counts, or skipped + reason
+    <outdir>/<split>/_examples/<case_id>.npz  the case's first rejected window of each reason
     <outdir>/manifest.json                 per split: config, per-case outcomes, totals, timings
+    <outdir>/report.md, report/*.png       the data report (:mod:`biofm.report`)
 
 Every Parquet file carries its data spec (:func:`data_spec`) in its schema metadata under
 :data:`SCHEMA_KEY`; readers scan and compare specs here, and refuse data a model was not built for.
@@ -124,6 +126,29 @@ def check_data_spec(expected: dict, actual: dict, where: str) -> None:
 def load_outcomes(split_dir: str) -> dict[str, dict]:
     return {storage.name(p).removesuffix(".json"): json.loads(storage.read_text(p))
             for p in storage.list_files(storage.join(split_dir, "_cases"), ".json")}
+
+
+def write_examples(split_dir: str, case_id: str, examples: dict[str, tuple[float, np.ndarray]]) -> None:
+    """``examples``: reason -> ``(start_s, window [C, T])`` -> ``_examples/<case_id>.npz``."""
+    import io
+
+    buffer = io.BytesIO()
+    reasons = list(examples)
+    np.savez_compressed(buffer, reasons=np.array(reasons), start_s=np.array([examples[r][0] for r in reasons]),
+                        signal=np.stack([examples[r][1] for r in reasons]).astype(np.float16))
+    storage.write(storage.join(split_dir, "_examples", f"{case_id}.npz"), lambda f: f.write(buffer.getvalue()))
+
+
+def read_examples(split_dir: str, case_id: str) -> list[tuple[str, float, np.ndarray]]:
+    """The rejected windows :func:`write_examples` kept for ``case_id``: ``[(reason, start_s,
+    [C, T])]``; none when it kept none."""
+    import io
+
+    path = storage.join(split_dir, "_examples", f"{case_id}.npz")
+    if not storage.is_file(path):
+        return []
+    z = np.load(io.BytesIO(storage.read_bytes(path)))
+    return [(str(r), float(t), x.astype(np.float32)) for r, t, x in zip(z["reasons"], z["start_s"], z["signal"])]
 
 
 def read_manifest(outdir: str | Path, split: str) -> dict:

@@ -414,7 +414,7 @@ def _timeline(rid: str, ppg: tuple[np.ndarray, float], rows: list[dict], thresho
     """The recording's PPG with each 10 s window shaded by its label at the model's threshold
     (green good, red poor), and each window's probability of good quality below: readable
     without code."""
-    from biofm.train.plots import plt, save_png
+    from biofm.plotting import plt, save_png
 
     x, fs = ppg
     step = max(1, int(len(x) / 20000))  # at most ~20,000 points: the shape, not every sample

@@ -23,9 +23,10 @@ import pyarrow.parquet as pq
 
 from biofm import storage
 from biofm.config import ChannelSpec, WindowsConfig, to_jsonable
-from biofm.dataset import code_version, data_spec, load_outcomes, windows_table
+from biofm.dataset import code_version, data_spec, load_outcomes, windows_table, write_examples
 from biofm.errors import CaseSkipped, ConfigError, NothingProduced
 from biofm.ray_connect import ensure_ray
+from biofm.report import write_report
 from biofm.windows import make_windows
 
 STAGES = ("read", "resample", "filter", "quality", "write")
@@ -45,7 +46,10 @@ def process_case(case_id: str, source, channels: dict[str, ChannelSpec], cfg: Wi
     try:
         recording = source.read(case_id, channels).require(channels)
         timings["read"] = time.perf_counter() - t0
-        columns, reasons = recording_windows(recording, channels, cfg, timings)
+        examples = {}
+        columns, reasons = recording_windows(recording, channels, cfg, timings, examples)
+        if examples:
+            write_examples(split_dir, case_id, examples)
         rejected, n_total = Counter(r for r in reasons if r), len(reasons)
         pieces = recording.pieces
         outcome.update(
@@ -81,14 +85,15 @@ def process_case(case_id: str, source, channels: dict[str, ChannelSpec], cfg: Wi
 
 
 def recording_windows(recording, channels: dict[str, ChannelSpec], cfg: WindowsConfig,
-                      timings: dict) -> tuple[dict, list[str]]:
+                      timings: dict, examples: dict | None = None) -> tuple[dict, list[str]]:
     """:func:`make_windows` over every piece of ``recording``: ``window_idx`` runs on across pieces
-    and ``start_s`` counts from the recording's start. A piece shorter than a window gives none;
-    all of them that short is ``too_short``."""
+    and ``start_s`` counts from the recording's start (``examples`` too). A piece shorter than a
+    window gives none; all of them that short is ``too_short``."""
     parts, reasons, offset, short = [], [], 0, []
     for piece in recording.pieces:
+        found = {} if examples is not None else None
         try:
-            columns, why = make_windows(piece.tracks, channels, cfg, timings)
+            columns, why = make_windows(piece.tracks, channels, cfg, timings, found)
         except CaseSkipped as e:
             if e.code != "too_short":
                 raise
@@ -96,6 +101,8 @@ def recording_windows(recording, channels: dict[str, ChannelSpec], cfg: WindowsC
             continue
         columns["window_idx"] = columns["window_idx"] + offset
         columns["start_s"] = columns["start_s"] + piece.start_s
+        for reason, (start, x) in (found or {}).items():
+            examples.setdefault(reason, (start + piece.start_s, x))
         parts.append(columns)
         reasons += why
         offset += len(why)
@@ -199,6 +206,7 @@ def build_windows(case_ids: list[str], source, channels: dict[str, ChannelSpec],
 
     manifest = write_manifest(split_dir, case_ids, spec, channels, cfg, source, inputs or {},
                               wall_s=time.perf_counter() - t0)
+    print(f"[build-windows {split}] data report: {write_report(outdir)}", flush=True)
     if manifest["windows_kept"] == 0:
         reasons = "; ".join(f"{k}: {n} case(s)" for k, n in manifest["skip_reasons"].items())
         example = next(o["reason"] for o in manifest["cases"].values() if o["status"] != "ok")

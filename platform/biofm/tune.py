@@ -270,7 +270,7 @@ def format_table(trials: list[dict], keys: list[str], metric: str = "val_auroc")
 
 
 def _plots(exp_dir: str, trials: list[dict], keys: list[str], metric: str) -> None:
-    from biofm.train.plots import plt, save_png  # plots sets the Agg backend before pyplot loads
+    from biofm.plotting import plt, save_png
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for t in trials:

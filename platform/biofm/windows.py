@@ -19,13 +19,15 @@ from biofm.errors import CaseSkipped
 
 
 def make_windows(tracks: dict[str, tuple[np.ndarray, float, str]], channels: dict[str, ChannelSpec],
-                 cfg: WindowsConfig, timings: dict) -> tuple[dict, list[str]]:
+                 cfg: WindowsConfig, timings: dict, examples: dict | None = None) -> tuple[dict, list[str]]:
     """Cut quality-checked windows from native-rate tracks (as :func:`read_tracks` returns).
 
     Returns ``(columns, reasons)``: the kept windows' columns (``window_idx`` [N], ``start_s`` [N]
     in seconds, ``signal`` [N, C, T] float32 z-scored, per-channel quality ``[N]``) and, for every
     window cut, why it was rejected (``"PPG:clipped"``...; ``""`` where kept: see
-    :func:`check_windows`). ``timings`` gains the seconds spent per stage.
+    :func:`check_windows`). ``timings`` gains the seconds spent per stage; ``examples``, where
+    given, the first rejected window of each reason not in it yet (``reason -> (start_s, [C, T]
+    float32 z-scored)``), for the data report.
     """
     fs, length = cfg.sample_rate_hz, cfg.window_samples
     duration = min(len(x) / rate for x, rate, _ in tracks.values())
@@ -55,6 +57,10 @@ def make_windows(tracks: dict[str, tuple[np.ndarray, float, str]], channels: dic
     timings["filter"] = timings.get("filter", 0.0) + t2 - t1
     timings["quality"] = timings.get("quality", 0.0) + t3 - t2
 
+    if examples is not None:
+        for i in np.flatnonzero(~keep):
+            if reasons[i] not in examples:
+                examples[reasons[i]] = (float(starts_s[i]), signals.zscore(windows[i]).astype(np.float32))
     columns = {
         "window_idx": np.flatnonzero(keep).astype(np.int32),
         "start_s": starts_s[keep].astype(np.float64),

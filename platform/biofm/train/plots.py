@@ -3,19 +3,10 @@ a URI."""
 
 from __future__ import annotations
 
-import matplotlib
+import numpy as np
+import torch
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-
-from biofm import storage  # noqa: E402
-
-
-def save_png(fig, location: str, dpi: int = 100) -> None:
-    storage.write(location, lambda f: fig.savefig(f, format="png", dpi=dpi))
-    plt.close(fig)
+from biofm.plotting import plt, save_png
 
 
 def plot_history(history: list[dict], panels: dict[str, tuple[str, tuple[str, ...]]], path: str,
