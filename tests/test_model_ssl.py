@@ -184,3 +184,26 @@ def test_history_plots_have_y_labels_whole_epochs_and_one_axis_per_scale(monkeyp
     for a in axes:
         ticks = [t for t in a.get_xticks() if a.get_xlim()[0] <= t <= a.get_xlim()[1]]
         assert ticks == [1, 2, 3]
+
+
+def test_an_absent_channel_is_left_out_of_both_losses():
+    """A corpus source without ECG gives it as a row of zeros: the masked MSE and the STFT loss
+    are those of its PPG alone, whatever the model reconstructs in the ECG row."""
+    from biofm.model.ssl import present_channels
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4, 2, 1250, generator=g)
+    x[1:3, 1] = 0  # windows 1 and 2 lack ECG
+    recon = torch.randn(4, 2, 1250, generator=g)
+    mask = random_mask(4, 2, 10, 0.4, generator=g)
+    present = present_channels(x)
+    assert present.tolist() == [[True, True], [True, False], [True, False], [True, True]]
+    stft = MultiResolutionSTFTLoss()
+    rows = present.flatten()
+    flat = lambda t: t.flatten(0, 1)[rows][:, None]  # noqa: E731 - the present rows as [N, 1, T]
+    expected_mse = masked_mse(flat(recon), flat(x), mask.flatten(0, 1)[rows][:, None], 125)
+    assert torch.allclose(masked_mse(recon, x, mask & present[..., None], 125), expected_mse)
+    assert torch.allclose(stft(recon, x, present), stft(flat(recon), flat(x)))
+    recon[1:3, 1] += 100.0  # the absent rows' reconstruction does not count
+    assert torch.allclose(masked_mse(recon, x, mask & present[..., None], 125), expected_mse)
+    assert not torch.allclose(masked_mse(recon, x, mask, 125), expected_mse)

@@ -12,7 +12,7 @@ from biofm.errors import CaseSkipped, ConfigError, NothingProduced
 from biofm.preprocess import build_windows
 from biofm.sources.formats import open_source
 from biofm.sources.vitaldb import read_tracks
-from conftest import REAL_VITAL, REALDATA, ROOT, heartbeat_signals, requires_realdata
+from conftest import REAL_VITAL, REALDATA, ROOT, heartbeat_signals, requires_realdata, tensorboard_scalars
 
 CONFIG = load_config(ChannelsConfig, ROOT / "configs/channels.yaml")
 CHANNELS = CONFIG.select(["PPG", "ECG"])
@@ -224,3 +224,67 @@ def test_each_format_reads_from_cloud_storage(ray_session, s3, tmp_path):
         m = build_windows([rid], source, CHANNELS, WINDOWS, tmp_path / f"out_{fmt}", "train")
         assert (m["cases_ok"], m["cases"][rid]["windows_total"]) == (1, 3), fmt
     assert open_source(f"{uri}/wfdb").records == {"p000001-01": "p00/p000001/p000001-01"}
+
+
+@requires_realdata(REAL_VITAL)
+@requires_realdata(BIDMC)
+@requires_realdata(MIMIC)
+@requires_realdata(ARRHYTHMIA)
+@pytest.mark.timeout(600)
+def test_every_format_pretrains_together_as_one_corpus(ray_session, tmp_path):
+    """Vital files as EDF (PPG+ECG, train and val), BIDMC's CSV (PPG+ECG), the MIMIC record and two
+    arrhythmia patients (PPG only: ECG absent, zeros, out of the loss): one pretraining run whose
+    history counts each source's windows per epoch."""
+    import dataclasses
+    import json
+
+    from biofm.config import PretrainConfig
+    from biofm.sources.arrhythmia import RATE_HZ, read_patient
+    from biofm.train.pretrain import pretrain
+
+    edf_dir = tmp_path / "raw_edf"
+    edf_dir.mkdir()
+    for name, t in vital_tracks().items():
+        write_edf(edf_dir / f"{name}.edf", {"Pleth": t["PPG"], "EKG": t["ECG"]})
+    ids = sorted(p.stem for p in edf_dir.glob("*.edf"))
+    built = {}
+    for split, cases in (("train", ids[:4]), ("val", ids[4:])):
+        built[("nsrr_edf", split)] = build_windows(cases, open_source(str(edf_dir)), CHANNELS, WINDOWS,
+                                                   tmp_path / "nsrr_edf", split)
+    built[("bidmc", "train")] = build(tmp_path, open_source(str(BIDMC)), name="bidmc")
+    ppg = CONFIG.select(["PPG"])
+    built[("mimic", "train")] = build(tmp_path, open_source(str(MIMIC)), channels=ppg, name="mimic")
+    raw = tmp_path / "raw_arrhythmia"
+    raw.mkdir()
+    for patient in sorted(p.stem for p in ARRHYTHMIA.glob("MPA_*.mat"))[:2]:
+        x = read_patient(ARRHYTHMIA, patient)[0][:8].ravel()
+        (raw / f"{patient}.csv").write_text("BVP\n" + "\n".join(f"{v:.6f}" for v in x) + "\n")
+    patients = open_source(str(raw), rate_hz=RATE_HZ).ids()
+    for split, cases in (("train", patients[:1]), ("val", patients[1:])):
+        built[("arrhythmia", split)] = build_windows(cases, open_source(str(raw), rate_hz=RATE_HZ), ppg, WINDOWS,
+                                                     tmp_path / "arrhythmia", split)
+    sources = ["nsrr_edf", "bidmc", "mimic", "arrhythmia"]
+    cfg = PretrainConfig(num_layers=2, epochs=2, batch_size=32, lr=1e-3, warmup_epochs=1, cpus_per_worker=0.5,
+                         max_failures=0, channels=("PPG", "ECG"))
+    final = pretrain(cfg, [str(tmp_path / s) for s in sources], tmp_path / "fm")
+    history = json.loads((tmp_path / "fm" / "training_history.json").read_text())
+    for epoch in history:  # every train window of every source, each epoch
+        assert {s: epoch[f"train_windows_{s}"] for s in sources} == {
+            s: built[(s, "train")]["windows_kept"] for s in sources}
+    assert all(built[(s, "train")]["windows_kept"] > 0 for s in sources) and np.isfinite(final["val_loss"])
+    logged = tensorboard_scalars(tmp_path / "fm" / "tensorboard")
+    assert logged["train/windows_mimic"] == [(1, 2.0), (2, 2.0)]  # its two PPG windows, in both epochs
+    description = load_pretrained_description(tmp_path / "fm" / "best_model.pt")
+    assert description["data_spec"]["channels"] == ["PPG", "ECG"] and list(description["data_spec"]["sources"]) == sources
+    with pytest.raises(ConfigError, match=r"has channels \['PPG'\], not \['ECG'\]"):  # one source: every channel
+        pretrain(dataclasses.replace(cfg, epochs=1), str(tmp_path / "mimic"), tmp_path / "fm2")
+    one = pretrain(dataclasses.replace(cfg, epochs=1, channels=("PPG",)), [str(tmp_path / "mimic"),
+                   str(tmp_path / "arrhythmia")], tmp_path / "fm_ppg")  # a PPG-only corpus: a one-channel model
+    assert load_pretrained_description(tmp_path / "fm_ppg" / "best_model.pt")["data_spec"]["channels"] == ["PPG"]
+    assert one["train_windows_mimic"] == built[("mimic", "train")]["windows_kept"]
+
+
+def load_pretrained_description(path):
+    from biofm.train import checkpoint
+
+    return checkpoint.load(path)["description"]

@@ -67,7 +67,8 @@ def _pretrain(args) -> int:
     _output_folder(args.output_dir, "--output-dir")
     from biofm.train.pretrain import pretrain
 
-    final = pretrain(cfg, args.data_dir, args.output_dir, resume=args.resume, address=args.address)
+    data = args.data_dir[0] if len(args.data_dir) == 1 else args.data_dir
+    final = pretrain(cfg, data, args.output_dir, resume=args.resume, address=args.address)
     print(f"[pretrain] done: epoch {final['epoch']}, val loss {final['val_loss']:.4f} -> {args.output_dir}")
     return 0
 
@@ -366,7 +367,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_build_windows)
 
     p = sub.add_parser("pretrain", help="self-supervised pretraining of the TTM encoder (Ray Train)",
-                       description="Masked signal modeling on <data-dir>/train, validated on <data-dir>/val. "
+                       description="Masked signal modeling on <data-dir>/train, validated on <data-dir>/val (several "
+                                   "--data-dir: one corpus). "
                                    "Flags override the YAML config.")
     p.add_argument("--config", default="configs/ssl_pretrain.yaml", help=CONFIG_HELP)
 
@@ -374,7 +376,9 @@ def build_parser() -> argparse.ArgumentParser:
         _from_config(p.add_argument(*names, **kwargs), "configs/ssl_pretrain.yaml", "PretrainConfig",
                      names[0][2:].replace("-", "_"))
 
-    p.add_argument("--data-dir", default="data/vitaldb_windows", help="windows from build-windows (train/ and val/)")
+    p.add_argument("--data-dir", nargs="+", default=["data/vitaldb_windows"],
+                   help="windows from build-windows (train/ and val/); several: one corpus, each source's windows "
+                        "counted per epoch, a channel a source lacks given as absent (zeros, left out of the loss)")
     flag("--channels", nargs="+", default=None, help="channels to train on, in order")
     flag("--init", default=None, metavar="random|ID_OR_FOLDER[@REVISION]",
                    help="random weights, or IBM's published TTM (a Hugging Face id such as "

@@ -119,8 +119,15 @@ def patch_samples(mask: torch.Tensor, patch: int, samples: int) -> torch.Tensor:
     return mask.repeat_interleave(patch, dim=-1)[..., :samples]
 
 
+def present_channels(x: torch.Tensor) -> torch.Tensor:
+    """``[B, C]``: the channels of windows ``[B, C, T]`` that are not a row of zeros (the absent
+    marking: a z-scored channel never is all zeros)."""
+    return x.abs().amax(dim=-1) > 0
+
+
 def masked_mse(recon: torch.Tensor, x: torch.Tensor, mask: torch.Tensor, patch: int) -> torch.Tensor:
-    """Mean squared error over the masked cells' samples only."""
+    """Mean squared error over the masked cells' samples only (leave an absent channel's cells
+    out of ``mask``)."""
     cells = patch_samples(mask, patch, x.shape[-1]).to(x.dtype)
     return ((recon - x) ** 2 * cells).sum() / cells.sum().clamp(min=1)
 
@@ -137,7 +144,10 @@ class MultiResolutionSTFTLoss(nn.Module):
         for n in ffts:
             self.register_buffer(f"window_{n}", torch.hann_window(n), persistent=False)
 
-    def forward(self, recon: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, recon: torch.Tensor, x: torch.Tensor, present: torch.Tensor | None = None) -> torch.Tensor:
+        """``recon``, ``x`` ``[B, C, T]``; ``present`` ``[B, C]``: only those rows count."""
+        if present is not None:
+            recon, x = recon[present], x[present]
         pred, target = recon.flatten(0, -2).float(), x.flatten(0, -2).float()
         total = pred.new_zeros(())
         for n in self.ffts:

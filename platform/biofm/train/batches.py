@@ -47,13 +47,18 @@ _END = object()
 
 @dataclasses.dataclass(frozen=True)
 class Split:
-    """A split as the driver scanned it (sent to the workers). ``spec``: the data spec with the
-    selected channels; ``channel_index``: their rows in the stored ``signal`` ``[C, T]``."""
+    """A split as the driver scanned it (sent to the workers), or a corpus of several
+    (:func:`corpus`). ``spec``: the data spec with the selected channels; ``channel_index``: per
+    file, each selected channel's row in the stored ``signal`` ``[C, T]``, -1 where that file's
+    source lacks it (a row of zeros, as fine-tuning marks an absent channel); ``source``: per file,
+    its index into ``sources`` (the batches' ``source`` column)."""
 
     files: tuple[str, ...]
     rows: tuple[int, ...]
     spec: dict
-    channel_index: tuple[int, ...]
+    channel_index: tuple[tuple[int, ...], ...]
+    source: tuple[int, ...] = ()
+    sources: tuple[str, ...] = ()
 
     @property
     def windows(self) -> int:
@@ -62,29 +67,60 @@ class Split:
     @property
     def memory_bytes(self) -> int:
         """The signals of the selected channels in memory, float32."""
-        return self.windows * len(self.channel_index) * self.spec["window_samples"] * 4
+        return self.windows * len(self.spec["channels"]) * self.spec["window_samples"] * 4
+
+    def windows_per_source(self) -> dict[str, int]:
+        counts = dict.fromkeys(self.sources, 0)
+        for f, rows in zip(self.source, self.rows):
+            counts[self.sources[f]] += rows
+        return counts
 
 
-def scan(split_dir: str, channels: Sequence[str] | None = None) -> Split:
+def scan(split_dir: str, channels: Sequence[str] | None = None, absent_ok: bool = False) -> Split:
     """Scan ``split_dir`` (every footer: see :func:`biofm.dataset.scan_split`) and select
-    ``channels`` (names, in the order wanted; None: all, as stored)."""
+    ``channels`` (names, in the order wanted; None: all, as stored). ``absent_ok``: a channel the
+    split lacks is zeros (index -1) instead of an error, as long as it holds one of them."""
     from biofm.dataset import scan_split
 
     spec, rows = scan_split(split_dir)
     channels = list(spec["channels"] if channels is None else channels)
     missing = [c for c in channels if c not in spec["channels"]]
-    if missing:
+    if missing and (not absent_ok or len(missing) == len(channels)):
         raise ConfigError(f"{split_dir} has channels {spec['channels']}, not {missing}")
-    index = tuple(spec["channels"].index(c) for c in channels)
+    index = tuple(spec["channels"].index(c) if c in spec["channels"] else -1 for c in channels)
     spec = {**spec, "channels": channels, "filters": {c: spec["filters"][c] for c in channels if c in spec["filters"]}}
-    return Split(tuple(rows), tuple(rows.values()), spec, index)
+    return Split(tuple(rows), tuple(rows.values()), spec, (index,) * len(rows), (0,) * len(rows),
+                 (storage.name(storage.normalize(split_dir).rsplit("/", 1)[0]),))
+
+
+def corpus(splits: Sequence[Split], names: Sequence[str]) -> Split:
+    """One split of several sources' splits (``names``: one per split, as the history names
+    them). They must agree on rate, window and the filters of every channel they share."""
+    first = splits[0].spec
+    filters = {}
+    for split, name in zip(splits, names):
+        spec = split.spec
+        if (spec["sample_rate_hz"], spec["window_samples"]) != (first["sample_rate_hz"], first["window_samples"]):
+            raise ConfigError(f"source {name} has {spec['window_samples']} samples at {spec['sample_rate_hz']:g} Hz, "
+                              f"{names[0]} {first['window_samples']} at {first['sample_rate_hz']:g} Hz: build both "
+                              "with the same windows.yaml")
+        for c, f in spec["filters"].items():
+            if filters.setdefault(c, (f, name))[0] != f:
+                raise ConfigError(f"sources {filters[c][1]} and {name} filter {c} differently "
+                                  f"({filters[c][0]} and {f}): build both with the same channels.yaml")
+    spec = {**first, "filters": {c: filters[c][0] for c in first["channels"] if c in filters},
+            "sources": {name: s.spec["config_hash"] for s, name in zip(splits, names)}}
+    return Split(tuple(f for s in splits for f in s.files), tuple(r for s in splits for r in s.rows), spec,
+                 tuple(i for s in splits for i in s.channel_index),
+                 tuple(k for k, s in enumerate(splits) for _ in s.files), tuple(names))
 
 
 class WindowBatches:
     """Batches of ``columns`` from ``split`` for worker ``rank`` of ``world``; iterate
     ``epoch(e)`` once per epoch. Each batch is a dict: ``signal`` float32 ``[B, C, T]``, other
     numeric columns as tensors (integers int64, booleans bool, ``present`` ``[B, C]``), strings
-    as numpy arrays. With a CUDA ``device`` the tensors arrive there, copied from pinned memory
+    as numpy arrays; ``source`` (not stored: each window's index into ``split.sources``) int64.
+    With a CUDA ``device`` the tensors arrive there, copied from pinned memory
     without blocking. ``repeat``: how often each window (in file order) counts per epoch, for
     oversampling; needs the split cached. ``prefetch``: batches made ahead, ``read_ahead``: files
     read at once."""
@@ -171,8 +207,8 @@ class WindowBatches:
         bounds = np.cumsum([0] + [len(a) for a in np.array_split(np.arange(total), self.world)])
         return slice(int(bounds[self.rank]), int(bounds[self.rank + 1]))
 
-    def _pieces(self, epoch: int) -> list[tuple[str, int, int]]:
-        """``(file, first row, end row)`` of this worker's share of epoch ``epoch``."""
+    def _pieces(self, epoch: int) -> list[tuple[int, int, int]]:
+        """``(file index, first row, end row)`` of this worker's share of epoch ``epoch``."""
         order = np.arange(len(self.split.files))
         if self.train:
             order = np.random.default_rng([self.seed, epoch]).permutation(order)
@@ -181,21 +217,30 @@ class WindowBatches:
             rows = self.split.rows[f]
             lo, hi = max(share.start - at, 0), min(share.stop - at, rows)
             if lo < hi:
-                pieces.append((self.split.files[f], lo, hi))
+                pieces.append((f, lo, hi))
             at += rows
         return pieces
 
-    def _read(self, piece: tuple[str, int, int]) -> dict[str, np.ndarray]:
-        location, lo, hi = piece
+    def _read(self, piece: tuple[int, int, int]) -> dict[str, np.ndarray]:
+        f, lo, hi = piece
+        location, stored = self.split.files[f], [c for c in self.columns if c != "source"]
         try:
-            table = storage.read_file(location, columns=self.columns).slice(lo, hi - lo)
+            table = storage.read_file(location, columns=stored).slice(lo, hi - lo)
         except (pa.ArrowException, OSError) as e:
             raise BiofmError(f"cannot read {location}: {type(e).__name__}: {e}") from None
-        data = {c: _numpy(table.column(c)) for c in self.columns}
+        data = {c: _numpy(table.column(c)) for c in stored}
         if "signal" in data:
-            index = list(self.split.channel_index)
-            signal = data["signal"]
-            data["signal"] = signal[:, index] if index != list(range(signal.shape[1])) else signal
+            index, signal = list(self.split.channel_index[f]), data["signal"]
+            if -1 in index:
+                out = np.zeros((len(signal), len(index), signal.shape[2]), signal.dtype)
+                for c, row in enumerate(index):
+                    if row >= 0:
+                        out[:, c] = signal[:, row]
+                data["signal"] = out
+            elif index != list(range(signal.shape[1])):
+                data["signal"] = signal[:, index]
+        if "source" in self.columns:
+            data["source"] = np.full(hi - lo, self.split.source[f], np.int16)
         return data
 
     def _read_all(self, pieces: list) -> Iterator[dict[str, np.ndarray]]:
@@ -213,7 +258,7 @@ class WindowBatches:
 
     def _load(self) -> dict[str, np.ndarray]:
         if self._data is None:
-            pieces = [(f, 0, n) for f, n in zip(self.split.files, self.split.rows)]
+            pieces = [(f, 0, n) for f, n in enumerate(self.split.rows)]
             self._data = _concat(list(self._read_all(pieces)))
         return self._data
 

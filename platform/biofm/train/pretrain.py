@@ -22,11 +22,12 @@ import torch
 from biofm import output, storage
 from biofm.config import PretrainConfig, to_jsonable
 from biofm.errors import BiofmError, ConfigError
-from biofm.model.ssl import MaskedSignalModel, MultiResolutionSTFTLoss, masked_mse, random_mask, window_masks
+from biofm.model.ssl import (MaskedSignalModel, MultiResolutionSTFTLoss, masked_mse, present_channels, random_mask,
+                              window_masks)
 from biofm.model.ttm_weights import describe as describe_init
 from biofm.model.ttm_weights import initial_model
 from biofm.train import checkpoint
-from biofm.train.batches import Split, WaitClock, WindowBatches, data_wait_note, scan
+from biofm.train.batches import Split, WaitClock, WindowBatches, corpus, data_wait_note, scan
 from biofm.train.ray_run import (check_run_dir, fit, mixed_precision, report_epoch, restored_training, seed_epoch,
                                  worker_print)
 from biofm.train.tracking import Tracker
@@ -79,16 +80,20 @@ def train_loop(config: dict) -> None:
     core = model.module if hasattr(model, "module") else model
     stft = MultiResolutionSTFTLoss(cfg.stft_ffts).to(device)
     channels, patches, patch = len(cfg.channels), core.patches, core.patch
+    sources = config["train"].sources
     train_batches, val_batches = loaders(cfg, config["train"], config["val"], rank, world, device)
     tracker = Tracker(config["output_dir"], "pretrain", config["cfg"]) if rank == 0 else None
     total_steps = cfg.epochs * len(train_batches)
     warmup = max(1, int(cfg.warmup_epochs * len(train_batches)))
 
     def losses(x, mask):
+        """Absent channels (rows of zeros: a source without them) are input as zeros, as in
+        fine-tuning, and left out of both losses."""
+        present = present_channels(x)
         with autocast():
             recon, _ = model(x, mask)
         recon = recon.float()
-        mse, spec = masked_mse(recon, x, mask, patch), stft(recon, x)
+        mse, spec = masked_mse(recon, x, mask & present[..., None], patch), stft(recon, x, present)
         return mse + cfg.stft_weight * spec, mse, spec
 
     def skip(reason, step):
@@ -102,6 +107,7 @@ def train_loop(config: dict) -> None:
         seed_epoch(cfg.seed, rank, epoch)
         model.train()
         sums, clock = np.zeros(4), WaitClock(train_batches.epoch(epoch))
+        per_source = torch.zeros(len(sources), dtype=torch.float64)
         for step, batch in enumerate(clock, 1):
             x = batch["signal"]
             mask = random_mask(len(x), channels, patches, cfg.mask_ratio, cfg.mask_same_across_channels, device=device)
@@ -123,8 +129,10 @@ def train_loop(config: dict) -> None:
                     scaler.update()
                     state["global_step"] += 1
                     sums += [loss.item() * len(x), mse.item() * len(x), spec.item() * len(x), len(x)]
+                    per_source += torch.bincount(batch["source"].cpu(), minlength=len(sources))
         ingest = clock.metrics()
         loss_sum, mse_sum, spec_sum, n = _allreduce(list(sums), device)
+        source_windows = _allreduce(per_source.tolist(), device)
 
         model.eval()
         vals = np.zeros(3)
@@ -143,6 +151,7 @@ def train_loop(config: dict) -> None:
             "windows_per_s": n / ingest["train_s"], **ingest,
             "lr": optimizer.param_groups[0]["lr"], "bad_steps": state["bad_steps"], "workers": world,
             "attempt": state["attempts"],  # 1 for the run's first start, +1 per restart or resume
+            **{f"train_windows_{name}": int(k) for name, k in zip(sources, source_windows)},
         }
         state["history"].append(metrics)
         state["epoch"] = epoch + 1
@@ -163,27 +172,38 @@ def loaders(cfg: PretrainConfig, train: Split, val: Split, rank: int = 0, world:
     """Worker ``rank``'s batches: training windows (shuffled, an equal share per worker) and
     validation windows with their ids (in order, each once), held in memory up to ``cache_mb``."""
     kw = {"rank": rank, "world": world, "cache_mb": cfg.cache_mb, "device": device}
-    return (WindowBatches(train, ["signal"], cfg.batch_size, train=True, seed=cfg.seed,
+    return (WindowBatches(train, ["signal", "source"], cfg.batch_size, train=True, seed=cfg.seed,
                           shuffle_buffer=cfg.shuffle_buffer, **kw),
             WindowBatches(val, ["signal", "case_id", "window_idx"], cfg.batch_size, **kw))
 
 
-def pretrain(cfg: PretrainConfig, data_dir: str | Path, output_dir: str | Path, resume: bool = False,
+def pretrain(cfg: PretrainConfig, data_dir: str | Path | list, output_dir: str | Path, resume: bool = False,
              address: str | None = None) -> dict:
-    """Pretrain on ``<data_dir>/{train,val}`` and write the artifacts to ``output_dir`` (each a
-    local path or a URI); returns the final metrics."""
+    """Pretrain on ``<data_dir>/{train,val}`` (several: one corpus; a source lacking a channel of
+    ``cfg.channels`` gives it as absent, a source without ``val/`` trains only) and write the
+    artifacts to ``output_dir`` (each a local path or a URI); returns the final metrics."""
     from biofm.dataset import same_data
     from biofm.ray_connect import ensure_ray
 
-    data_dir, output_dir = storage.normalize(data_dir), storage.normalize(output_dir)
+    dirs = [storage.normalize(d) for d in (data_dir if isinstance(data_dir, (list, tuple)) else [data_dir])]
+    output_dir = storage.normalize(output_dir)
+    names = _source_names(dirs)
     ray_dir = check_run_dir(output_dir, resume, "pretraining")
-    train, val = (scan(storage.join(data_dir, s), cfg.channels) for s in ("train", "val"))
-    spec = train.spec
-    if not same_data(spec, val.spec):
-        raise ConfigError(f"train and val windows in {data_dir} were made with different settings")
+    absent_ok = len(dirs) > 1
+    trains = [scan(storage.join(d, "train"), cfg.channels, absent_ok) for d in dirs]
+    with_val = [k for k, d in enumerate(dirs) if len(dirs) == 1 or storage.list_files(storage.join(d, "val"), ".parquet")]
+    vals = [scan(storage.join(dirs[k], "val"), cfg.channels, absent_ok) for k in with_val or [0]]
+    for k, part in zip(with_val, vals):
+        if not same_data(part.spec, trains[k].spec):
+            raise ConfigError(f"train and val windows in {dirs[k]} were made with different settings")
+    train, val = corpus(trains, names), corpus(vals, [names[k] for k in with_val])
+    spec = {k: v for k, v in train.spec.items() if len(dirs) > 1 or k != "sources"}
     if train.windows < cfg.num_workers or val.windows == 0:
-        raise BiofmError(f"{data_dir} has {train.windows} train and {val.windows} val windows: too few "
+        raise BiofmError(f"{', '.join(dirs)} has {train.windows} train and {val.windows} val windows: too few "
                          f"for {cfg.num_workers} worker(s)")
+    if len(dirs) > 1:
+        print(f"[pretrain] corpus of {len(dirs)} sources, train windows: "
+              + ", ".join(f"{k} {n}" for k, n in train.windows_per_source().items()), flush=True)
     model, init = initial_model(cfg, spec["window_samples"])
     ensure_ray(address)
     model_cfg = model.encoder.config
@@ -196,13 +216,20 @@ def pretrain(cfg: PretrainConfig, data_dir: str | Path, output_dir: str | Path, 
     loop_config = {"cfg": dataclasses.asdict(cfg), "description": description, "initial_state": model.state_dict(),
                    "train": train, "val": val, "output_dir": output_dir}
     best, history = fit(train_loop, loop_config, cfg, ray_dir, "val_loss", "min")
-    write_artifacts(output_dir, best, history, cfg, data_dir, init)
+    write_artifacts(output_dir, best, history, cfg, dirs, init, storage.join(dirs[(with_val or [0])[0]], "val"))
     return history[-1]
 
 
-def write_artifacts(output_dir: str, best: dict, history: list[dict], cfg: PretrainConfig, data_dir: str,
-                    init: dict) -> None:
-    """best_model.pt, training_history.json, training_config.json, encoder/ (Hugging Face), PNGs."""
+def _source_names(dirs: list[str]) -> list[str]:
+    """Each data folder's name, as the history names its windows (the path where two share one)."""
+    names = [storage.name(d) for d in dirs]
+    return names if len(set(names)) == len(names) else dirs
+
+
+def write_artifacts(output_dir: str, best: dict, history: list[dict], cfg: PretrainConfig, dirs: list[str],
+                    init: dict, val_dir: str) -> None:
+    """best_model.pt, training_history.json, training_config.json, encoder/ (Hugging Face), PNGs
+    (the reconstructions of ``val_dir``'s windows)."""
     from biofm.train.evaluate import load_pretrained
     from biofm.train.plots import plot_history, plot_reconstructions
 
@@ -210,11 +237,12 @@ def write_artifacts(output_dir: str, best: dict, history: list[dict], cfg: Pretr
     checkpoint.save(out("best_model.pt"), best["model"], best["description"])
     storage.write_text(out("training_history.json"), json.dumps(history, indent=1))
     storage.write_text(out("training_config.json"), json.dumps(
-        {**to_jsonable(cfg), "init": init, "data_dir": data_dir, "best_epoch": best["training"]["epoch"]}, indent=1))
+        {**to_jsonable(cfg), "init": init, "data_dir": dirs[0] if len(dirs) == 1 else dirs,
+         "best_epoch": best["training"]["epoch"]}, indent=1))
     model = load_pretrained(out("best_model.pt"))
     with storage.local_folder(out("encoder")) as d:
         model.encoder.save_pretrained(d)
     plot_history(history, {f"total loss (MSE + {cfg.stft_weight:g} x STFT)": ("loss", ("train_loss", "val_loss")),
                            "masked-cell MSE": ("MSE (z-scored units)", ("train_mse", "val_masked_mse")),
                            "multi-resolution STFT loss": ("STFT loss", ("train_stft",))}, out("loss_curves.png"))
-    plot_reconstructions(model, storage.join(data_dir, "val"), best["description"], out("reconstruction.png"))
+    plot_reconstructions(model, val_dir, best["description"], out("reconstruction.png"))
