@@ -122,6 +122,23 @@ def test_a_label_table_over_vital_recordings(ray_session, tmp_path):
     np.testing.assert_allclose(w["signal"][row], expected, atol=1e-5)
 
 
+@requires_realdata(REALDATA / "mimic3_wdb" / "p000878")
+def test_a_label_table_over_a_multi_segment_wfdb_record(ray_session, tmp_path):
+    """Labels at seconds from a MIMIC record's start land in the segment that holds them: 30 s is
+    segment 1's first sample, 46 s segment 2's; 40 s runs past segment 1's end; 10 s is in the gap."""
+    raw = REALDATA / "mimic3_wdb" / "p000878"
+    rid = "p000878-2137-10-26-16-57"
+    (tmp_path / "labels.csv").write_text("recording,start_s,subject_id,label\n" + "".join(
+        f"{rid},{t},{subject},{lab}\n" for t, subject, lab in ((30, "s1", "a"), (46, "s2", "b"), (40, "s1", "a"),
+                                                             (10, "s2", "b"))) + "x,0,q,a\n")  # two subjects: a task needs them
+    task, rows = table_task("mimic", tmp_path / "labels.csv", ["a", "b"])
+    m = prepare_task(task, raw, tmp_path / "out", PPG, WINDOWS, split_ratios=(0.5, 0.0, 0.5), label_rows=rows)
+    assert m["windows"] == 2 and m["windows_skipped"] == {"too_short": 1, "outside_recording": 1}
+    assert m["records"]["x"]["code"] == "not_found"
+    w = windows_of(tmp_path / "out")
+    assert sorted(zip(w["start_s"], w["label"])) == [(30.0, 0), (46.0, 1)]
+
+
 def test_a_regression_table_skips_and_counts_nan_targets(ray_session, tmp_path):
     raw = _recordings(tmp_path / "raw")
     (tmp_path / "t.csv").write_text("recording,start_s,subject_id,target\nrec0,0,a,61.5\nrec0,10,a,\n"

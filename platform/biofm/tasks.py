@@ -34,6 +34,7 @@ import pyarrow.parquet as pq
 from biofm import storage
 from biofm.config import ChannelSpec, WindowsConfig
 from biofm.errors import CaseSkipped, ConfigError, NothingProduced
+from biofm.sources.formats import FORMATS, open_source
 from biofm.sources.arrhythmia import RHYTHMS
 from biofm.windows import record_quality, record_signal
 
@@ -171,30 +172,36 @@ def _arrhythmia_windows(item: str, task: Task, raw_dir: Path, channels, cfg):
     return out, skipped
 
 
-def _table_windows(item: str, task: Task, raw_dir: Path, channels, cfg, rows: list[dict]):
-    from biofm.sources.vitaldb import read_tracks
+def _table_windows(item: str, task: Task, raw_dir: Path, channels, cfg, rows: list[dict], source):
+    """A label table's recording, read from ``source`` (any format :func:`open_source` reads),
+    its rows' windows cut where they start (in the piece that holds them, for WFDB segments)."""
+    rid = Path(item).stem if Path(item).suffix.lower() in {x for v in FORMATS.values() for x in v} else item
+    pieces = source.read(rid, {n: s for n, s in channels.items() if s.tracks or s.aliases}).pieces
 
-    path = raw_dir / (item if item.endswith(".vital") else f"{item}.vital")
-    if not path.is_file():
-        raise CaseSkipped("not_found", f"{path} not found")
-    tracks = read_tracks(path, {n: s for n, s in channels.items() if s.tracks})
+    def at(start_s: float) -> dict:
+        """The tracks of the piece that holds ``start_s``, with its offset in seconds."""
+        for p in pieces:
+            if p.tracks and p.start_s <= start_s < p.start_s + max(len(x) / rate for x, rate, _ in p.tracks.values()):
+                return {n: (x, rate, p.start_s) for n, (x, rate, _) in p.tracks.items()}
+        raise CaseSkipped("outside_recording", f"start_s {start_s:g} is not within {rid}'s signals")
+
     out, skipped = [], Counter()
     for i, row in enumerate(sorted(rows, key=lambda r: r["start_s"])):
         if task.kind == "regression" and not np.isfinite(row["target"]):
             skipped["no_target"] += 1
             continue
-        record = {}
-        for name, (x, rate, _) in tracks.items():
-            first = int(round(row["start_s"] * rate))
-            record[name] = (x[max(first, 0):first + int(np.ceil(cfg.window_s * rate))], rate)
         try:
+            record = {}
+            for name, (x, rate, offset_s) in at(row["start_s"]).items():
+                first = int(round((row["start_s"] - offset_s) * rate))
+                record[name] = (x[max(first, 0):first + int(np.ceil(cfg.window_s * rate))], rate)
             if row["start_s"] < 0 or "PPG" in channels and "PPG" not in record:
-                raise CaseSkipped("missing_track", "no PPG track" if row["start_s"] >= 0 else "start_s < 0")
+                raise CaseSkipped("no_matching_channel", "no PPG signal there" if row["start_s"] >= 0 else "start_s < 0")
             w = _window(record, channels, cfg)
         except CaseSkipped as e:
             skipped[e.code] += 1
             continue
-        out.append({"case_id": path.stem, "window_idx": i, "start_s": float(row["start_s"]),
+        out.append({"case_id": rid, "window_idx": i, "start_s": float(row["start_s"]),
                     "subject_id": str(row["subject_id"]), task.column: row[task.column], **w})
     return out, skipped
 
@@ -296,7 +303,7 @@ def prepare_task(task: Task, raw_dir: str | Path, outdir: str | Path, channels: 
         by_recording: dict[str, list[dict]] = {}
         for r in label_rows or []:
             by_recording.setdefault(str(r["recording"]), []).append(r)
-        items, extra = sorted(by_recording), {"rows": by_recording}
+        items, extra = sorted(by_recording), {"rows": by_recording, "source": open_source(str(raw_dir))}
         if not items:
             raise ConfigError(f"task {task.name}: the label table has no rows")
     todo = [r for r in items if r not in outcomes]
