@@ -196,3 +196,43 @@ def test_an_epoch_left_early_ends_its_reader_thread_and_streamed_windows_are_mix
     got = np.concatenate(ids_of(WindowBatches(s, ["signal"], 5, rank=3, world=7).epoch(0)))
     np.testing.assert_array_equal(got, share)
     assert 21 < share[0] and share[-1] < 40
+
+
+@pytest.mark.parametrize("cache_mb", [0.0, 100.0], ids=["streamed", "cached"])
+def test_a_corpus_with_weights_and_an_absent_channel(split, tmp_path, cache_mb):
+    """Two sources: ``split`` (PPG+ECG, weight 2: every window twice) and a PPG-only one (weight
+    0.5: half its windows, another half each epoch; its ECG a row of zeros). Two workers share
+    each epoch equally; the ``source`` column says where a window came from."""
+    from biofm.train.batches import corpus
+
+    ppg_only = tmp_path / "watch" / "train"
+    ppg_only.mkdir(parents=True)
+    ppg = {"PPG": CHANNELS["PPG"]}
+    for case, n in (("w1", 6), ("w2", 8)):
+        ids = np.arange(1000, 1000 + n, dtype=np.float32) + (0 if case == "w1" else 6)
+        columns = {"window_idx": np.arange(n, dtype=np.int32), "start_s": np.arange(n) * 10.0,
+                   "signal": np.repeat(ids[:, None, None], 1250, 2)}
+        pq.write_table(windows_table(case, columns, data_spec(ppg, WINDOWS)), ppg_only / f"{case}.parquet")
+    with pytest.raises(ConfigError, match=r"has channels \['PPG'\], not \['ECG'\]"):
+        scan(str(ppg_only), ["PPG", "ECG"])
+    both = corpus([scan(str(split)), scan(str(ppg_only), ["PPG", "ECG"], absent_ok=True)], ["vital", "watch"], [2.0, 0.5])
+    assert both.windows_per_source() == {"vital": 51, "watch": 14} and both.epoch_windows() == 102 + 7
+    seen_watch = []
+    for epoch in range(3):
+        per_worker = []
+        for rank in (0, 1):
+            b = WindowBatches(both, ["signal", "source"], 16, train=True, seed=1, rank=rank, world=2, cache_mb=cache_mb)
+            got = list(b.epoch(epoch))
+            per_worker.append((np.concatenate(ids_of(got)), np.concatenate([x["source"].numpy() for x in got]),
+                               torch.cat([x["signal"] for x in got])))
+        ids = np.concatenate([w[0] for w in per_worker])
+        source = np.concatenate([w[1] for w in per_worker])
+        signal = torch.cat([w[2] for w in per_worker])
+        assert len(per_worker[0][0]) == len(per_worker[1][0]) == 54  # 109 // 2 each
+        vital, watch = ids[source == 0], ids[source == 1]
+        assert set(vital) <= set(range(51)) and set(watch) <= set(range(1000, 1014))
+        assert np.all(np.bincount(vital, minlength=51) <= 2) and len(vital) + len(watch) == 108
+        assert (len(vital), len(watch)) in ((102, 6), (101, 7))  # 2 x 51 and 7 of 14, less the one left out
+        assert (signal[source == 1][:, 1] == 0).all() and (signal[source == 0][:, 1] == -signal[source == 0][:, 0]).all()
+        seen_watch.append(frozenset(watch.tolist()))
+    assert len(set(seen_watch)) > 1  # the half of the PPG-only source drawn changes with the epoch

@@ -278,10 +278,16 @@ def test_every_format_pretrains_together_as_one_corpus(ray_session, tmp_path):
     assert description["data_spec"]["channels"] == ["PPG", "ECG"] and list(description["data_spec"]["sources"]) == sources
     with pytest.raises(ConfigError, match=r"has channels \['PPG'\], not \['ECG'\]"):  # one source: every channel
         pretrain(dataclasses.replace(cfg, epochs=1), str(tmp_path / "mimic"), tmp_path / "fm2")
-    one = pretrain(dataclasses.replace(cfg, epochs=1, channels=("PPG",)), [str(tmp_path / "mimic"),
-                   str(tmp_path / "arrhythmia")], tmp_path / "fm_ppg")  # a PPG-only corpus: a one-channel model
+    # a PPG-only corpus YAML (paths from its folder, a weight per source): a one-channel model
+    (tmp_path / "corpus.yaml").write_text("sources:\n  - {path: mimic, weight: 3}\n"
+                                          "  - {path: arrhythmia, weight: 0.5, name: mpa}\n")
+    one = pretrain(dataclasses.replace(cfg, epochs=1, channels=("PPG",)), str(tmp_path / "corpus.yaml"), tmp_path / "fm_ppg")
     assert load_pretrained_description(tmp_path / "fm_ppg" / "best_model.pt")["data_spec"]["channels"] == ["PPG"]
-    assert one["train_windows_mimic"] == built[("mimic", "train")]["windows_kept"]
+    n_mpa = built[("arrhythmia", "train")]["windows_kept"]
+    assert (one["train_windows_mimic"], one["train_windows_mpa"]) == (3 * 2, round(n_mpa / 2))  # 1 worker: none left out
+    (tmp_path / "bad.yaml").write_text("sources:\n  - {path: mimic, weight: 0}\n")
+    with pytest.raises(ConfigError, match="weight must be > 0, got 0"):
+        pretrain(cfg, str(tmp_path / "bad.yaml"), tmp_path / "fm3")
 
 
 def load_pretrained_description(path):

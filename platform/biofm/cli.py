@@ -377,8 +377,9 @@ def build_parser() -> argparse.ArgumentParser:
                      names[0][2:].replace("-", "_"))
 
     p.add_argument("--data-dir", nargs="+", default=["data/vitaldb_windows"],
-                   help="windows from build-windows (train/ and val/); several: one corpus, each source's windows "
-                        "counted per epoch, a channel a source lacks given as absent (zeros, left out of the loss)")
+                   help="windows from build-windows (train/ and val/); several, or a corpus YAML (sources: "
+                        "[{path, weight, name}]): one corpus, each source's windows counted per epoch, a channel a "
+                        "source lacks given as absent (zeros, left out of the loss)")
     flag("--channels", nargs="+", default=None, help="channels to train on, in order")
     flag("--init", default=None, metavar="random|ID_OR_FOLDER[@REVISION]",
                    help="random weights, or IBM's published TTM (a Hugging Face id such as "

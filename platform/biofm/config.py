@@ -235,6 +235,34 @@ class PretrainConfig:
 
 
 @config_class
+class CorpusSource:
+    """One source of a pretraining corpus: ``path``, a build-windows output folder (or URI);
+    ``weight``: how often each of its windows is drawn per epoch on average (1: once; 2: twice;
+    0.5: half of them, other ones each epoch); ``name``: as the history names it (default: the
+    folder's name)."""
+
+    path: str
+    weight: float = 1.0
+    name: str = ""
+
+    def __post_init__(self):
+        if not self.weight > 0:
+            raise ValueError(f"weight must be > 0, got {self.weight}")
+
+
+@config_class
+class CorpusConfig:
+    """A corpus YAML (``biofm pretrain --data-dir corpus.yaml``): its ``sources``, relative paths
+    taken from the YAML's folder."""
+
+    sources: tuple[CorpusSource, ...]
+
+    def __post_init__(self):
+        if not self.sources:
+            raise ValueError("a corpus needs at least one source")
+
+
+@config_class
 class ButppgConfig:
     """BUT-PPG preprocessing (``configs/butppg.yaml``): channel order, which PPG colour channel,
     subject-level split ratios (train, val, test) and seed."""

@@ -59,10 +59,22 @@ class Split:
     channel_index: tuple[tuple[int, ...], ...]
     source: tuple[int, ...] = ()
     sources: tuple[str, ...] = ()
+    weights: tuple[float, ...] = ()
 
     @property
     def windows(self) -> int:
         return sum(self.rows)
+
+    @property
+    def weighted(self) -> bool:
+        return any(w != 1 for w in self.weights)
+
+    def epoch_windows(self) -> int:
+        """Windows in a training epoch: each source's ``weight`` x its windows (rounded)."""
+        if not self.weighted:
+            return self.windows
+        per = self.windows_per_source()
+        return sum(int(w) * per[name] + round((w - int(w)) * per[name]) for name, w in zip(self.sources, self.weights))
 
     @property
     def memory_bytes(self) -> int:
@@ -90,12 +102,13 @@ def scan(split_dir: str, channels: Sequence[str] | None = None, absent_ok: bool 
     index = tuple(spec["channels"].index(c) if c in spec["channels"] else -1 for c in channels)
     spec = {**spec, "channels": channels, "filters": {c: spec["filters"][c] for c in channels if c in spec["filters"]}}
     return Split(tuple(rows), tuple(rows.values()), spec, (index,) * len(rows), (0,) * len(rows),
-                 (storage.name(storage.normalize(split_dir).rsplit("/", 1)[0]),))
+                 (storage.name(storage.normalize(split_dir).rsplit("/", 1)[0]),), (1.0,))
 
 
-def corpus(splits: Sequence[Split], names: Sequence[str]) -> Split:
+def corpus(splits: Sequence[Split], names: Sequence[str], weights: Sequence[float] | None = None) -> Split:
     """One split of several sources' splits (``names``: one per split, as the history names
-    them). They must agree on rate, window and the filters of every channel they share."""
+    them; ``weights``: their sampling weights, 1 each by default). They must agree on rate,
+    window and the filters of every channel they share."""
     first = splits[0].spec
     filters = {}
     for split, name in zip(splits, names):
@@ -112,7 +125,8 @@ def corpus(splits: Sequence[Split], names: Sequence[str]) -> Split:
             "sources": {name: s.spec["config_hash"] for s, name in zip(splits, names)}}
     return Split(tuple(f for s in splits for f in s.files), tuple(r for s in splits for r in s.rows), spec,
                  tuple(i for s in splits for i in s.channel_index),
-                 tuple(k for k, s in enumerate(splits) for _ in s.files), tuple(names))
+                 tuple(k for k, s in enumerate(splits) for _ in s.files), tuple(names),
+                 tuple(weights or (1.0,) * len(splits)))
 
 
 class WindowBatches:
@@ -134,13 +148,13 @@ class WindowBatches:
         self.split, self.columns, self.batch_size = split, list(columns), batch_size
         self.train, self.seed, self.rank, self.world = train, seed, rank, world
         self.cached = split.memory_bytes <= cache_mb * 1e6
-        if repeat is not None and (not self.cached or len(repeat) != split.windows):
-            raise ValueError(f"repeat needs the split cached and one count per window ({split.windows})")
+        if repeat is not None and (not self.cached or len(repeat) != split.windows or split.weighted):
+            raise ValueError(f"repeat needs the split cached, unweighted and one count per window ({split.windows})")
         self.repeat, self.shuffle_buffer = repeat, shuffle_buffer
         self.device = torch.device(device) if device is not None else None
         self.prefetch, self.read_ahead = prefetch, read_ahead
         self._data: dict[str, np.ndarray] | None = None
-        total = split.windows if repeat is None else int(np.sum(repeat))
+        total = int(np.sum(repeat)) if repeat is not None else split.epoch_windows() if train else split.windows
         self.windows = total // world if train else len(np.array_split(np.arange(total), world)[rank])
 
     def __len__(self) -> int:
@@ -185,8 +199,12 @@ class WindowBatches:
     def _batches(self, epoch: int) -> Iterator[dict[str, np.ndarray]]:
         if self.cached:
             data = self._load()
-            index = np.arange(self.split.windows) if self.repeat is None else np.repeat(
-                np.arange(self.split.windows), self.repeat)
+            if self.train and self.split.weighted:
+                starts = np.cumsum((0,) + self.split.rows)
+                index = np.concatenate([np.arange(starts[f] + lo, starts[f] + hi) for f, lo, hi in self._weighted_runs(epoch)])
+            else:
+                index = np.arange(self.split.windows) if self.repeat is None else np.repeat(
+                    np.arange(self.split.windows), self.repeat)
             if self.train:
                 index = np.random.default_rng([self.seed, epoch]).permutation(index)
             index = index[self._share(len(index))]
@@ -207,17 +225,35 @@ class WindowBatches:
         bounds = np.cumsum([0] + [len(a) for a in np.array_split(np.arange(total), self.world)])
         return slice(int(bounds[self.rank]), int(bounds[self.rank + 1]))
 
+    def _weighted_runs(self, epoch: int) -> list[tuple[int, int, int]]:
+        """A training epoch of a weighted corpus as ``(file, first row, end row)`` runs: each
+        source's files ``int(weight)`` times, then, for the fraction, the first windows of its
+        files in an order drawn from ``(seed, epoch)`` (another part every epoch)."""
+        rng, runs = np.random.default_rng([self.seed, epoch, 1]), []
+        for k, w in enumerate(self.split.weights):
+            mine = [f for f, src in enumerate(self.split.source) if src == k]
+            runs += [(f, 0, self.split.rows[f]) for f in mine] * int(w)
+            extra = round((w - int(w)) * sum(self.split.rows[f] for f in mine))
+            for f in (rng.permutation(mine) if extra else []):
+                take = min(extra, self.split.rows[f])
+                runs.append((int(f), 0, take))
+                extra -= take
+                if not extra:
+                    break
+        return runs
+
     def _pieces(self, epoch: int) -> list[tuple[int, int, int]]:
         """``(file index, first row, end row)`` of this worker's share of epoch ``epoch``."""
-        order = np.arange(len(self.split.files))
+        runs = self._weighted_runs(epoch) if self.train and self.split.weighted else [
+            (f, 0, n) for f, n in enumerate(self.split.rows)]
         if self.train:
-            order = np.random.default_rng([self.seed, epoch]).permutation(order)
-        share, pieces, at = self._share(self.split.windows), [], 0
-        for f in order:
-            rows = self.split.rows[f]
+            runs = [runs[i] for i in np.random.default_rng([self.seed, epoch]).permutation(len(runs))]
+        share, pieces, at = self._share(sum(hi - lo for _, lo, hi in runs)), [], 0
+        for f, first, end in runs:
+            rows = end - first
             lo, hi = max(share.start - at, 0), min(share.stop - at, rows)
             if lo < hi:
-                pieces.append((f, lo, hi))
+                pieces.append((f, first + lo, first + hi))
             at += rows
         return pieces
 

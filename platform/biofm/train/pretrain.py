@@ -179,15 +179,15 @@ def loaders(cfg: PretrainConfig, train: Split, val: Split, rank: int = 0, world:
 
 def pretrain(cfg: PretrainConfig, data_dir: str | Path | list, output_dir: str | Path, resume: bool = False,
              address: str | None = None) -> dict:
-    """Pretrain on ``<data_dir>/{train,val}`` (several: one corpus; a source lacking a channel of
+    """Pretrain on ``<data_dir>/{train,val}`` (several, or a corpus YAML with a sampling weight per
+    source: one corpus; a source lacking a channel of
     ``cfg.channels`` gives it as absent, a source without ``val/`` trains only) and write the
     artifacts to ``output_dir`` (each a local path or a URI); returns the final metrics."""
     from biofm.dataset import same_data
     from biofm.ray_connect import ensure_ray
 
-    dirs = [storage.normalize(d) for d in (data_dir if isinstance(data_dir, (list, tuple)) else [data_dir])]
+    dirs, names, weights = corpus_sources(data_dir)
     output_dir = storage.normalize(output_dir)
-    names = _source_names(dirs)
     ray_dir = check_run_dir(output_dir, resume, "pretraining")
     absent_ok = len(dirs) > 1
     trains = [scan(storage.join(d, "train"), cfg.channels, absent_ok) for d in dirs]
@@ -196,14 +196,15 @@ def pretrain(cfg: PretrainConfig, data_dir: str | Path | list, output_dir: str |
     for k, part in zip(with_val, vals):
         if not same_data(part.spec, trains[k].spec):
             raise ConfigError(f"train and val windows in {dirs[k]} were made with different settings")
-    train, val = corpus(trains, names), corpus(vals, [names[k] for k in with_val])
+    train, val = corpus(trains, names, weights), corpus(vals, [names[k] for k in with_val])
     spec = {k: v for k, v in train.spec.items() if len(dirs) > 1 or k != "sources"}
     if train.windows < cfg.num_workers or val.windows == 0:
         raise BiofmError(f"{', '.join(dirs)} has {train.windows} train and {val.windows} val windows: too few "
                          f"for {cfg.num_workers} worker(s)")
     if len(dirs) > 1:
-        print(f"[pretrain] corpus of {len(dirs)} sources, train windows: "
-              + ", ".join(f"{k} {n}" for k, n in train.windows_per_source().items()), flush=True)
+        print(f"[pretrain] corpus of {len(dirs)} sources, train windows: " + ", ".join(
+            f"{k} {n}" + (f" (weight {w:g})" if w != 1 else "") for (k, n), w in zip(train.windows_per_source().items(),
+                                                                                  weights)), flush=True)
     model, init = initial_model(cfg, spec["window_samples"])
     ensure_ray(address)
     model_cfg = model.encoder.config
@@ -220,10 +221,26 @@ def pretrain(cfg: PretrainConfig, data_dir: str | Path | list, output_dir: str |
     return history[-1]
 
 
-def _source_names(dirs: list[str]) -> list[str]:
-    """Each data folder's name, as the history names its windows (the path where two share one)."""
-    names = [storage.name(d) for d in dirs]
-    return names if len(set(names)) == len(names) else dirs
+def corpus_sources(data_dir: str | Path | list) -> tuple[list[str], list[str], list[float]]:
+    """``(folders, names, weights)`` of a data folder, a list of them, or a corpus YAML
+    (:class:`~biofm.config.CorpusConfig`; its relative paths from the YAML's folder). A name is the
+    folder's (the path where two share one), as the history names its windows."""
+    from biofm.config import CorpusConfig, load_config
+
+    if isinstance(data_dir, (str, Path)) and str(data_dir).endswith((".yaml", ".yml")):
+        cfg, base = load_config(CorpusConfig, data_dir), Path(data_dir).parent
+        dirs = [s.path if storage.is_uri(s.path) or Path(s.path).is_absolute() else str(base / s.path) for s in cfg.sources]
+        given, weights = [s.name for s in cfg.sources], [s.weight for s in cfg.sources]
+    else:
+        dirs = list(data_dir) if isinstance(data_dir, (list, tuple)) else [data_dir]
+        given, weights = [""] * len(dirs), [1.0] * len(dirs)
+    dirs = [storage.normalize(d) for d in dirs]
+    names = [g or storage.name(d) for g, d in zip(given, dirs)]
+    if len(set(names)) < len(names):
+        names = [g or d for g, d in zip(given, dirs)]
+    if len(set(names)) < len(names):
+        raise ConfigError(f"two corpus sources are named alike: {names}")
+    return dirs, names, weights
 
 
 def write_artifacts(output_dir: str, best: dict, history: list[dict], cfg: PretrainConfig, dirs: list[str],
