@@ -166,6 +166,7 @@ def test_bad_files_of_each_format_are_skipped_with_their_reasons(ray_session, tm
     write_edf(edf_dir / "eeg.edf", {"EEG C3-A2": (ppg, 125.0), "EOG(L)": (ecg, 125.0)})
     whole = (edf_dir / "good.edf").read_bytes()
     (edf_dir / "cut.edf").write_bytes(whole[:len(whole) // 2])
+    (edf_dir / "gaps.edf").write_bytes(whole[:192] + b"EDF+D" + whole[197:])
     rows = "".join(f"{i / 125:.3f},{p:.5f},{e:.5f}\n" for i, (p, e) in enumerate(zip(ppg, ecg)))
     (csv_dir / "good.csv").write_text("Time [s],PLETH,II\n" + rows)
     lines = rows.splitlines()
@@ -179,7 +180,9 @@ def test_bad_files_of_each_format_are_skipped_with_their_reasons(ray_session, tm
         "edf": {"eeg": ("no_matching_channel", "no PPG or ECG signal among EEG C3-A2, EOG(L) (channels.yaml: "
                         "tracks and aliases)"),
                 "cut": ("corrupt_file", f"cut.edf is truncated: its header promises 40 data records ({len(whole)} "
-                        f"bytes), the file holds {len(whole) // 2} bytes")},
+                        f"bytes), the file holds {len(whole) // 2} bytes"),
+                "gaps": ("unsupported_format", "gaps.edf is EDF+D (discontinuous: its data records are not contiguous "
+                         "in time), which is not read yet; convert it to continuous EDF+C files")},
         "csv": {"text": ("corrupt_file", "text.csv: column 'II' holds text at row 702 ('lead off') and 0 more")},
         "wfdb": {"nodat": ("missing_file", "nodat.hea is there but its signal file is not (no nodat.dat)")},
     }

@@ -19,9 +19,13 @@ SUFFIXES = (".edf", ".bdf")
 
 def _check_length(path: Path, sample_bytes: int) -> None:
     """A file shorter than its header's data records is ``corrupt_file`` (edfio only warns, and
-    reads fewer records). A header of unknown length (-1 records, a recording in progress) passes."""
+    reads fewer records). A header of unknown length (-1 records, a recording in progress) passes;
+    EDF+D (records with gaps between them) is ``unsupported_format``."""
     with open(path, "rb") as f:
         head = f.read(256)
+        if head[192:197] == b"EDF+D":
+            raise CaseSkipped("unsupported_format", f"{path.name} is EDF+D (discontinuous: its data records are not "
+                              "contiguous in time), which is not read yet; convert it to continuous EDF+C files")
         header_bytes, records, ns = int(head[184:192]), int(head[236:244]), int(head[252:256])
         f.seek(256 + ns * 216)
         per_record = sum(int(f.read(8)) for _ in range(ns))
