@@ -13,7 +13,7 @@ import os
 import tempfile
 import urllib.error
 import urllib.parse
-import zlib
+from isal import isal_zlib as zlib  # ISA-L: the same API as zlib, 2.2x faster to inflate
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
