@@ -214,7 +214,7 @@ def test_pipeline_survives_a_lost_node_and_a_lost_cluster(cluster, s3, public_so
     out = f"s3://biofm/{uuid.uuid4().hex[:8]}/pipeline"
     at = functools.partial(storage.join, out)
     raw = tmp_path / "but_ppg_raw"
-    epochs = 6
+    epochs = 10  # an epoch takes about a second: enough left to lose the cluster after the log is read, on a busy machine
     tune = ("{mode: grid, max_epochs: 3, grace_period: 2, max_concurrent_trials: 2, cpus_per_trial: 0.5, "
             "search: {init: {grid: [pretrained, scratch]}, head_epochs: {grid: [1]}, batch_size: {grid: [16]}}}")
     entrypoint = ["python", "jobs/pipeline.py", "--config", "configs/smoke.yaml", "--output-dir", out,
