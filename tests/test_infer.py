@@ -300,10 +300,10 @@ def test_a_timeline_shades_each_window_by_its_label_at_the_threshold(monkeypatch
     from matplotlib.colors import to_rgba
 
     from biofm import infer
-    from biofm.train import plots
+    from biofm import plotting
 
     figures = []
-    monkeypatch.setattr(plots, "save_png", lambda fig, path, dpi=100: figures.append(fig))
+    monkeypatch.setattr(plotting, "save_png", lambda fig, path, dpi=100: figures.append(fig))
     rows = [{"start_s": 0.0, "probability": 0.52, "label": 1}, {"start_s": 10.0, "probability": 0.49, "label": 0}]
     infer._timeline("r1", (np.sin(np.arange(3000) / 10.0), 100.0), rows, 0.5017, str(tmp_path / "t.png"))
     top, bottom = figures[0].axes

@@ -244,10 +244,10 @@ def test_report_shows_where_each_trial_stopped(tmp_path):
 def test_the_learning_rate_panel_has_readable_ticks(monkeypatch, tmp_path):
     """A log-scale lr axis, its labels turned so that 1e-5 .. 1e-3 do not overlap."""
     from biofm import tune
-    from biofm.train import plots
+    from biofm import plotting
 
     figures = []
-    monkeypatch.setattr(plots, "save_png", lambda fig, path, dpi=100: figures.append(fig))
+    monkeypatch.setattr(plotting, "save_png", lambda fig, path, dpi=100: figures.append(fig))
     trials = [{"trial": f"t{i}", "status": "completed", "history": [(1, 0.5 + i / 10)], "best_val_auroc": 0.5 + i / 10,
                "params": {"lr": lr, "init": "scratch"}} for i, lr in enumerate([1e-5, 1e-4, 1e-3])]
     tune._plots(str(tmp_path), trials, ["init", "lr"], "val_auroc")
