@@ -44,28 +44,27 @@ def build_windows_once(workdir: Path, n_cases: int) -> Path:
 
 
 def plain_loop(cfg, data: Path) -> dict:
-    """The same training step as Ray Train's loop, on the same batches, in this process."""
-    from biofm.model.ssl import MaskedSignalModel, MultiResolutionSTFTLoss, masked_mse, random_mask, ttm_config
+    """The same training step as Ray Train's loop (its losses, the sync-free step; compiled when
+    ``cfg.compile``), on the same batches, in this process."""
+    from biofm.model.ssl import MaskedSignalModel, MultiResolutionSTFTLoss, random_mask, ttm_config
     from biofm.train.batches import WaitClock, scan
-    from biofm.train.pretrain import loaders
+    from biofm.train.pretrain import loaders, pretraining_losses
+    from biofm.train.step import adamw, compiled_for_batch, step
 
     torch.manual_seed(cfg.seed)
     model = MaskedSignalModel(ttm_config(len(cfg.channels), cfg.num_layers, cfg.d_model, dropout=cfg.dropout))
-    stft = MultiResolutionSTFTLoss(cfg.stft_ffts)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    losses = pretraining_losses(model, model.patch, MultiResolutionSTFTLoss(cfg.stft_ffts), cfg.stft_weight)
+    forward = compiled_for_batch(losses, cfg.batch_size, torch.device("cpu")) if cfg.compile else losses
+    params = list(model.parameters())
+    optimizer = adamw(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     train_batches, _ = loaders(cfg, scan(str(data / "train"), cfg.channels), scan(str(data / "val"), cfg.channels))
     epochs = []
     for epoch in range(cfg.epochs):
         clock = WaitClock(train_batches.epoch(epoch))
         for batch in clock:
             x = batch["signal"]
-            mask = random_mask(len(x), x.shape[1], 10, cfg.mask_ratio)
-            recon, _ = model(x, mask)
-            loss = masked_mse(recon, x, mask, model.patch) + cfg.stft_weight * stft(recon, x)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            optimizer.step()
+            terms = forward(x, random_mask(len(x), x.shape[1], model.patches, cfg.mask_ratio))
+            step(terms[0], optimizer, torch.amp.GradScaler("cpu", enabled=False), params, cfg.grad_clip)
         epochs.append({**clock.metrics(), "windows_per_s": train_batches.windows / clock.metrics()["train_s"]})
     return summarise(epochs[1:])
 
@@ -87,7 +86,8 @@ def ray_train(cfg, data: Path, out: Path) -> dict:
 
     shutil.rmtree(out, ignore_errors=True)
     pretrain(cfg, data, out)
-    return summarise(json.loads((out / "training_history.json").read_text())[1:])
+    history = json.loads((out / "training_history.json").read_text())
+    return {**summarise(history[1:]), "first_step_s": history[0]["first_step_s"]}
 
 
 def main() -> None:
@@ -96,6 +96,8 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--cases", type=int, default=12, help="one-hour training cases (344 windows each)")
     p.add_argument("--workdir", default="/tmp/biofm-bench")
+    p.add_argument("--compiled", action="store_true", help="add (e): one worker with compile: true (its first epoch "
+                   "compiles; the figures are of the epochs after it)")
     args = p.parse_args()
     import ray
 
@@ -118,6 +120,9 @@ def main() -> None:
     # the same split streamed from Parquet every epoch instead of cached (cache_mb: 0)
     runs["(d) Ray Train, 1, streamed"] = ray_train(
         dataclasses.replace(cfg, num_workers=1, cache_mb=0.0), data, workdir / "train_out_streamed")
+    if args.compiled:
+        runs["(e) Ray Train, 1, compiled"] = ray_train(
+            dataclasses.replace(cfg, num_workers=1, compile=True), data, workdir / "train_out_compiled")
     ray.shutdown()
     again = plain_loop(cfg, data)  # the machine drifts: the baseline is the mean of a run before and after
     runs["(a) plain PyTorch loop"] = {k: (first[k] + again[k]) / 2 for k in first}

@@ -58,8 +58,8 @@ def _pretrain_config(args):
 
     return with_overrides(PretrainConfig, args.config, _flags(
         channels=args.channels, init=args.init, mask_ratio=args.mask_ratio, epochs=args.epochs, batch_size=args.batch_size,
-        lr=args.lr, num_workers=args.num_workers, use_gpu=args.use_gpu, amp=False if args.no_amp else None),
-        "command-line flags")
+        lr=args.lr, num_workers=args.num_workers, use_gpu=args.use_gpu, amp=False if args.no_amp else None,
+        lr_scaling=args.lr_scaling, compile=args.compile), "command-line flags")
 
 
 def _pretrain(args) -> int:
@@ -392,6 +392,10 @@ def build_parser() -> argparse.ArgumentParser:
     flag("--num-workers", type=COUNT, default=None, help="Ray Train workers (DDP when > 1)")
     flag("--use-gpu", action="store_true", default=None, help="train on GPUs (null: when present)")
     p.add_argument("--no-amp", action="store_true", help="no mixed precision on GPU")
+    flag("--lr-scaling", choices=["none", "sqrt", "linear"], default=None,
+         help="scale --lr for the global batch (batch size x workers) against base_batch_size")
+    flag("--compile", action=argparse.BooleanOptionalAction, default=None,
+         help="torch.compile the model and losses (null: on a GPU, off on a CPU)")
     p.add_argument("--resume", action="store_true", help="continue the run in --output-dir from its last checkpoint")
     p.add_argument("--address", default=None, help=ADDRESS_HELP)
     p.set_defaults(func=_pretrain)

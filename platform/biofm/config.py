@@ -187,7 +187,10 @@ class PretrainConfig:
     ``cache_mb`` MB in memory (float32: 10 kB per 2-channel window) is read once into each
     worker's memory and fully reshuffled every epoch; larger ones stream from Parquet every
     epoch, files in a new order, through a buffer of ``shuffle_buffer`` windows (0: always
-    stream). See :mod:`biofm.train.batches`. ``init``: ``random``, or IBM's published TTM weights
+    stream). See :mod:`biofm.train.batches`. ``lr_scaling`` and ``base_batch_size``: the peak
+    learning rate for another batch size (:meth:`peak_lr`). ``compile``: ``torch.compile`` the
+    model and losses (null: on a GPU); ``tf32``: TF32 matmuls on a GPU (see
+    :mod:`biofm.train.step`). ``init``: ``random``, or IBM's published TTM weights
     (a Hugging Face id or a local folder, ``@revision`` optional), whose architecture then
     replaces ``d_model`` and ``num_layers``: see :mod:`biofm.model.ttm_weights`.
     ``init_weights: false`` takes only that architecture, with random weights (the control of a
@@ -220,8 +223,23 @@ class PretrainConfig:
     max_bad_steps: int = 20
     cache_mb: float = 256.0
     shuffle_buffer: int = 4096
+    lr_scaling: str = "none"
+    base_batch_size: int = 128
+    compile: bool | None = None
+    tf32: bool = True
+
+    def peak_lr(self, workers: int = 1) -> float:
+        """``lr`` scaled for the global batch (``batch_size`` x ``workers``) against
+        ``base_batch_size`` by ``lr_scaling``: ``linear`` (Goyal et al. 2017), ``sqrt`` (Adam's
+        noise scale; Malladi et al. 2022) or ``none``. The warm-up stays ``warmup_epochs``."""
+        ratio = self.batch_size * workers / self.base_batch_size
+        return self.lr * {"none": 1.0, "linear": ratio, "sqrt": ratio ** 0.5}[self.lr_scaling]
 
     def __post_init__(self):
+        if self.lr_scaling not in ("none", "linear", "sqrt"):
+            raise ValueError(f"lr_scaling must be one of none, linear, sqrt, got {self.lr_scaling!r}")
+        if self.base_batch_size < 1:
+            raise ValueError(f"base_batch_size must be >= 1, got {self.base_batch_size}")
         if not 0 < self.mask_ratio < 1:
             raise ValueError(f"mask_ratio must be in (0, 1), got {self.mask_ratio}")
         if self.epochs < 1 or self.batch_size < 1 or self.num_workers < 1:

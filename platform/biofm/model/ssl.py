@@ -145,17 +145,19 @@ class MultiResolutionSTFTLoss(nn.Module):
             self.register_buffer(f"window_{n}", torch.hann_window(n), persistent=False)
 
     def forward(self, recon: torch.Tensor, x: torch.Tensor, present: torch.Tensor | None = None) -> torch.Tensor:
-        """``recon``, ``x`` ``[B, C, T]``; ``present`` ``[B, C]``: only those rows count."""
-        if present is not None:
-            recon, x = recon[present], x[present]
+        """``recon``, ``x`` ``[B, C, T]``; ``present`` ``[B, C]``: only those rows count. The rows
+        are weighted, not selected, so the loss has static shapes (no host sync, one compiled
+        graph)."""
         pred, target = recon.flatten(0, -2).float(), x.flatten(0, -2).float()
+        rows = (present.flatten().float() if present is not None else pred.new_ones(len(pred)))[:, None, None]
         total = pred.new_zeros(())
         for n in self.ffts:
             window = getattr(self, f"window_{n}")
             spec = [torch.stft(s, n, hop_length=n // 4, window=window, return_complex=True).abs()
                     for s in (pred, target)]
-            convergence = torch.linalg.norm(spec[1] - spec[0]) / torch.linalg.norm(spec[1]).clamp(min=self.eps)
-            log_mag = (torch.log(spec[1] + self.eps) - torch.log(spec[0] + self.eps)).abs().mean()
+            convergence = ((spec[1] - spec[0]) ** 2 * rows).sum().sqrt() / (spec[1] ** 2 * rows).sum().sqrt().clamp(min=self.eps)
+            cells = (rows.sum() * spec[1][0].numel()).clamp(min=1)
+            log_mag = ((torch.log(spec[1] + self.eps) - torch.log(spec[0] + self.eps)).abs() * rows).sum() / cells
             total = total + convergence + log_mag
         return total / len(self.ffts)
 

@@ -34,6 +34,7 @@ from biofm.train.metrics import METRICS, choose_threshold, classification_metric
 from biofm.train.metrics import metrics as task_metrics
 from biofm.train.ray_run import (RUN_NAME, check_run_dir, fit, mixed_precision, report_epoch, restored_training,
                                  seed_epoch, worker_print)
+from biofm.train.step import adamw, step, where_kept
 from biofm.train.tracking import Tracker
 
 SELECTION = {"binary": ("val_auroc", "max"), "multiclass": ("val_macro_f1", "max"), "regression": ("val_mae", "min")}
@@ -167,7 +168,7 @@ def _optimizer(model: Classifier, cfg: FinetuneConfig, stage: int) -> torch.opti
     encoder = [p for p in model.encoder.parameters() if p.requires_grad]
     encoder_lr = cfg.head_lr if train_encoder else cfg.lr
     groups = [{"params": head, "lr": cfg.head_lr}] + ([{"params": encoder, "lr": encoder_lr}] if encoder else [])
-    return torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
+    return adamw(groups, weight_decay=cfg.weight_decay)
 
 
 def _gather(values: np.ndarray) -> np.ndarray:
@@ -232,21 +233,19 @@ def train_loop(config: dict) -> None:
             ddp = ray.train.torch.prepare_model(model, move_to_device=False) if ctx.get_world_size() > 1 else model
         seed_epoch(cfg.seed, rank, epoch)
         model.train()  # a frozen encoder stays in eval mode (Classifier.train)
-        sums, clock = np.zeros(3), WaitClock(train_batches.epoch(epoch))
+        clock = WaitClock(train_batches.epoch(epoch))
+        sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss x records, correct, records, skipped steps
+        trained = [p for p in model.parameters() if p.requires_grad]
         for batch in clock:
             x, m, y = batch["signal"], batch["present"], batch[columns[2]]
             with autocast():
                 logits = ddp(x, m)
             total, weight = criterion(logits.float(), y)
             loss = total / weight.clamp(min=1e-12)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg.grad_clip)
-            scaler.step(optimizer)
-            scaler.update()
-            correct = (logits.argmax(-1) == y).sum().item() if kind != "regression" else 0
-            sums += [loss.item() * len(y), correct, len(y)]
+            skipped = step(loss, optimizer, scaler, trained, cfg.grad_clip)
+            correct = (logits.argmax(-1) == y).sum() if kind != "regression" else loss.new_zeros(())
+            sums[:3] += where_kept(skipped, torch.stack([loss.detach() * len(y), correct, torch.ones_like(loss) * len(y)]).double())
+            sums[3] += skipped
         ingest = clock.metrics()
         answers, truths = [], []
         model.eval()
@@ -256,7 +255,7 @@ def train_loop(config: dict) -> None:
                 truths.append(batch[columns[2]].cpu().numpy())
         logits = torch.cat(answers) if answers else torch.zeros(0, outputs_for(task_of(desc)))
         y = _gather(np.concatenate(truths) if truths else np.zeros(0))
-        loss_sum, correct, n = (float(v) for v in _gather(sums[None]).sum(axis=0))
+        loss_sum, correct, n, bad = (float(v) for v in _gather(sums.cpu().numpy()[None]).sum(axis=0))
         total, weight = criterion(logits, torch.as_tensor(np.concatenate(truths) if truths else np.zeros(0)))
         total, weight = _gather(np.array([[total.item(), weight.item()]])).sum(axis=0)
         val_loss = float(total / max(weight, 1e-12))  # the weighted mean, as the training loss
@@ -276,7 +275,7 @@ def train_loop(config: dict) -> None:
             metrics |= {"train_accuracy": correct / max(n, 1), "val_auroc": val["auroc"] if np.isfinite(val["auroc"]) else 0.5,
                         "val_auprc": val["auprc"], "val_balanced_accuracy": val["balanced_accuracy"],
                         "val_f1_good": val["f1_good"], "val_accuracy": val["accuracy"]}
-        metrics |= {"records_per_s": n / ingest["train_s"], **ingest,
+        metrics |= {"records_per_s": n / ingest["train_s"], **ingest, "bad_steps": round(bad / world),
                     "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
                     "attempt": state["attempts"]}
         state.update(epoch=epoch + 1, stage=stage)

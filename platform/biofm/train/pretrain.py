@@ -9,14 +9,15 @@ checkpoint, and rerunning with ``resume`` continues an interrupted run.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
 import math
 import os
+import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from biofm import output, storage
@@ -27,9 +28,10 @@ from biofm.model.ssl import (MaskedSignalModel, MultiResolutionSTFTLoss, masked_
 from biofm.model.ttm_weights import describe as describe_init
 from biofm.model.ttm_weights import initial_model
 from biofm.train import checkpoint
-from biofm.train.batches import Split, WaitClock, WindowBatches, corpus, data_wait_note, scan
+from biofm.train.batches import Split, WaitClock, WindowBatches, corpus, data_wait_note, reader_threads, scan
 from biofm.train.ray_run import (check_run_dir, fit, mixed_precision, report_epoch, restored_training, seed_epoch,
                                  worker_print)
+from biofm.train.step import adamw, compiled_for_batch, set_tf32, step, use_compile, where_kept
 from biofm.train.tracking import Tracker
 
 def _lr_factor(step: int, warmup: int, total: int) -> float:
@@ -38,11 +40,28 @@ def _lr_factor(step: int, warmup: int, total: int) -> float:
     return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
 
 
-def _allreduce(values: list[float], device) -> list[float]:
-    t = torch.tensor(values, dtype=torch.float64, device=device)
+def _allreduce(values: torch.Tensor, device) -> list[float]:
+    """``values`` summed over the DDP ranks, read back (the one host sync of an epoch's sums)."""
+    t = values.to(device, torch.float64)
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.all_reduce(t)
     return t.tolist()
+
+
+def pretraining_losses(model, patch: int, stft: MultiResolutionSTFTLoss, stft_weight: float,
+                       autocast=contextlib.nullcontext):
+    """``losses(x, mask)``: ``[loss, masked MSE, STFT]`` of ``model`` (a MaskedSignalModel, or it
+    wrapped by DDP) on windows ``x`` ``[B, C, T]`` under ``mask`` ``[B, C, P]``, the loss being
+    MSE + ``stft_weight`` x STFT. Absent channels (rows of zeros: a source without them) are
+    input as zeros, as in fine-tuning, and left out of both losses."""
+    def losses(x, mask):
+        present = present_channels(x)
+        with autocast():
+            recon, _ = model(x, mask)
+        recon = recon.float()
+        mse, spec = masked_mse(recon, x, mask & present[..., None], patch), stft(recon, x, present)
+        return torch.stack([mse + stft_weight * spec, mse, spec])
+    return losses
 
 
 def train_loop(config: dict) -> None:
@@ -63,8 +82,9 @@ def train_loop(config: dict) -> None:
     device = ray.train.torch.get_device()
     model = MaskedSignalModel(TinyTimeMixerConfig.from_dict(config["description"]["ttm_config"]))
     model.load_state_dict(config["initial_state"])
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    optimizer = adamw(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     autocast, scaler = mixed_precision(cfg.amp, device)
+    set_tf32(cfg.tf32)
     state = {"epoch": 0, "global_step": 0, "bad_steps": 0, "history": [], "attempts": 0}
     blob = restored_training()
     if blob:
@@ -78,72 +98,58 @@ def train_loop(config: dict) -> None:
     state["attempts"] += 1
     model = ray.train.torch.prepare_model(model)
     core = model.module if hasattr(model, "module") else model
-    stft = MultiResolutionSTFTLoss(cfg.stft_ffts).to(device)
     channels, patches, patch = len(cfg.channels), core.patches, core.patch
     sources = config["train"].sources
-    train_batches, val_batches = loaders(cfg, config["train"], config["val"], rank, world, device)
+    train_batches, val_batches = loaders(cfg, config["train"], config["val"], rank, world, device,
+                                         ctx.get_local_world_size())
     tracker = Tracker(config["output_dir"], "pretrain", config["cfg"]) if rank == 0 else None
     total_steps = cfg.epochs * len(train_batches)
     warmup = max(1, int(cfg.warmup_epochs * len(train_batches)))
+    peak_lr = cfg.peak_lr(world)
 
-    def losses(x, mask):
-        """Absent channels (rows of zeros: a source without them) are input as zeros, as in
-        fine-tuning, and left out of both losses."""
-        present = present_channels(x)
-        with autocast():
-            recon, _ = model(x, mask)
-        recon = recon.float()
-        mse, spec = masked_mse(recon, x, mask & present[..., None], patch), stft(recon, x, present)
-        return mse + cfg.stft_weight * spec, mse, spec
-
-    def skip(reason, step):
-        state["bad_steps"] += 1
-        optimizer.zero_grad(set_to_none=True)
-        if state["bad_steps"] > cfg.max_bad_steps:
-            raise FloatingPointError(f"{reason} at epoch {state['epoch'] + 1}, step {step}: "
-                                     f"{state['bad_steps']} bad steps (max_bad_steps={cfg.max_bad_steps})")
-
+    losses = pretraining_losses(model, patch, MultiResolutionSTFTLoss(cfg.stft_ffts).to(device), cfg.stft_weight,
+                                autocast)
+    compiling = use_compile(cfg.compile, device)
+    forward = compiled_for_batch(losses, cfg.batch_size, device, world) if compiling else losses
+    params, first_step_s, started = list(model.parameters()), None, time.perf_counter()
     for epoch in range(state["epoch"], cfg.epochs):
         seed_epoch(cfg.seed, rank, epoch)
         model.train()
-        sums, clock = np.zeros(4), WaitClock(train_batches.epoch(epoch))
-        per_source = torch.zeros(len(sources), dtype=torch.float64)
-        for step, batch in enumerate(clock, 1):
+        clock = WaitClock(train_batches.epoch(epoch))
+        sums = torch.zeros(5, dtype=torch.float64, device=device)  # loss, MSE, STFT (x windows), windows, skipped
+        per_source = torch.zeros(len(sources), dtype=torch.float64, device=device)
+        for batch in clock:
             x = batch["signal"]
             mask = random_mask(len(x), channels, patches, cfg.mask_ratio, cfg.mask_same_across_channels, device=device)
             for group in optimizer.param_groups:
-                group["lr"] = cfg.lr * _lr_factor(state["global_step"], warmup, total_steps)
-            loss, mse, spec = losses(x, mask)
-            if _allreduce([float(not torch.isfinite(loss))], device)[0]:  # every rank skips together
-                skip("NaN/Inf loss", step)
-            else:
-                optimizer.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                scaler.unscale_(optimizer)
-                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-                if not torch.isfinite(grad_norm):  # identical on all ranks after DDP's all-reduce
-                    skip("NaN/Inf gradient", step)
-                    scaler.update()
-                else:
-                    scaler.step(optimizer)
-                    scaler.update()
-                    state["global_step"] += 1
-                    sums += [loss.item() * len(x), mse.item() * len(x), spec.item() * len(x), len(x)]
-                    per_source += torch.bincount(batch["source"].cpu(), minlength=len(sources))
+                group["lr"] = peak_lr * _lr_factor(state["global_step"], warmup, total_steps)
+            terms = forward(x, mask)
+            skipped = step(terms[0], optimizer, scaler, params, cfg.grad_clip)
+            kept = 1 - skipped
+            sums[:3] += where_kept(skipped, terms.detach().double() * len(x))
+            sums[3:] += torch.stack([kept * len(x), skipped])
+            per_source.index_add_(0, batch["source"], kept.double().expand(len(x)))
+            state["global_step"] += 1
+            first_step_s = first_step_s or time.perf_counter() - started
         ingest = clock.metrics()
-        loss_sum, mse_sum, spec_sum, n = _allreduce(list(sums), device)
-        source_windows = _allreduce(per_source.tolist(), device)
+        loss_sum, mse_sum, spec_sum, n, bad = _allreduce(torch.cat([sums[:4], sums[4:] / world]), device)
+        source_windows = _allreduce(per_source, device)
+        state["bad_steps"] += round(bad)
+        if state["bad_steps"] > cfg.max_bad_steps:
+            raise FloatingPointError(f"NaN/Inf loss or gradient in {state['bad_steps']} steps by the end of epoch "
+                                     f"{epoch + 1} (max_bad_steps={cfg.max_bad_steps})")
 
         model.eval()
-        vals = np.zeros(3)
+        vals = torch.zeros(3, dtype=torch.float64, device=device)
         with torch.no_grad():
             for batch in val_batches.epoch(epoch):
                 x = batch["signal"]
                 mask = window_masks(batch["case_id"], batch["window_idx"], channels, patches,
                                     cfg.mask_ratio, cfg.val_mask_seed, cfg.mask_same_across_channels).to(device)
-                loss, mse, _ = losses(x, mask)
-                vals += [loss.item() * len(x), mse.item() * len(x), len(x)]
-        val_loss, val_mse, n_val = _allreduce(list(vals), device)
+                terms = forward(x, mask)
+                vals[:2] += terms[:2].double() * len(x)
+                vals[2] += len(x)
+        val_loss, val_mse, n_val = _allreduce(vals, device)
         metrics = {
             "epoch": epoch + 1,
             "train_loss": loss_sum / max(n, 1), "train_mse": mse_sum / max(n, 1), "train_stft": spec_sum / max(n, 1),
@@ -151,6 +157,7 @@ def train_loop(config: dict) -> None:
             "windows_per_s": n / ingest["train_s"], **ingest,
             "lr": optimizer.param_groups[0]["lr"], "bad_steps": state["bad_steps"], "workers": world,
             "attempt": state["attempts"],  # 1 for the run's first start, +1 per restart or resume
+            "compiled": compiling, "first_step_s": first_step_s,  # this attempt's first; compiled: the compile time
             **{f"train_windows_{name}": int(k) for name, k in zip(sources, source_windows)},
         }
         state["history"].append(metrics)
@@ -168,10 +175,12 @@ def train_loop(config: dict) -> None:
 
 
 def loaders(cfg: PretrainConfig, train: Split, val: Split, rank: int = 0, world: int = 1,
-            device=None) -> tuple[WindowBatches, WindowBatches]:
+            device=None, local_workers: int = 1) -> tuple[WindowBatches, WindowBatches]:
     """Worker ``rank``'s batches: training windows (shuffled, an equal share per worker) and
-    validation windows with their ids (in order, each once), held in memory up to ``cache_mb``."""
-    kw = {"rank": rank, "world": world, "cache_mb": cfg.cache_mb, "device": device}
+    validation windows with their ids (in order, each once), held in memory up to ``cache_mb``,
+    read by :func:`~biofm.train.batches.reader_threads` threads (``local_workers``: on the node)."""
+    kw = {"rank": rank, "world": world, "cache_mb": cfg.cache_mb, "device": device,
+          "read_ahead": reader_threads(local_workers)}
     return (WindowBatches(train, ["signal", "source"], cfg.batch_size, train=True, seed=cfg.seed,
                           shuffle_buffer=cfg.shuffle_buffer, **kw),
             WindowBatches(val, ["signal", "case_id", "window_idx"], cfg.batch_size, **kw))
