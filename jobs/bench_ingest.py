@@ -13,6 +13,7 @@ seconds to the first batch, the rate after it ("steady") and the whole epoch's w
     (d) cached, in a Ray Train worker             (r) before: Ray Data's dataset shard in a Ray
         Train worker, streamed, iterated as the pretraining loop did (read_parquet,
         get_dataset_shard, iter_batches with a 512-window local shuffle buffer, 4 batches prefetched)
+    (t=N) (a) with N reader threads (``read_ahead``: files decoded at once; ``--threads 1 2 4 8``)
 
     python jobs/bench_ingest.py --cases 200 --epochs 3
     python jobs/bench_ingest.py --cases 200 --files-per-case 4 --epochs 3
@@ -98,7 +99,7 @@ def biofm_epochs(config: dict) -> list[dict]:
 
         device, rank = ray.train.torch.get_device(), ray.train.get_context().get_world_rank()
     batches = WindowBatches(config["split"], ["signal"], config["batch_size"], train=True, rank=rank, world=world,
-                            cache_mb=config["cache_mb"], device=device)
+                            cache_mb=config["cache_mb"], device=device, read_ahead=config.get("read_ahead", 4))
     return [time_epoch(batches.epoch(e)) for e in range(config["epochs"])]
 
 
@@ -160,6 +161,7 @@ def main() -> None:
     p.add_argument("--workdir", default="/tmp/biofm-bench")
     p.add_argument("--out", help="write the figures as JSON here")
     p.add_argument("--skip-ray-data", action="store_true", help="leave out (r), the previous ingest")
+    p.add_argument("--threads", type=int, nargs="*", default=[], help="reader thread counts to sweep (streamed, plain loop)")
     args = p.parse_args()
     import ray
 
@@ -176,6 +178,8 @@ def main() -> None:
     runs = {"(p) pyarrow, one process": pyarrow_epochs(split_dir, args.epochs),
             "(a) biofm streamed, plain loop": biofm_epochs(streamed),
             "(b) biofm cached, plain loop": biofm_epochs(cached)}
+    for n in args.threads:
+        runs[f"(t={n}) streamed, {n} reader thread(s)"] = biofm_epochs({**streamed, "read_ahead": n})
     ray.init(num_cpus=2, include_dashboard=False)  # as this 2-core machine; a GPU is found by itself
     ray.data.DataContext.get_current().enable_progress_bars = False
     runs["(c) biofm streamed, Ray Train"] = in_worker(biofm_epochs, streamed)

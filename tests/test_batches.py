@@ -236,3 +236,20 @@ def test_a_corpus_with_weights_and_an_absent_channel(split, tmp_path, cache_mb):
         assert (signal[source == 1][:, 1] == 0).all() and (signal[source == 0][:, 1] == -signal[source == 0][:, 0]).all()
         seen_watch.append(frozenset(watch.tolist()))
     assert len(set(seen_watch)) > 1  # the half of the PPG-only source drawn changes with the epoch
+
+
+def test_a_worker_reads_with_its_share_of_the_cores(monkeypatch, split):
+    """Decode threads per worker: the node's cores over its workers, at least 4; pretraining's
+    readers take that many."""
+    import os
+
+    from biofm.config import PretrainConfig
+    from biofm.train.batches import reader_threads
+    from biofm.train.pretrain import loaders
+
+    monkeypatch.setattr(os, "cpu_count", lambda: 16)
+    assert [reader_threads(n) for n in (1, 2, 4, 8)] == [16, 8, 4, 4]
+    train, val = loaders(PretrainConfig(), scan(str(split)), scan(str(split)), local_workers=2)
+    assert train.read_ahead == val.read_ahead == 8
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    assert reader_threads(1) == 4

@@ -28,6 +28,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import math
+import os
 import queue
 import threading
 import time
@@ -135,9 +136,10 @@ class WindowBatches:
     numeric columns as tensors (integers int64, booleans bool, ``present`` ``[B, C]``), strings
     as numpy arrays; ``source`` (not stored: each window's index into ``split.sources``) int64.
     With a CUDA ``device`` the tensors arrive there, copied from pinned memory
-    without blocking. ``repeat``: how often each window (in file order) counts per epoch, for
-    oversampling; needs the split cached. ``prefetch``: batches made ahead, ``read_ahead``: files
-    read at once."""
+    without blocking (pinned by torch's caching host allocator, which reuses the blocks of
+    batches already copied). ``repeat``: how often each window (in file order) counts per epoch,
+    for oversampling; needs the split cached. ``prefetch``: batches made ahead, ``read_ahead``:
+    files read at once, each in its own thread (:func:`reader_threads`)."""
 
     def __init__(self, split: Split, columns: Sequence[str], batch_size: int, *, train: bool = False,
                  seed: int = 0, rank: int = 0, world: int = 1, cache_mb: float = 0.0, shuffle_buffer: int = 4096,
@@ -297,6 +299,12 @@ class WindowBatches:
             pieces = [(f, 0, n) for f, n in enumerate(self.split.rows)]
             self._data = _concat(list(self._read_all(pieces)))
         return self._data
+
+
+def reader_threads(local_workers: int = 1) -> int:
+    """Files a worker decodes at once: its share of the node's cores, and at least 4 (pyarrow
+    releases the GIL while it decodes; a read from an object store waits on the network)."""
+    return max(4, (os.cpu_count() or 1) // max(1, local_workers))
 
 
 def _numpy(column: pa.ChunkedArray) -> np.ndarray:
