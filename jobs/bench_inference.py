@@ -122,9 +122,11 @@ class TimedEmbedder(Embedder):
         return out
 
 
-def ray_embed(ckpt: str, split_dir: Path, out: Path, cpus: int | None, batch_size: int, num_gpus: float = 0.0) -> dict:
-    """biofm embed on a fresh local Ray with ``cpus`` CPUs: seconds end to end, start-up, steady
-    windows/s, and the memory of its actors as the windows go through."""
+def ray_embed(ckpt: str, split_dir: Path, out: Path, cpus: int | None, batch_size: int, num_gpus: float = 0.0,
+              compile: bool | None = False, bf16: bool = False) -> dict:
+    """biofm embed on a fresh local Ray with ``cpus`` CPUs (``compile``, ``bf16``: as embed's):
+    seconds end to end, start-up, steady windows/s, and the memory of its actors as the windows go
+    through."""
     import ray
 
     from biofm import output
@@ -138,7 +140,8 @@ def ray_embed(ckpt: str, split_dir: Path, out: Path, cpus: int | None, batch_siz
     infer.Embedder = TimedEmbedder  # measurement only: the same model calls, timed
     try:
         t0 = time.time()
-        m = infer.embed(ckpt, str(split_dir), str(out), batch_size=batch_size, num_gpus=num_gpus)
+        m = infer.embed(ckpt, str(split_dir), str(out), batch_size=batch_size, num_gpus=num_gpus, compile=compile,
+                        bf16=bf16)
         seconds = time.time() - t0
     finally:
         infer.Embedder = Embedder

@@ -65,6 +65,10 @@ def test_embeddings_of_real_windows_count_finite_and_deterministic(vital_windows
     assert "tokens" not in b
     with pytest.raises(BiofmError, match="already holds embeddings"):
         embed(ckpt, split, tmp_path / "b")
+    bf16 = embed(ckpt, split, tmp_path / "c", batch_size=32, bf16=True)  # the actors' encoder in bf16 autocast
+    assert (bf16["bf16"], bf16["compile"], m["bf16"]) == (True, None, False)
+    c = np.array(_sorted(tmp_path / "c" / "embeddings")["embedding"], dtype=np.float32)
+    assert c.shape == emb.shape and not np.array_equal(c, emb) and np.abs(c - emb).max() < 0.05 * emb.std()
 
 
 @requires_realdata(REAL_BUTPPG)

@@ -179,7 +179,7 @@ def _embed(args) -> int:
     from biofm.infer import embed
 
     embed(args.checkpoint, args.data_dir, args.output, batch_size=args.batch_size, concurrency=args.concurrency,
-          num_gpus=args.num_gpus, tokens=args.tokens, address=args.address)
+          num_gpus=args.num_gpus, tokens=args.tokens, address=args.address, compile=args.compile, bf16=args.bf16)
     return 0
 
 
@@ -509,6 +509,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="actors holding the model (default: the free CPUs less one; with --num-gpus, one per GPU share)")
     p.add_argument("--num-gpus", type=_number(float, 0), default=0.0, help="GPUs per actor (0: CPU)")
     p.add_argument("--tokens", action="store_true", help="also write the per-patch latents [P, D]")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="torch.compile the encoder for full batches (default: on a GPU, off on a CPU)")
+    p.add_argument("--bf16", action="store_true", help="run the encoder in bf16 autocast (a GPU's tensor cores)")
     p.add_argument("--address", default=None, help=ADDRESS_HELP)
     p.set_defaults(func=_embed)
 

@@ -88,11 +88,13 @@ class Embedder(_Trimmed):
     ``channel_index``: each model channel's row in the data, -1 where the data lacks it (zeros,
     marked absent, as fine-tuning marks them)."""
 
-    def __init__(self, checkpoint_path: str, channel_index: list[int], tokens: bool, threads: int):
+    def __init__(self, checkpoint_path: str, channel_index: list[int], tokens: bool, threads: int,
+                 batch_size: int = 256, compile: bool | None = None, bf16: bool = False):
         torch.set_num_threads(max(1, threads))
         self.encoder, _ = load_encoder(checkpoint_path)
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.encoder.to(self.device)
+        self.forward = inference(self.encoder, self.device, batch_size, compile, bf16)
         self.index, self.tokens = channel_index, tokens
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -105,16 +107,29 @@ class Embedder(_Trimmed):
         stored = np.stack(batch["present"]).astype(bool) if "present" in batch else np.ones(signal.shape[:2], bool)
         mask = np.zeros((n, len(self.index)), bool)  # [B, C]; a channel the data lacks is absent
         mask[:, [c for c, i in enumerate(self.index) if i >= 0]] = stored[:, have]
-        x_t = torch.from_numpy(x).to(self.device)
-        with torch.no_grad():
-            latents = self.encoder(x_t)
-            out = {k: v for k, v in batch.items() if k not in ("signal", "present")}
-            out["embedding"] = pool(latents, torch.from_numpy(mask).to(self.device)).float().cpu().numpy()
-            if self.tokens:
-                out["tokens"] = latents.mean(dim=1).float().cpu().numpy()
+        latents = self.forward(torch.from_numpy(x).to(self.device)).float()
+        out = {k: v for k, v in batch.items() if k not in ("signal", "present")}
+        out["embedding"] = pool(latents, torch.from_numpy(mask).to(self.device)).cpu().numpy()
+        if self.tokens:
+            out["tokens"] = latents.mean(dim=1).cpu().numpy()
         out.setdefault("window_idx", np.zeros(n, np.int32))  # one window per record
         out.setdefault("start_s", np.zeros(n, np.float64))
         return self.trimmed(out)
+
+
+def inference(module: torch.nn.Module, device: torch.device, batch_size: int, compile: bool | None = None,
+              bf16: bool = False):
+    """``module(x)`` without gradients for batches ``x`` ``[B, C, T]`` on ``device``: compiled for
+    batches of ``batch_size`` (``compile``, None: on a GPU; :func:`biofm.train.step.compiled_for_batch`),
+    in bf16 autocast when ``bf16`` (outputs then bf16)."""
+    from biofm.train.step import compiled_for_batch, use_compile
+
+    fn = compiled_for_batch(module, batch_size, device) if use_compile(compile, device) else module
+
+    def run(x):
+        with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            return fn(x)
+    return run
 
 
 def _read_windows(batch: dict[str, np.ndarray], columns: list[str]):
@@ -140,12 +155,14 @@ def actor_pool(concurrency: int | None = None, num_gpus: float = 0.0) -> tuple[i
 
 
 def embed(checkpoint_path: str, data_dir: str | list[str], output: str, batch_size: int = 256,
-          concurrency: int | None = None, num_gpus: float = 0.0, tokens: bool = False, address: str | None = None) -> dict:
+          concurrency: int | None = None, num_gpus: float = 0.0, tokens: bool = False, address: str | None = None,
+          compile: bool | None = None, bf16: bool = False) -> dict:
     """Embeddings of every window of ``data_dir`` (a split folder, or several made alike: a task's
     splits) under ``output``; returns the manifest. ``concurrency``: actors (default: the free CPUs
     less one, for the reads; with ``num_gpus``, one actor per GPU share). Besides the ids, a
     task's ``label``/``target`` and ``subject_id`` are passed through. A model channel the data
-    lacks is zeros marked absent; a model that reads none of the data's channels is refused."""
+    lacks is zeros marked absent; a model that reads none of the data's channels is refused.
+    ``compile`` (None: on a GPU) and ``bf16``: how the actors run the encoder (:func:`inference`)."""
     import ray
 
     from biofm.dataset import check_data_spec, same_data
@@ -192,7 +209,8 @@ def embed(checkpoint_path: str, data_dir: str | list[str], output: str, batch_si
                         num_cpus=actor_cpus, fn_constructor_kwargs={
                             "checkpoint_path": storage.normalize(checkpoint_path),
                             "channel_index": [stored.index(c) if c in stored else -1 for c in needed], "tokens": tokens,
-                            "threads": max(1, cpus // actors)})
+                            "threads": max(1, cpus // actors), "batch_size": batch_size, "compile": compile,
+                            "bf16": bf16})
     ds.write_parquet(target, ray_remote_args={"num_cpus": 0.25})
     written = sum(storage.read_metadata(f).num_rows for f in storage.list_files(target, ".parquet"))
     windows_in = sum(s.windows for s in splits)
@@ -204,6 +222,7 @@ def embed(checkpoint_path: str, data_dir: str | list[str], output: str, batch_si
         "data_dir": dirs[0] if len(dirs) == 1 else dirs, "id_column": id_column, "windows_in": windows_in,
         "embeddings": written, "embedding_dim": description["ttm_config"]["d_model"], "tokens": tokens, "pooling":
         "mean over patches, then over present channels (the classifier's)", "actors": actors,
+        "compile": compile, "bf16": bf16,
         "seconds": round(time.perf_counter() - t0, 2)}
     if written != windows_in:
         raise BiofmError(f"{written} embeddings written for {windows_in} windows in {where}")
