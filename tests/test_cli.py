@@ -158,3 +158,27 @@ def test_every_flag_has_help_and_biofm_has_a_version(capsys):
     with pytest.raises(SystemExit) as done:
         main(["--version"])
     assert done.value.code == 0 and capsys.readouterr().out.strip() == f"biofm {__version__}"
+
+
+def test_a_stopped_workers_shutdown_traceback_stays_off_the_terminal_and_other_tracebacks_do_not():
+    """The quiet stderr filter: Ray's C++ log copies and the traceback of a worker whose SIGTERM (the
+    driver's exit) landed in a garbage-collection callback (as a CI run printed it) are dropped;
+    biofm's lines, the lines between, and any other traceback pass whole and in order."""
+    trial = "(finetune_trial pid=32294) "
+    sigterm = [trial + line for line in (
+        "Exception ignored in: <function WeakSet.__init__.<locals>._remove at 0x7f1a8c307b00>",
+        "Traceback (most recent call last):",
+        '  File "/usr/lib/python3.11/_weakrefset.py", line 39, in _remove',
+        "    def _remove(item, selfref=ref(self)):", "",
+        '  File "/venv/lib/python3.11/site-packages/ray/_private/worker.py", line 1063, in sigterm_handler',
+        "    raise_sys_exit_with_custom_error_message(",
+        '  File "python/ray/_raylet.pyx", line 712, in ray._raylet.raise_sys_exit_with_custom_error_message',
+        "SystemExit: 1")]
+    other = ["Exception ignored in: <function Foo.__del__ at 0x1>", "Traceback (most recent call last):",
+             '  File "x.py", line 3, in __del__', "RuntimeError: a real problem"]
+    native = "[2026-12-02 00:35:12,771 E 31067 31067] core_worker.cc:2465: Actor with class name: 'X'"
+    mine = [trial + "[finetune] epoch 1/2 stage 1 train loss 0.6", "[pipeline] done: ran tune", "[tune] trial t1"]
+    lines = [mine[0], native, *sigterm[:4], mine[1], *sigterm[4:], *other, mine[2], sigterm[0], sigterm[1]]
+    got = [b.decode() for b in output.without_ray_noise(line.encode() + b"\n" for line in lines)]
+    # a cut-off block (the pipe closed) is written as it was
+    assert [g.rstrip("\n") for g in got] == [mine[0], mine[1], *other, mine[2], sigterm[0], sigterm[1]]

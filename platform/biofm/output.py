@@ -18,6 +18,7 @@ import re
 import sys
 import threading
 import warnings
+from collections.abc import Iterator
 
 QUIET = "BIOFM_QUIET"
 
@@ -36,6 +37,34 @@ RAY_NOISE = (r"Actor with class name: '.+' and ID: '\w+' has constructor argumen
 
 # a line of Ray's C++ logging: "[2026-12-02 00:35:12,771 E 31067 31067] core_worker.cc:2465: ..."
 NATIVE_LOG_LINE = re.compile(rb"^\[\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ [DIWEF] \d+ \d+\] ")
+# A worker stopped when the driver exits gets SIGTERM, and Ray's handler raises SystemExit; when
+# that lands inside a garbage-collection callback, Python prints "Exception ignored in: ..." and
+# the traceback, which Ray forwards: "(name pid=N) Exception ignored in: ..." to "SystemExit: 1"
+IGNORED_START = re.compile(rb"^(\(\w+ pid=\d+[^)]*\) )?Exception ignored in: ")
+EXCEPTION_LINE = re.compile(rb"^(\(\w+ pid=\d+[^)]*\) )?[A-Za-z_][\w.]*(Error|Exit|Exception|Interrupt)\b")
+WORKER_PREFIX = re.compile(rb"^(\(\w+ pid=\d+[^)]*\) )?")
+
+
+def without_ray_noise(lines) -> Iterator[bytes]:
+    """``lines`` (bytes) less Ray's C++ log copies and the traceback of a worker's SIGTERM at
+    shutdown (above). A traceback is held until its exception line while the other processes'
+    lines pass; any other "Exception ignored" traceback passes whole, and one cut off too."""
+    held: dict[bytes, list[bytes]] = {}  # per process (its "(name pid=N) " prefix)
+    for line in lines:
+        if NATIVE_LOG_LINE.match(line):
+            continue
+        process = WORKER_PREFIX.match(line).group(0)
+        if process not in held and not IGNORED_START.match(line):
+            yield line
+            continue
+        block = held.setdefault(process, [])
+        block.append(line)
+        if EXCEPTION_LINE.match(line) or len(block) > 50:
+            del held[process]
+            if not (b"in sigterm_handler" in b"".join(block) and b"SystemExit" in line):
+                yield from block
+    for block in held.values():
+        yield from block
 
 
 def configure(verbose: bool, own_process: bool = False) -> None:
@@ -69,7 +98,8 @@ _pump: threading.Thread | None = None
 def _drop_native_log_lines() -> None:
     """Ray's C++ core in this process writes its log file in Ray's log folder and copies its errors
     to stderr (fd 2). Fd 2 becomes a pipe; a thread passes every line on to the real stderr
-    except those copies. At exit the pipe closes and the thread drains it. Once per process."""
+    except those copies and a stopped worker's shutdown traceback (:func:`without_ray_noise`).
+    At exit the pipe closes and the thread drains it. Once per process."""
     global _pump
     if _pump is not None:
         return
@@ -80,9 +110,8 @@ def _drop_native_log_lines() -> None:
 
     def pump() -> None:
         with os.fdopen(read_end, "rb") as pipe, os.fdopen(real_stderr, "wb", buffering=0) as out:
-            for line in pipe:
-                if not NATIVE_LOG_LINE.match(line):
-                    out.write(line)
+            for line in without_ray_noise(pipe):
+                out.write(line)
 
     def restore() -> None:
         sys.stderr.flush()
