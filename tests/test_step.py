@@ -94,8 +94,9 @@ def test_the_compiled_forward_pass_trains_as_the_eager_one():
     """The pretraining losses compiled by torch.compile (inductor, on the CPU) and eager, from the
     same weights over 6 steps of the same batches, masks and dropout draws: the first step's
     gradient within 1e-3 of its norm (float32 sums in another order), every step's losses within
-    1e-3 (relative; Adam turns those differences into slightly other weights). An epoch's last, smaller batch runs eagerly, without a second compile. With
-    both losses the model traces as one graph."""
+    1e-3 (relative; Adam turns those differences into slightly other weights). An epoch's last,
+    smaller batch runs eagerly, without a second compile. With both losses the model traces as
+    one graph."""
     import torch._dynamo
     import torch._inductor.config
 

@@ -244,7 +244,8 @@ def train_loop(config: dict) -> None:
             loss = total / weight.clamp(min=1e-12)
             skipped = step(loss, optimizer, scaler, trained, cfg.grad_clip)
             correct = (logits.argmax(-1) == y).sum() if kind != "regression" else loss.new_zeros(())
-            sums[:3] += where_kept(skipped, torch.stack([loss.detach() * len(y), correct, torch.ones_like(loss) * len(y)]).double())
+            counts = torch.stack([loss.detach() * len(y), correct, torch.ones_like(loss) * len(y)]).double()
+            sums[:3] += where_kept(skipped, counts)
             sums[3] += skipped
         ingest = clock.metrics()
         answers, truths = [], []
