@@ -284,7 +284,11 @@ def test_every_format_pretrains_together_as_one_corpus(ray_session, tmp_path):
     # a PPG-only corpus YAML (paths from its folder, a weight per source): a one-channel model
     (tmp_path / "corpus.yaml").write_text("sources:\n  - {path: mimic, weight: 3}\n"
                                           "  - {path: arrhythmia, weight: 0.5, name: mpa}\n")
-    one = pretrain(dataclasses.replace(cfg, epochs=1, channels=("PPG",)), str(tmp_path / "corpus.yaml"), tmp_path / "fm_ppg")
+    # ... trained with the learning rate scaled for its batch: 32 against a base of 16, linear: twice lr,
+    # reached at the warm-up's end (the epoch's last step)
+    one = pretrain(dataclasses.replace(cfg, epochs=1, channels=("PPG",), lr_scaling="linear", base_batch_size=16),
+                   str(tmp_path / "corpus.yaml"), tmp_path / "fm_ppg")
+    assert one["lr"] == pytest.approx(2 * cfg.lr)
     assert load_pretrained_description(tmp_path / "fm_ppg" / "best_model.pt")["data_spec"]["channels"] == ["PPG"]
     n_mpa = built[("arrhythmia", "train")]["windows_kept"]
     assert (one["train_windows_mimic"], one["train_windows_mpa"]) == (3 * 2, round(n_mpa / 2))  # 1 worker: none left out
