@@ -314,3 +314,21 @@ def test_a_timeline_shades_each_window_by_its_label_at_the_threshold(monkeypatch
     spans = [p for p in top.patches]
     assert [p.get_facecolor()[:3] for p in spans] == [to_rgba("tab:green")[:3], to_rgba("tab:red")[:3]]
     assert [t.get_text() for t in bottom.get_legend().get_texts()] == ["threshold 0.5017"]
+
+
+def test_windows_or_models_of_the_earlier_filters_are_refused():
+    """The data spec says what band_hz means; a model or windows of the biofm whose filters passed
+    a narrower band (its spec has no "edges") are refused, with what to do."""
+    from biofm.dataset import check_data_spec, data_spec
+    from biofm.infer import model_preprocessing
+
+    channels = load_config(ChannelsConfig, ROOT / "configs/channels.yaml").select(["PPG", "ECG"])
+    spec = data_spec(channels, load_config(WindowsConfig, ROOT / "configs/windows.yaml"))
+    assert spec["filters"]["PPG"]["edges"] == "pass band, -3 dB"
+    old = {**spec, "filters": {c: {k: v for k, v in f.items() if k != "edges"} for c, f in spec["filters"].items()}}
+    assert list(model_preprocessing({"data_spec": spec})[0]) == ["PPG", "ECG"]
+    with pytest.raises(ConfigError, match=r"trained on PPG windows filtered by an earlier biofm, .* retrain it"):
+        model_preprocessing({"data_spec": old})
+    with pytest.raises(ConfigError, match="an earlier biofm built it, whose filters passed a narrower band"):
+        check_data_spec(spec, old, "windows")
+    check_data_spec(spec, spec, "windows")

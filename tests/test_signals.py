@@ -43,6 +43,26 @@ def test_bandpass_passes_band_and_rejects_outside():
     assert gain(20.0, (0.5, 40)) == pytest.approx(1.0, abs=0.05)  # QRS energy kept for ECG
 
 
+@pytest.mark.parametrize("band", [(0.5, 10.0), (0.5, 40.0), (0.5, 20.0)])
+def test_bandpass_edges_are_the_pass_band(band):
+    """``band_hz`` is the pass band: -3 dB (amplitude 0.708) at both edges of the zero-phase filter,
+    within 0.5 dB from 1.4x the low edge to 0.7x the high edge, 40 dB or more down beyond the stop
+    band. (scipy's cheby2 takes the stop-band edges: given (0.5, 10) it passed 1-5 Hz, 0.04 at 0.7 Hz,
+    the fundamental of a 42 bpm pulse.)"""
+    fs, (low, high) = 125.0, band
+
+    def gain(f):
+        y = signals.bandpass(sine(f, fs, 120), fs, band)
+        return np.abs(y[3000:-3000]).max()
+    for edge in band:
+        assert gain(edge) == pytest.approx(10 ** (-3 / 20), abs=0.02)
+    for f in (1.4 * low, 2.0, 0.7 * high):
+        assert gain(f) == pytest.approx(1.0, abs=0.06)
+    stop = signals.cheby2_stopband_edges(fs, band, 4, 40.0)
+    assert stop[0] < low and stop[1] > high
+    assert gain(stop[0] * 0.9) < 0.01 and gain(min(stop[1] * 1.1, 62.0)) < 0.01
+
+
 def test_bandpass_is_zero_phase():
     fs = 125.0
     x = sine(1.0, fs, 30)

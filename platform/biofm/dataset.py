@@ -26,6 +26,7 @@ import pyarrow as pa
 from biofm import __version__, storage
 from biofm.config import ChannelSpec, WindowsConfig, config_hash
 from biofm.errors import ConfigError, NothingProduced
+from biofm.signals import PASS_BAND
 
 SCHEMA_KEY = b"biofm"
 
@@ -42,7 +43,7 @@ def data_spec(channels: dict[str, ChannelSpec], windows: WindowsConfig) -> dict:
         "window_s": windows.window_s,
         "window_samples": windows.window_samples,
         "filters": {
-            name: {"type": "cheby2", "band_hz": list(s.band_hz), "order": s.filter_order,
+            name: {"type": "cheby2", "band_hz": list(s.band_hz), "edges": PASS_BAND, "order": s.filter_order,
                    "stopband_db": s.stopband_db, "zero_phase": True}
             for name, s in channels.items()
         },
@@ -120,7 +121,14 @@ def check_data_spec(expected: dict, actual: dict, where: str) -> None:
     for channel in set(expected["filters"]) & set(actual["filters"]):
         if expected["filters"][channel] != actual["filters"][channel]:
             raise ConfigError(f"{where}: {channel} filter {actual['filters'][channel]} differs from the "
-                              f"model's {expected['filters'][channel]}")
+                              f"model's {expected['filters'][channel]}{_before_pass_band(expected, actual)}")
+
+
+def _before_pass_band(*specs: dict) -> str:
+    """A hint where a spec comes from a biofm whose filters passed a narrower band than band_hz."""
+    old = any(f.get("edges") != PASS_BAND for spec in specs for f in spec["filters"].values())
+    return (" (an earlier biofm built it, whose filters passed a narrower band than band_hz says: rebuild the "
+            "windows with --overwrite, or retrain the model on windows built now)") if old else ""
 
 
 def load_outcomes(split_dir: str) -> dict[str, dict]:

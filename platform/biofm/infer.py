@@ -238,12 +238,17 @@ def model_preprocessing(description: dict):
     import dataclasses
 
     from biofm.config import ChannelsConfig, ChannelSpec, WindowsConfig, load_config
+    from biofm.signals import PASS_BAND
 
     spec = description["data_spec"]
     shipped = load_config(ChannelsConfig, "configs/channels.yaml").channels
     channels = {}
     for name in spec["channels"]:
         f = spec["filters"][name]
+        if f.get("edges") != PASS_BAND:
+            raise ConfigError(f"the model was trained on {name} windows filtered by an earlier biofm, whose filters "
+                              f"passed a narrower band than band_hz {f['band_hz']} says, which windows cut now do not "
+                              "reproduce: retrain it on windows built now")
         base = shipped.get(name)
         channels[name] = ChannelSpec(band_hz=tuple(f["band_hz"]), filter_order=f["order"], stopband_db=f["stopband_db"],
                                      tracks=base.tracks if base else (),

@@ -47,16 +47,42 @@ def resample(x: np.ndarray, fs_in: float, fs_out: float) -> np.ndarray:
     return sps.resample_poly(x, ratio.numerator, ratio.denominator, padtype="line")
 
 
+PASS_BAND = "pass band, -3 dB"  # what band_hz means; the data spec records it (earlier biofm gave scipy stop-band edges)
+
+
+def cheby2_stopband_edges(fs: float, band_hz: tuple[float, float], order: int, stopband_db: float) -> tuple[float, float]:
+    """The stop-band edges (Hz) of the order-``order`` Chebyshev II band-pass whose zero-phase
+    (forward-backward) gain is -3 dB at ``band_hz``.
+
+    ``scipy.signal.cheby2`` takes the stop-band edges, where the gain first reaches
+    ``-stopband_db``, not the pass band: given ``(0.5, 10)`` at 125 Hz its zero-phase gain is
+    -27 dB at 0.7 Hz (the fundamental of 42 bpm) and -24 dB at 7 Hz. The pass band is placed
+    exactly: in the analog prototype (stop band at 1 rad/s), the one-pass power gain
+    ``1 / (1 + 1 / (eps^2 T_N(1/w)^2))`` equals ``1/sqrt(2)`` at ``w_p`` below; the band-pass
+    transform maps ``w`` to frequencies whose product is the squared centre and whose difference
+    is ``w`` times the bandwidth, on the bilinear transform's pre-warped axis.
+    """
+    eps = 1.0 / np.sqrt(10.0 ** (stopband_db / 10.0) - 1.0)
+    w_p = 1.0 / np.cosh(np.arccosh(1.0 / (eps * np.sqrt(np.sqrt(2.0) - 1.0))) / order)
+    p1, p2 = (2 * fs * np.tan(np.pi * f / fs) for f in band_hz)        # pre-warped, rad/s
+    centre_sq, width = p1 * p2, (p2 - p1) / w_p
+    s1 = (np.sqrt(width ** 2 + 4 * centre_sq) - width) / 2
+    return tuple(float(fs / np.pi * np.arctan(s / (2 * fs))) for s in (s1, s1 + width))
+
+
 @lru_cache(maxsize=64)
 def _cheby2_sos(fs: float, low: float, high: float, order: int, stopband_db: float) -> np.ndarray:
     if high >= fs / 2:
         raise ValueError(f"band-pass high edge {high} Hz must be below Nyquist ({fs / 2} Hz)")
-    return sps.cheby2(order, stopband_db, [low, high], btype="bandpass", output="sos", fs=fs)
+    edges = cheby2_stopband_edges(fs, (low, high), order, stopband_db)  # below Nyquist: the bilinear map keeps it there
+    return sps.cheby2(order, stopband_db, edges, btype="bandpass", output="sos", fs=fs)
 
 
 def bandpass(x: np.ndarray, fs: float, band_hz: tuple[float, float], order: int = 4,
              stopband_db: float = 40.0) -> np.ndarray:
-    """Zero-phase Chebyshev II band-pass of ``x`` (``[..., T]`` at ``fs`` Hz) along the last axis."""
+    """Zero-phase Chebyshev II band-pass of ``x`` (``[..., T]`` at ``fs`` Hz) along the last axis:
+    -3 dB at the edges of ``band_hz`` (Hz), flat between them, ``-2 x stopband_db`` dB or less
+    beyond the stop-band edges of :func:`cheby2_stopband_edges`."""
     sos = _cheby2_sos(float(fs), float(band_hz[0]), float(band_hz[1]), int(order), float(stopband_db))
     return sps.sosfiltfilt(sos, x, axis=-1)
 
