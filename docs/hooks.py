@@ -12,7 +12,8 @@ from mkdocs.structure.files import File
 
 # config class -> the shipped YAML files it reads
 CONFIGS = {"PipelineConfig": ("pipeline.yaml", "smoke.yaml"), "ChannelsConfig": ("channels.yaml",),
-           "WindowsConfig": ("windows.yaml",), "PretrainConfig": ("ssl_pretrain.yaml",),
+           "WindowsConfig": ("windows.yaml",), "LayoutsConfig": ("layouts.yaml",), "ArrayLayout": (),
+           "PretrainConfig": ("ssl_pretrain.yaml",),
            "ButppgConfig": ("butppg.yaml",), "FinetuneConfig": ("finetune_butppg.yaml",),
            "TuneSearchConfig": ("tune_finetune.yaml",)}
 

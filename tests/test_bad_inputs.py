@@ -39,7 +39,8 @@ FLAG_CASES = [
     (["build-windows", "--split-file", "s.json", "--outdir", "{file}"], "--outdir {file} is a file, not a folder"),
     (["prepare-butppg", "--raw-dir", "r", "--outdir", "{file}"], "--outdir {file} is a file, not a folder"),
     (["prepare-splits", "--case-set", "{nofmt}", "--output", "o"],
-     "no recordings in {nofmt}: expected .vital, WFDB (.hea), EDF/BDF or CSV/TSV files (unsupported_format: 1 other files)"),
+     "no recordings in {nofmt}: expected .vital, WFDB (.hea), EDF/BDF, CSV/TSV or MATLAB/NumPy (.mat, .npz, .npy) files "
+     "(unsupported_format: 1 other files)"),
     (["prepare-splits", "--case-set", "{mixed}", "--output", "o"],
      "{mixed} holds recordings in 2 formats (1 edf, 2 csv files): name one with a prefix, e.g. --source edf:{mixed}"),
     (["prepare-splits", "--output", "{file}"], "--output {file} is a file, not a folder"),
@@ -51,8 +52,8 @@ FLAG_CASES = [
     (["pretrain", "--no-such-flag"], "biofm: error: unrecognized arguments: --no-such-flag"),
     (["build-windows", "--windows-yaml", "{bad_yaml}", "--split-file", "{splits}", "--outdir", "o"],
      "biofm build-windows: error: {bad_yaml}: unknown key 'strid_s' (allowed: "),
-    (["build-windows", "--split-file", "{splits}", "--channels", "PPG", "ACC_X", "--outdir", "o"],
-     "channel(s) ['ACC_X'] have no track names or aliases in channels.yaml"),
+    (["build-windows", "--split-file", "{splits}", "--channels-yaml", "{trackless}", "--channels", "PPG", "TEMP",
+      "--outdir", "o"], "channel(s) ['TEMP'] have no track names or aliases in channels.yaml"),
     (["build-windows", "--split-file", "{splits}", "--split", "holdout", "--outdir", "o"], "has no split 'holdout'"),
     (["build-windows", "--split-file", "{no_cases}", "--outdir", "o"], "the case list is empty"),
     (["build-windows", "--split-file", "{dir}/none.json", "--outdir", "o"], "none.json"),
@@ -82,6 +83,8 @@ def _filled(argv: list[str], message: str, tmp_path) -> tuple[list[str], str]:
     (tmp_path / "splits.json").write_text(json.dumps({"train": ["1"], "val": [], "test": []}))
     (tmp_path / "no_cases.json").write_text(json.dumps({"train": [], "val": [], "test": []}))
     (tmp_path / "windows.yaml").write_text("window_s: 10\nstrid_s: 5\n")
+    (tmp_path / "channels.yaml").write_text("channels:\n  PPG: {band_hz: [0.5, 10], aliases: [PPG]}\n"
+                                            "  TEMP: {band_hz: [0.01, 0.1]}\n")
     (tmp_path / "labels.csv").write_text("recording,start_s,subject_id,label\nr1,0,s1,good\nr1,10,s1,noisy\n"
                                          "r2,0,s2,poor\n")
     (folder / "cols.csv").write_text("recording,start,subject\nr1,0,s1\n")
@@ -90,6 +93,7 @@ def _filled(argv: list[str], message: str, tmp_path) -> tuple[list[str], str]:
         (tmp_path / name).write_text("x")
     fill = {"{labels}": str(tmp_path / "labels.csv"), "{file}": str(file), "{dir}": str(folder), "{splits}": str(tmp_path / "splits.json"),
             "{no_cases}": str(tmp_path / "no_cases.json"), "{bad_yaml}": str(tmp_path / "windows.yaml"),
+            "{trackless}": str(tmp_path / "channels.yaml"),
             "{nofmt}": str(tmp_path / "nofmt"), "{mixed}": str(tmp_path / "mixed")}
     for k, v in fill.items():
         argv, message = [a.replace(k, v) for a in argv], message.replace(k, v)

@@ -1,7 +1,8 @@
 """The WFDB, EDF and CSV readers on the real files of shared/realdata, and build-windows on each
 format: the Vital Recorder files rewritten by the test as EDF (NSRR names) and as WFDB, BIDMC's and
 NeuroKit's CSVs, the MIMIC-III record with its absent segments, the arrhythmia PPG as a PPG-only
-source; and the bad inputs each format has, skipped with their reasons."""
+source, CapnoBase and TROIKA as MATLAB files; and the bad inputs each format has, skipped with
+their reasons."""
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -19,6 +20,7 @@ CHANNELS = CONFIG.select(["PPG", "ECG"])
 WINDOWS = load_config(WindowsConfig, ROOT / "configs/windows.yaml")
 BIDMC, NEUROKIT = REALDATA / "bidmc", REALDATA / "neurokit"
 MIMIC, ARRHYTHMIA = REALDATA / "mimic3_wdb" / "p000878", REALDATA / "ppg_arrhythmia"
+CAPNOBASE, TROIKA = REALDATA / "capnobase" / "data", REALDATA / "troika" / "Training_data"
 
 
 def write_edf(path, signals: dict[str, tuple[np.ndarray, float]]):
@@ -118,7 +120,9 @@ def test_vital_files_as_edf_and_wfdb_give_the_windows_of_the_vital_files(ray_ses
 @requires_realdata(NEUROKIT)
 @requires_realdata(MIMIC)
 @requires_realdata(ARRHYTHMIA)
-def test_csv_mimic_and_a_ppg_only_source_build_windows(ray_session, tmp_path):
+@requires_realdata(CAPNOBASE)
+@requires_realdata(TROIKA)
+def test_csv_mimic_matlab_and_a_ppg_only_source_build_windows(ray_session, tmp_path):
     from biofm.sources.arrhythmia import RATE_HZ, read_patient
 
     bidmc = build(tmp_path, open_source(str(BIDMC)), name="bidmc")
@@ -152,6 +156,22 @@ def test_csv_mimic_and_a_ppg_only_source_build_windows(ray_session, tmp_path):
     assert only["data_spec"]["channels"] == ["PPG"] and only["windows_kept"] >= 1
     with pytest.raises(Exception, match=r"no ECG signal among Time \(ms\), BVP|no_matching_channel"):
         build(tmp_path, open_source(str(tmp_path / "ppg_only")), name="both")
+
+    # MATLAB 7.3 (CapnoBase, 300 Hz) and a TROIKA recording with its five channels (125 Hz)
+    capno = build_windows(["0009_8min", "0016_8min"], open_source(str(CAPNOBASE)), CHANNELS, WINDOWS,
+                          tmp_path / "capno", "train")
+    case = capno["cases"]["0016_8min"]
+    assert (capno["cases_ok"], case["windows_total"], case["tracks"], case["rates_hz"]) == (
+        2, 48, {"PPG": "PLETH", "ECG": "ECG"}, {"PPG": 300.0, "ECG": 300.0})
+    assert capno["source"].startswith("array:") and capno["cases"]["0016_8min"]["windows_kept"] >= 45
+    assert capno["windows_rejected"].get("PPG:clipped", 0) >= 10   # 0009's PPG troughs sit on the rail at -10.16
+    five = CONFIG.select(["ACC_X", "ACC_Y", "ACC_Z", "PPG", "ECG"])
+    run = build_windows(["DATA_01_TYPE01"], open_source(str(TROIKA)), five, WINDOWS, tmp_path / "troika", "train")
+    assert run["cases"]["DATA_01_TYPE01"]["windows_total"] == 30 and run["data_spec"]["channels"] == list(five)
+    assert run["cases"]["DATA_01_TYPE01"]["tracks"]["ACC_Z"] == "ACC_Z" and run["windows_kept"] >= 20
+    rates = next(line for line in (tmp_path / "troika" / "report.md").read_text().splitlines()
+                 if line.startswith("Heart rate of the kept windows"))   # the channels with beats only
+    assert "PPG median" in rates and "ECG median" in rates and "ACC" not in rates
 
 
 def test_bad_files_of_each_format_are_skipped_with_their_reasons(ray_session, tmp_path):

@@ -74,6 +74,28 @@ class ChannelsConfig:
 
 
 @config_class
+class ArrayLayout:
+    """Where a MATLAB or NumPy file holds its signals (see :mod:`biofm.sources.arrays`).
+
+    ``files``: a glob the file names of this layout match. ``signals``: signal name (matched to
+    channels by ``channels.yaml``'s aliases, as a CSV column is) -> a variable: a name, a MATLAB
+    struct path (``signal/pleth/y``), or a row of a ``[C, N]`` array (``sig[1]``). ``rate_hz``: a
+    number, or the variable that holds it. ``labels``: a glob of the label files that lie beside
+    the recordings (not recordings themselves).
+    """
+
+    files: str
+    signals: dict[str, str]
+    rate_hz: float | str
+    labels: str | None = None
+
+
+@config_class
+class LayoutsConfig:
+    layouts: dict[str, ArrayLayout]
+
+
+@config_class
 class WindowsConfig:
     """Windowing and window-quality thresholds. Times in seconds, rates in Hz."""
 

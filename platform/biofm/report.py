@@ -82,18 +82,17 @@ def _heart_rate(files: list[str], channels: list[str], path: str) -> str:
     from biofm.plotting import plt, save_png
 
     schema = pq.read_schema(storage.filesystem(files[0])[1], filesystem=storage.filesystem(files[0])[0])
-    columns = [f"{c.lower()}_hr_bpm" for c in channels if f"{c.lower()}_hr_bpm" in schema.names]
-    if not columns:
+    columns = {c: f"{c.lower()}_hr_bpm" for c in channels if f"{c.lower()}_hr_bpm" in schema.names}
+    table = storage.read_table(files, list(columns.values())) if columns else None
+    rates = {c: table[col].to_numpy() for c, col in columns.items()} if columns else {}
+    rates = {c: x[np.isfinite(x)] for c, x in rates.items() if np.isfinite(x).any()}  # channels with beats (not ACC)
+    if not rates:
         return ""
-    table = storage.read_table(files, columns)
     fig, ax = plt.subplots(figsize=(7, 3.5))
     summary = []
-    for column in columns:
-        x = table[column].to_numpy()
-        x = x[np.isfinite(x)]
-        ax.hist(x, bins=np.arange(30, 205, 5), alpha=0.55, label=f"{column.split('_')[0].upper()} (n={len(x)})")
-        summary.append(f"{column.split('_')[0].upper()} median {np.median(x):.0f} bpm "
-                       f"[{np.percentile(x, 5):.0f}-{np.percentile(x, 95):.0f}, 5th-95th]")
+    for channel, x in rates.items():
+        ax.hist(x, bins=np.arange(30, 205, 5), alpha=0.55, label=f"{channel} (n={len(x)})")
+        summary.append(f"{channel} median {np.median(x):.0f} bpm [{np.percentile(x, 5):.0f}-{np.percentile(x, 95):.0f}, 5th-95th]")
     ax.set(xlabel="heart rate, bpm", ylabel="windows", title="heart rate of the kept windows")
     ax.legend()
     fig.tight_layout()

@@ -2,8 +2,8 @@
 
 :func:`open_source` gives an object with ``describe()``, ``check_reachable()``, ``ids()`` and
 ``read(case_id, channels) -> Recording``: the VitalDB API, or a local folder or cloud prefix of
-``.vital``, WFDB, EDF/BDF or CSV/TSV recordings. A prefix (``wfdb:``, ``edf:``, ``csv:``,
-``vital:``) names the format where a folder holds several.
+``.vital``, WFDB, EDF/BDF, CSV/TSV or MATLAB/NumPy recordings. A prefix (``wfdb:``, ``edf:``,
+``csv:``, ``array:``, ``vital:``) names the format where a folder holds several.
 """
 
 from __future__ import annotations
@@ -17,10 +17,11 @@ from pathlib import Path
 from biofm import storage
 from biofm.config import ChannelSpec
 from biofm.errors import BiofmError, CaseSkipped, ConfigError, SourceUnreachable
-from biofm.sources import csv, edf, vitaldb, wfdb
+from biofm.sources import arrays, csv, edf, vitaldb, wfdb
 from biofm.sources.recording import Recording
 
-FORMATS = {"vital": (".vital",), "wfdb": wfdb.SUFFIXES, "edf": edf.SUFFIXES, "csv": csv.SUFFIXES}
+FORMATS = {"vital": (".vital",), "wfdb": wfdb.SUFFIXES, "edf": edf.SUFFIXES, "csv": csv.SUFFIXES,
+           "array": arrays.SUFFIXES}
 
 
 def detect_format(files: list[str], where: str) -> str:
@@ -30,7 +31,8 @@ def detect_format(files: list[str], where: str) -> str:
     if len(held) == 1:
         return next(iter(held))
     if not held:
-        raise ConfigError(f"no recordings in {where}: expected .vital, WFDB (.hea), EDF/BDF or CSV/TSV files "
+        raise ConfigError(f"no recordings in {where}: expected .vital, WFDB (.hea), EDF/BDF, CSV/TSV or "
+                          "MATLAB/NumPy (.mat, .npz, .npy) files "
                           f"(unsupported_format: {len(files)} other files)")
     listed = ", ".join(f"{n} {fmt}" for fmt, n in held.items())
     raise ConfigError(f"{where} holds recordings in {len(held)} formats ({listed} files): name one with a "
@@ -39,9 +41,9 @@ def detect_format(files: list[str], where: str) -> str:
 
 @dataclass(frozen=True)
 class FolderSource:
-    """WFDB, EDF or CSV recordings under a local folder or a cloud prefix. ``records``: case id ->
-    path relative to ``root`` (less ``.hea`` for WFDB). ``rate_hz``: the rate of CSV files without a
-    time column."""
+    """WFDB, EDF, CSV or MATLAB/NumPy recordings under a local folder or a cloud prefix. ``records``:
+    case id -> path relative to ``root`` (less ``.hea`` for WFDB). ``rate_hz``: the rate of CSV files
+    without a time column, and of arrays whose layout names none."""
 
     root: str
     fmt: str
@@ -91,12 +93,17 @@ class FolderSource:
             path = fetch(rel)
             if path is None:
                 raise CaseSkipped("not_found", f"{rel} is no longer under {self.root}")
-            return edf.read(path, channels) if self.fmt == "edf" else csv.read(path, channels, self.rate_hz)
+            if self.fmt == "edf":
+                return edf.read(path, channels)
+            if self.fmt == "array":
+                return arrays.read(path, channels, self.rate_hz)
+            return csv.read(path, channels, self.rate_hz)
 
 
 def open_source(source: str, api_url: str | None = None, rate_hz: float | None = None):
     """``api`` (optionally at ``api_url``), or a local folder / cloud URI, its format detected
-    from its files or named by a ``wfdb:``/``edf:``/``csv:``/``vital:`` prefix."""
+    from its files or named by a ``wfdb:``/``edf:``/``csv:``/``array:``/``vital:`` prefix. The label
+    files of an array layout (TROIKA's ``*_BPMtrace.mat``) are not recordings."""
     if source == "api":
         return vitaldb.ApiSource(api_url or vitaldb.DEFAULT_API_URL)
     if api_url:
@@ -116,11 +123,12 @@ def open_source(source: str, api_url: str | None = None, rate_hz: float | None =
         records = wfdb.record_ids(files, lambda rel: storage.read_text(storage.join(root, rel)))
     else:
         records = {}
-        for rel in (f for f in files if f.lower().endswith(FORMATS[fmt])):
+        known = arrays.layouts() if fmt == "array" else {}
+        for rel in (f for f in files if f.lower().endswith(FORMATS[fmt]) and not arrays.is_label_file(Path(f).name, known)):
             rid = Path(rel).stem
             if rid in records:
                 raise ConfigError(f"two {fmt} recordings under {root} are named {rid}: {records[rid]} and {rel}")
             records[rid] = rel
-    if rate_hz is not None and fmt != "csv":
-        raise ConfigError(f"--rate-hz only applies to CSV recordings ({root} holds {fmt})")
+    if rate_hz is not None and fmt not in ("csv", "array"):
+        raise ConfigError(f"--rate-hz only applies to CSV and MATLAB/NumPy recordings ({root} holds {fmt})")
     return FolderSource(root, fmt, records, rate_hz)
