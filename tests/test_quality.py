@@ -1,19 +1,32 @@
 """Window quality: the signal-quality indices, and each rule of check_windows with its reason and
-its place in the order (no Ray)."""
+its place in the order; clean pulses kept at every heart rate, signal loss rejected, on synthetic
+and real recordings (no Ray)."""
 
 import dataclasses
+import importlib.util
+import sys
 
 import numpy as np
 import pytest
 
 from biofm import signals
 from biofm.config import ChannelsConfig, WindowsConfig, load_config
-from biofm.windows import make_windows
+from biofm.windows import covered_s, make_windows
 from conftest import REALDATA, ROOT, heartbeat_signals, requires_realdata
 
 CHANNELS = load_config(ChannelsConfig, ROOT / "configs/channels.yaml")
 WINDOWS = load_config(WindowsConfig, ROOT / "configs/windows.yaml")
 FS = 125.0
+CAPNOBASE = REALDATA / "capnobase" / "data"
+
+
+def bench_quality():
+    """jobs/bench_quality.py as a module (its synthetic pulses, its report)."""
+    if "bench_quality" not in sys.modules:  # dataclasses look their module up there
+        spec = importlib.util.spec_from_file_location("bench_quality", ROOT / "jobs" / "bench_quality.py")
+        sys.modules["bench_quality"] = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(sys.modules["bench_quality"])
+    return sys.modules["bench_quality"]
 
 
 def reasons(tracks: dict, names=("PPG",), cfg=WINDOWS) -> list[str]:
@@ -50,6 +63,34 @@ def test_template_match_beat_agreement_and_band_power():
     mixed = np.sin(2 * np.pi * 1.2 * t) + np.sin(2 * np.pi * 7.0 * t)
     assert signals.band_power_share(mixed, FS, (0.5, 4), (0.5, 10)) == pytest.approx(0.5, abs=0.01)
     assert signals.band_power_share(np.zeros(1250), FS, (0.5, 4), (0.5, 10)) == 0.0
+    rows = np.stack([mixed, mixed])                                   # one upper edge per row
+    np.testing.assert_allclose(signals.band_power_share(rows, FS, (0.5, np.array([4.0, 8.0])), (0.5, 10)), [0.5, 1.0],
+                               atol=0.01)
+    assert signals.band_power_share(mixed, FS, (0.5, 20.0), (0.5, 10)) == pytest.approx(1.0)  # never beyond of_hz
+
+
+def test_the_pulse_band_widens_with_the_rate_only_above_its_edge():
+    edges = signals.pulse_band_edge_hz(np.array([40.0, 120.0, 168.0, 190.0, np.nan]), 7.0)
+    np.testing.assert_allclose(edges, [7.0, 7.0, 7.0, 2.5 * 190 / 60, 7.0])
+    assert signals.pulse_band_edge_hz(np.array([120.0]), 4.0)[0] == pytest.approx(5.0)   # 2.5 x 2 Hz
+
+
+def test_signal_loss_is_the_longest_stretch_without_the_pulse():
+    """Seconds where the amplitude over 1.2 beat intervals stays below the ratio of its 90th
+    percentile: none in a steady pulse at 40 or 190 bpm, the stretch where it stops or fades."""
+    t = np.arange(1250) / FS
+    for hr in (40.0, 72.0, 190.0):
+        x = np.sin(2 * np.pi * hr / 60 * t)
+        assert signals.signal_loss_s(x, signals.detect_beats(x, FS, "ppg"), FS, 0.2) == 0.0, hr
+    x = np.sin(2 * np.pi * 1.2 * t)
+    stopped = x.copy()
+    stopped[300:550] = 0.0                                             # 2 s without a pulse
+    assert signals.signal_loss_s(stopped, signals.detect_beats(stopped, FS, "ppg"), FS, 0.2) == pytest.approx(2.0, abs=0.02)
+    faded = x.copy()
+    faded[625:] *= 0.1                                                 # the second half at a tenth
+    loss = signals.signal_loss_s(faded, signals.detect_beats(faded, FS, "ppg"), FS, 0.2)
+    assert 5.0 <= loss <= 5.1
+    assert signals.signal_loss_s(faded, signals.detect_beats(faded, FS, "ppg"), FS, 0.05) == 0.0  # a tenth is above 5%
 
 
 @pytest.mark.parametrize("kind", ["ppg", "ecg"])
@@ -61,7 +102,8 @@ def test_noise_has_no_plausible_rhythm(kind):
     rng = np.random.default_rng(7)
     noise = rng.standard_normal(int(400 * FS))
     for x in (noise, signals.bandpass(noise, FS, band)):
-        sqi = signals.beat_quality(signals.bandpass(x[:12500], FS, band).reshape(10, 1250), FS, kind, band)
+        sqi = signals.beat_quality(signals.bandpass(x[:12500], FS, band).reshape(10, 1250), FS, kind, band,
+                                   WINDOWS.signal_loss_ratio, WINDOWS.ppg_pulse_band_hz)
         assert (sqi["beats"] >= 3).all() and ((sqi["hr_bpm"] >= 30) & (sqi["hr_bpm"] <= 200)).all()  # what the old checks let through
         why = reasons({name: (x, FS)}, (name,))
         assert len(why) == 40 and all(why), why
@@ -81,17 +123,23 @@ def _missing_and_noise(w):
     w[:200] = np.nan                                                 # missing and noise: missing first
 
 
-RULE_CASES = {  # what is done to the middle window of 30 s of pulses -> its reason (min_beats 4)
-    "missing": (lambda w: w.__setitem__(slice(0, 200), np.nan), "PPG:missing"),             # 16% NaN
-    "stuck": (lambda w: w.__setitem__(slice(300, 700), w[300]), "PPG:flat"),                 # 32% repeats
-    "constant": (lambda w: w.__setitem__(slice(None), 3.0), "PPG:flat"),
-    "clipped": (lambda w: np.clip(w, None, np.quantile(w, 0.8), out=w), "PPG:clipped"),     # 20% at the max
-    "one beat": (lambda w: w.__setitem__(slice(None), pulse(10.0, hr=6.0, seed=4)[0]), "PPG:too_few_beats"),
-    "25 /min": (lambda w: w.__setitem__(slice(None), pulse(10.0, hr=25.0, seed=5)[0]), "PPG:implausible_hr"),
+def _fade(w):
+    w[625:] *= 0.1                                                   # the second half at a tenth
+
+
+RULE_CASES = {  # what is done to the middle window of 30 s of pulses at 72 bpm -> its reason (and the config)
+    "missing": (lambda w: w.__setitem__(slice(0, 200), np.nan), "PPG:missing", {}),             # 16% NaN
+    "stuck": (lambda w: w.__setitem__(slice(300, 700), w[300]), "PPG:flat", {}),                 # 32% repeats
+    "constant": (lambda w: w.__setitem__(slice(None), 3.0), "PPG:flat", {}),
+    "clipped": (lambda w: np.clip(w, None, np.quantile(w, 0.8), out=w), "PPG:clipped", {}),     # 20% at the max
+    "7 beats": (lambda w: w.__setitem__(slice(None), pulse(10.0, hr=40.0, seed=4)[0]), "PPG:too_few_beats",
+                {"min_beats": 8}),                                                             # 12 beats around it
+    "25 /min": (lambda w: w.__setitem__(slice(None), pulse(10.0, hr=25.0, seed=5)[0]), "PPG:implausible_hr", {}),
+    "faded": (_fade, "PPG:signal_loss", {}),
     "noise": (lambda w: w.__setitem__(slice(None), np.random.default_rng(6).standard_normal(1250)),
-              "PPG:low_template_match"),
-    "spikes": (_spikes, "PPG:low_pulse_band_power"),
-    "missing and noise": (_missing_and_noise, "PPG:missing"),
+              "PPG:low_template_match", {}),
+    "spikes": (_spikes, "PPG:low_pulse_band_power", {}),
+    "missing and noise": (_missing_and_noise, "PPG:missing", {}),
 }
 
 
@@ -99,29 +147,32 @@ RULE_CASES = {  # what is done to the middle window of 30 s of pulses -> its rea
 def test_each_rule_rejects_with_its_reason_in_order(case):
     """Each rule rejects the window it is for, with its reason; the first rule failed is the one
     recorded; the windows around it are kept."""
-    change, expected = RULE_CASES[case]
+    change, expected, overrides = RULE_CASES[case]
     x = pulse(30.0, seed=1)[0]
     change(x[1250:2500])
-    # min_beats 4: a band-pass rings around a lone pulse, so fewer than 3 peaks hardly ever occur
-    assert reasons({"PPG": (x, FS)}, cfg=dataclasses.replace(WINDOWS, min_beats=4)) == ["", expected, ""]
+    assert reasons({"PPG": (x, FS)}, cfg=dataclasses.replace(WINDOWS, **overrides)) == ["", expected, ""]
 
 
 def test_channels_are_checked_in_their_order():
     """A window bad in two channels records the first channel's reason."""
     ppg, ecg = pulse(20.0)
     noise = np.random.default_rng(9).standard_normal(1250)
+    alone = reasons({"PPG": (np.r_[ppg[:1250], noise], FS)})
     both = {"PPG": (np.r_[ppg[:1250], noise], FS), "ECG": (np.r_[noise, noise], FS)}
-    assert reasons(both, ("PPG", "ECG")) == ["ECG:low_template_match", "PPG:low_template_match"]
+    assert alone[0] == "" and alone[1].startswith("PPG:")
+    assert reasons(both, ("PPG", "ECG")) == ["ECG:low_template_match", alone[1]]
+    assert reasons(both, ("ECG", "PPG")) == ["ECG:low_template_match"] * 2
 
 
 def test_each_threshold_is_the_configured_one():
-    """The rules read their thresholds from windows.yaml: loosening one lets its windows through."""
+    """The rules read their thresholds from windows.yaml: loosening one lets its windows through
+    to the next rule, or keeps them."""
     noise = np.random.default_rng(6).standard_normal(2500)
-    assert reasons({"PPG": (noise, FS)}) == ["PPG:low_template_match"] * 2
+    assert reasons({"PPG": (noise, FS)}) == ["PPG:low_template_match", "PPG:low_pulse_band_power"]
     loose = dataclasses.replace(WINDOWS, ppg_min_template_match=-1.0)
-    assert set(reasons({"PPG": (noise, FS)}, cfg=loose)) == {"PPG:low_pulse_band_power"}
-    looser = dataclasses.replace(loose, ppg_min_pulse_band_power=0.0)
-    assert reasons({"PPG": (noise, FS)}, cfg=looser) == ["", ""]
+    assert reasons({"PPG": (noise, FS)}, cfg=loose) == ["PPG:low_pulse_band_power"] * 2
+    assert reasons({"PPG": (noise, FS)}, cfg=dataclasses.replace(loose, ppg_pulse_band_hz=9.9)) == ["", ""]  # all its band
+    assert reasons({"PPG": (noise, FS)}, cfg=dataclasses.replace(loose, ppg_min_pulse_band_power=0.0)) == ["", ""]
     ecg_noise = {"ECG": (noise, FS)}
     assert set(reasons(ecg_noise, ("ECG",))) == {"ECG:low_template_match"}
     assert set(reasons(ecg_noise, ("ECG",), dataclasses.replace(WINDOWS, ecg_min_template_match=-1.0))) == {
@@ -131,6 +182,11 @@ def test_each_threshold_is_the_configured_one():
     assert reasons({"PPG": (few, FS)}, cfg=dataclasses.replace(WINDOWS, hr_bpm=(20.0, 200.0))) == ["", ""]
     assert reasons({"PPG": (few, FS)}, cfg=dataclasses.replace(WINDOWS, hr_bpm=(20.0, 200.0), min_beats=5)) == [
         "PPG:too_few_beats"] * 2
+    faded = pulse(10.0)[0]
+    _fade(faded)
+    assert reasons({"PPG": (faded, FS)}) == ["PPG:signal_loss"]
+    assert reasons({"PPG": (faded, FS)}, cfg=dataclasses.replace(WINDOWS, max_signal_loss_s=5.5)) == [""]
+    assert reasons({"PPG": (faded, FS)}, cfg=dataclasses.replace(WINDOWS, signal_loss_ratio=0.05)) == [""]
 
 
 def test_detectors_that_disagree_reject_an_ecg_window(monkeypatch):
@@ -146,10 +202,11 @@ def test_quality_indices_are_columns_of_the_kept_windows():
                               WINDOWS, {})
     assert {k for k in cols if k.startswith(("ppg_", "ecg_"))} == {
         f"{c}_{k}" for c in ("ppg", "ecg") for k in ("nan_fraction", "flat_fraction", "clip_fraction", "beats",
-                                                       "hr_bpm", "template_match")} | {"ppg_pulse_band_power",
-                                                                                       "ecg_beat_agreement"}
+                                                       "hr_bpm", "signal_loss_s", "template_match")} | {
+        "ppg_pulse_band_power", "ecg_beat_agreement"}
     assert (cols["ppg_template_match"] > 0.95).all() and (cols["ecg_beat_agreement"] >= 0.9).all()
     assert (cols["ppg_pulse_band_power"] > 0.95).all()
+    assert (cols["ppg_signal_loss_s"] == 0).all() and (cols["ecg_signal_loss_s"] == 0).all()
 
 
 @requires_realdata(REALDATA / "ppg_arrhythmia")
@@ -169,7 +226,9 @@ def test_atrial_fibrillation_is_kept_like_sinus_rhythm():
 
 
 @requires_realdata(REALDATA / "vital")
-def test_real_monitor_recordings_keep_their_pulses():
+def test_real_monitor_recordings_keep_their_pulses_and_lose_the_dropout():
+    """The Vital Recorder files keep 49 of 62 windows; window 0 of MICUA01 ..._180000, whose pulse
+    falls to near zero after 5 s, is rejected for signal loss (it was kept before the check)."""
     from biofm.sources.vitaldb import read_tracks
 
     kept = total = 0
@@ -177,7 +236,62 @@ def test_real_monitor_recordings_keep_their_pulses():
         cols, why = make_windows(read_tracks(p, CHANNELS.select(["PPG", "ECG"])), CHANNELS.select(["PPG", "ECG"]),
                                  WINDOWS, {})
         kept, total = kept + len(cols["window_idx"]), total + len(why)
-    assert (kept, total) == (52, 62)   # 51 while every repeated sample counted as stuck, not only runs of 0.25 s
+        if p.name.startswith("MICUA01") and "180000" in p.name:
+            assert why[0] == "PPG:signal_loss"
+    assert (kept, total) == (49, 62)
+
+
+@requires_realdata(REALDATA / "bidmc")
+def test_the_motion_artifact_in_bidmc_is_rejected():
+    """BIDMC record 01's PPG is disturbed from 90 to 110 s: those two windows go (signal loss),
+    the other 46 stay."""
+    from biofm.sources.formats import open_source
+
+    both = CHANNELS.select(["PPG", "ECG"])
+    _, why = make_windows(open_source(str(REALDATA / "bidmc")).read("bidmc_01_Signals", both).pieces[0].tracks, both,
+                          WINDOWS, {})
+    assert [(10 * i, r) for i, r in enumerate(why) if r] == [(90, "PPG:signal_loss"), (100, "PPG:signal_loss")]
+    assert len(why) == 48
+
+
+def test_a_clean_pulse_is_kept_at_every_rate():
+    """Clean pulses with a dicrotic notch at 40 to 190 bpm, in the smooth and the sharpest shape of
+    jobs/bench_quality.py, are kept, every window, and their rate is measured (the fixed 0.5-4 Hz
+    pulse band of the previous release rejected every sharp window from 100 bpm up)."""
+    bench = bench_quality()
+    for shape in ("smooth", "sharpest"):
+        for hr in (40, 80, 120, 160, 190):
+            cols, why = make_windows({"PPG": (bench.synthetic_pulse(hr, shape, seconds=30.0), 250.0, "p")},
+                                     CHANNELS.select(["PPG"]), WINDOWS, {})
+            assert why == ["", "", ""], (shape, hr, why)
+            np.testing.assert_allclose(cols["ppg_hr_bpm"], hr, rtol=0.05)
+
+
+@requires_realdata(CAPNOBASE)
+def test_real_fast_pulses_are_kept_and_a_faded_real_window_is_lost():
+    """CapnoBase's three fastest cases (median 120-142 bpm, children under anaesthesia): every
+    clean window at 120 bpm or more by the rater's ECG beats is kept but at most 3 of them; one
+    of them with its second half cut to a tenth of its amplitude is rejected for signal loss."""
+    from biofm.sources import capnobase
+    from biofm.sources.formats import open_source
+
+    source, ppg = open_source(str(CAPNOBASE)), CHANNELS.select(["PPG"])
+    fast = kept = 0
+    for case in ("0015_8min", "0016_8min", "0018_8min"):
+        tracks = source.read(case, ppg).pieces[0].tracks
+        cols, why = make_windows(tracks, ppg, WINDOWS, {})
+        starts = np.arange(len(why)) * WINDOWS.stride_s
+        beats = capnobase.beats_s(CAPNOBASE / f"{case}.mat", "ECG")
+        rate = np.array([60 / np.median(np.diff(beats[(beats >= s) & (beats < s + 10)])) for s in starts])
+        clean = covered_s(capnobase.artifacts_s(CAPNOBASE / f"{case}.mat", "PPG"), starts, 10.0) == 0
+        fast += int((clean & (rate >= 120)).sum())
+        kept += int((clean & (rate >= 120) & (np.array(why) == "")).sum())
+    assert fast >= 100 and kept >= fast - 3, (kept, fast)
+    x, fs, name = source.read("0016_8min", ppg).pieces[0].tracks["PPG"]
+    window = x[:int(10 * fs)].copy()
+    assert make_windows({"PPG": (window, fs, name)}, ppg, WINDOWS, {})[1] == [""]
+    window[int(5 * fs):] *= 0.1
+    assert make_windows({"PPG": (window, fs, name)}, ppg, WINDOWS, {})[1] == ["PPG:signal_loss"]
 
 
 def _at_native_100hz(seconds=30.0):
@@ -194,7 +308,8 @@ def test_each_threshold_keeps_the_window_that_meets_it_exactly():
     stuck[300:551] = stuck[300]                             # 250 repeats of 1000: 0.25
     order = np.argsort(pinned)
     pinned[order[:64]], pinned[order[-63:]] = pinned[order[0]], pinned[order[-1]]  # 64 + 63 - 2 = 125: 0.125
-    exact = dataclasses.replace(WINDOWS, max_nan_fraction=0.125, max_flat_fraction=0.25, max_clip_fraction=0.125)
+    exact = dataclasses.replace(WINDOWS, max_nan_fraction=0.125, max_flat_fraction=0.25, max_clip_fraction=0.125,
+                                max_signal_loss_s=5.0)   # the 2.5 s stuck stretch is also a signal loss
     for signal in (missing, stuck, pinned):
         assert reasons({"PPG": (signal, 100.0)}, cfg=exact) == [""]
     assert reasons({"PPG": (missing, 100.0)}, cfg=dataclasses.replace(exact, max_nan_fraction=0.124)) == ["PPG:missing"]
@@ -202,13 +317,22 @@ def test_each_threshold_keeps_the_window_that_meets_it_exactly():
     for name, x, fs in (("PPG", _at_native_100hz(10.0), 100.0), ("ECG", pulse(10.0)[1], FS)):
         spec = CHANNELS.channels[name]
         window = signals.bandpass(signals.resample(x, fs, FS), FS, spec.band_hz)[None]
-        sqi = {k: float(v[0]) for k, v in signals.beat_quality(window, FS, spec.quality, spec.band_hz).items()}
+        sqi = {k: float(v[0]) for k, v in signals.beat_quality(window, FS, spec.quality, spec.band_hz,
+                                                                WINDOWS.signal_loss_ratio, WINDOWS.ppg_pulse_band_hz).items()}
         key = name.lower()
         own = dataclasses.replace(WINDOWS, hr_bpm=(sqi["hr_bpm"], 200.0), **{f"{key}_min_template_match": sqi["template_match"]},
                                   **({"ppg_min_pulse_band_power": sqi["pulse_band_power"]} if name == "PPG"
                                      else {"ecg_min_beat_agreement": sqi["beat_agreement"]}))
         assert reasons({name: (x, fs)}, (name,), own) == [""], sqi
         assert reasons({name: (x, fs)}, (name,), dataclasses.replace(own, hr_bpm=(30.0, sqi["hr_bpm"]))) == [""]
+    faded = _at_native_100hz(10.0)
+    faded[500:] *= 0.1
+    window = signals.bandpass(signals.resample(faded, 100.0, FS), FS, CHANNELS.channels["PPG"].band_hz)
+    loss = signals.signal_loss_s(window, signals.detect_beats(window, FS, "ppg"), FS, WINDOWS.signal_loss_ratio)
+    assert loss > WINDOWS.max_signal_loss_s
+    assert reasons({"PPG": (faded, 100.0)}, cfg=dataclasses.replace(WINDOWS, max_signal_loss_s=loss)) == [""]
+    assert reasons({"PPG": (faded, 100.0)}, cfg=dataclasses.replace(WINDOWS, max_signal_loss_s=loss - 0.01)) == [
+        "PPG:signal_loss"]
 
 
 def test_make_windows_columns_timings_and_filters():
@@ -252,3 +376,17 @@ def test_record_signal_shapes_filters_and_gaps():
     np.testing.assert_allclose(signal[3], signals.zscore(signals.bandpass(ppg, FS, (0.5, 10.0), 2, 30.0)), atol=1e-5)
     with pytest.raises(CaseSkipped, match="too_short"):
         record_signal({"PPG": (ppg[:1249], FS)}, five, WINDOWS)
+
+
+@requires_realdata(CAPNOBASE)
+@requires_realdata(REALDATA / "troika")
+def test_the_docs_quality_tables_are_a_fresh_run_and_meet_the_targets(tmp_path):
+    """docs/data.md's window-quality tables are what jobs/bench_quality.py measures now (they
+    drifted from the code once), and every target of the report part is met."""
+    bench = bench_quality()
+    result = bench.main(["--output", str(tmp_path)])
+    doc = (ROOT / "docs" / "data.md").read_text()
+    start, end = doc.index(bench.MARKERS[0]) + len(bench.MARKERS[0]), doc.index(bench.MARKERS[1])
+    assert doc[start:end].strip() == (tmp_path / "bench_quality.md").read_text().strip()
+    assert result["targets"] and all(result["targets"].values()), result["targets"]
+    assert result["capnobase"]["PPG"]["artifact_windows"] == 25 and result["synthetic_kept"] == 1.0

@@ -107,8 +107,11 @@ class WindowsConfig:
     max_nan_fraction: float = 0.05
     max_flat_fraction: float = 0.2
     max_clip_fraction: float = 0.05
-    ppg_min_template_match: float = 0.82
-    ppg_min_pulse_band_power: float = 0.87
+    signal_loss_ratio: float = 0.2
+    max_signal_loss_s: float = 1.5
+    ppg_min_template_match: float = 0.65
+    ppg_pulse_band_hz: float = 7.0
+    ppg_min_pulse_band_power: float = 0.85
     ecg_min_template_match: float = 0.66
     ecg_min_beat_agreement: float = 0.8
 
@@ -122,8 +125,12 @@ class WindowsConfig:
             raise ValueError(f"min_beats must be >= 1, got {self.min_beats}")
         if not 0 < self.hr_bpm[0] < self.hr_bpm[1]:
             raise ValueError(f"hr_bpm must satisfy 0 < low < high, got {list(self.hr_bpm)}")
-        for name in ("max_nan_fraction", "max_flat_fraction", "max_clip_fraction", "ppg_min_pulse_band_power",
-                     "ecg_min_beat_agreement"):
+        if self.ppg_pulse_band_hz <= 0:
+            raise ValueError(f"ppg_pulse_band_hz must be positive, got {self.ppg_pulse_band_hz}")
+        if self.max_signal_loss_s <= 0:
+            raise ValueError(f"max_signal_loss_s must be positive, got {self.max_signal_loss_s}")
+        for name in ("max_nan_fraction", "max_flat_fraction", "max_clip_fraction", "signal_loss_ratio",
+                     "ppg_min_pulse_band_power", "ecg_min_beat_agreement"):
             if not 0 <= getattr(self, name) <= 1:
                 raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
         for name in ("ppg_min_template_match", "ecg_min_template_match"):

@@ -199,14 +199,16 @@ def beat_agreement(a: np.ndarray, b: np.ndarray, fs: float, tolerance_s: float =
     return matched / (len(a) + len(b) - matched)
 
 
-def band_power_share(x: np.ndarray, fs: float, band_hz: tuple[float, float], of_hz: tuple[float, float]) -> np.ndarray:
+def band_power_share(x: np.ndarray, fs: float, band_hz, of_hz: tuple[float, float]) -> np.ndarray:
     """Share of the power of ``x`` ``[..., T]`` within ``of_hz`` (Hz, edges included) that lies in
-    ``band_hz`` (periodogram), ``[...]``; 0 where there is no power. The bands start above 0 Hz,
-    so a DC offset does not count."""
+    ``band_hz`` (periodogram), ``[...]``; 0 where there is no power. An edge of ``band_hz`` may be
+    an array ``[...]``, one edge per row. The bands start above 0 Hz, so a DC offset does not
+    count."""
     power = np.abs(np.fft.rfft(x, axis=-1)) ** 2
     f = np.fft.rfftfreq(x.shape[-1], 1 / fs)
     total = power[..., (f >= of_hz[0]) & (f <= of_hz[1])].sum(axis=-1)
-    inside = power[..., (f >= band_hz[0]) & (f <= band_hz[1])].sum(axis=-1)
+    lo, hi = (np.asarray(edge, dtype=np.float64)[..., None] for edge in band_hz)
+    inside = (power * ((f >= lo) & (f <= hi) & (f >= of_hz[0]) & (f <= of_hz[1]))).sum(axis=-1)
     return np.divide(inside, total, out=np.zeros_like(total), where=total > 0)
 
 
@@ -216,21 +218,59 @@ def _quantile(x: np.ndarray, q: float) -> float:
     return float(np.partition(x, k)[k])
 
 
-PULSE_BAND_HZ = (0.5, 4.0)   # fundamentals of 30-240 beats/min
+PULSE_HARMONICS = 2   # at fast rates the pulse band reaches halfway from the 2nd to the 3rd harmonic
 QRS_BAND_HZ = (8.0, 20.0)
-SQI_NAMES = {"ppg": ("beats", "hr_bpm", "template_match", "pulse_band_power"),
-             "ecg": ("beats", "hr_bpm", "template_match", "beat_agreement")}
+SQI_NAMES = {"ppg": ("beats", "hr_bpm", "signal_loss_s", "template_match", "pulse_band_power"),
+             "ecg": ("beats", "hr_bpm", "signal_loss_s", "template_match", "beat_agreement")}
 
 
-def beat_quality(windows: np.ndarray, fs: float, kind: str, band_hz: tuple[float, float]) -> dict[str, np.ndarray]:
+def pulse_band_edge_hz(hr_bpm: np.ndarray, edge_hz: float) -> np.ndarray:
+    """The upper edge (Hz) of the pulse band at heart rates ``hr_bpm`` ``[...]``: ``edge_hz``, or
+    ``PULSE_HARMONICS + 0.5`` times the beat rate where that is higher, so the fundamental and
+    its first harmonic (which carries the dicrotic notch) count as pulse at any rate. NaN rates
+    (no beats) get ``edge_hz``."""
+    return np.fmax(edge_hz, (PULSE_HARMONICS + 0.5) * np.asarray(hr_bpm, dtype=np.float64) / 60.0)
+
+
+LOSS_SPAN_BEATS = 1.2  # a span of 1.2 beat intervals holds an upstroke (a QRS) wherever it starts
+
+
+def signal_loss_s(x: np.ndarray, beats: np.ndarray, fs: float, ratio: float) -> float:
+    """The longest stretch of a window ``x`` ``[T]`` (band-passed, ``fs`` Hz) where the pulse has
+    stopped or fallen below ``ratio`` of its usual amplitude, in seconds; 0.0 where there is none.
+
+    The amplitude at each sample is the peak-to-peak of the span of ``LOSS_SPAN_BEATS`` median beat
+    intervals (``beats``: sample indices; 1 s with fewer than 2 beats) starting there, which holds
+    an upstroke wherever it starts, so the measure does not depend on the heart rate; "usual" is
+    the 90th percentile of those amplitudes. A run of low spans covers from its first span's start
+    to its last span's end.
+    """
+    from scipy.ndimage import maximum_filter1d, minimum_filter1d
+
+    interval = np.median(np.diff(beats)) if len(beats) >= 2 else fs
+    span = int(min(max(round(LOSS_SPAN_BEATS * interval), 2), len(x)))
+    origin = -(span // 2)  # the filters' window [i, i + span), not centred on i
+    amplitude = (maximum_filter1d(x, span, origin=origin) - minimum_filter1d(x, span, origin=origin))[:len(x) - span + 1]
+    low = np.concatenate([[False], amplitude < ratio * _quantile(amplitude, 0.9), [False]])
+    edges = np.flatnonzero(np.diff(low.astype(np.int8)))
+    if edges.size == 0:
+        return 0.0
+    runs = edges[1::2] - edges[::2]               # consecutive low spans
+    return float((runs.max() - 1 + span) / fs)
+
+
+def beat_quality(windows: np.ndarray, fs: float, kind: str, band_hz: tuple[float, float], loss_ratio: float,
+                 pulse_band_hz: float) -> dict[str, np.ndarray]:
     """Signal-quality indices ``SQI_NAMES[kind]`` of band-passed windows ``[N, T]`` at ``fs`` Hz,
     each ``[N]``.
 
-    ``beats`` and ``hr_bpm`` from :func:`detect_beats`; ``template_match`` (Orphanidou et al.
-    2015). PPG: ``pulse_band_power``, the share of the power in ``band_hz`` (the channel's
-    filter band) that lies within ``PULSE_BAND_HZ``: a pulse puts nearly all of it there, noise
-    spreads over the band. ECG: ``beat_agreement`` of two QRS detectors (bSQI, Li & Clifford
-    2008): :func:`detect_beats` and :func:`qrs_amplitude_peaks`.
+    ``beats`` and ``hr_bpm`` from :func:`detect_beats`; ``signal_loss_s`` (:func:`signal_loss_s`
+    below ``loss_ratio`` of the usual amplitude); ``template_match`` (Orphanidou et al. 2015).
+    PPG: ``pulse_band_power``, the share of the power in ``band_hz`` (the channel's filter band)
+    that lies in the pulse band, from its low edge to :func:`pulse_band_edge_hz` (``pulse_band_hz``
+    Hz, higher above 168 bpm): a pulse puts nearly all of its power there at any rate and shape,
+    noise spreads over the band. ECG: ``beat_agreement`` of two QRS detectors (bSQI, Li &
+    Clifford 2008): :func:`detect_beats` and :func:`qrs_amplitude_peaks`.
     """
     n = len(windows)
     sqi = {k: np.zeros(n) for k in SQI_NAMES[kind]}
@@ -238,11 +278,13 @@ def beat_quality(windows: np.ndarray, fs: float, kind: str, band_hz: tuple[float
     for i, x in enumerate(windows):
         beats = detect_beats(x, fs, kind)
         sqi["beats"][i], sqi["hr_bpm"][i] = len(beats), heart_rate_bpm(beats, fs)
+        sqi["signal_loss_s"][i] = signal_loss_s(x, beats, fs, loss_ratio)
         sqi["template_match"][i] = template_match(x, beats)
         if qrs is not None:
             sqi["beat_agreement"][i] = beat_agreement(beats, qrs_amplitude_peaks(qrs[i], fs), fs)
     if kind == "ppg":
-        sqi["pulse_band_power"] = band_power_share(windows, fs, PULSE_BAND_HZ, band_hz)
+        edge = pulse_band_edge_hz(sqi["hr_bpm"], pulse_band_hz)
+        sqi["pulse_band_power"] = band_power_share(windows, fs, (band_hz[0], edge), band_hz)
     return sqi
 
 

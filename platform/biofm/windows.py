@@ -29,33 +29,10 @@ def make_windows(tracks: dict[str, tuple[np.ndarray, float, str]], channels: dic
     given, the first rejected window of each reason not in it yet (``reason -> (start_s, [C, T]
     float32 z-scored)``), for the data report.
     """
-    fs, length = cfg.sample_rate_hz, cfg.window_samples
-    duration = min(len(x) / rate for x, rate, _ in tracks.values())
-    n_out = int(np.floor(duration * fs + 1e-9))
-    if n_out < length:
-        raise CaseSkipped("too_short", f"recording lasts {duration:.1f} s, shorter than one "
-                          f"{cfg.window_s:g} s window")
-    starts = signals.window_starts(n_out, length, int(round(cfg.stride_s * fs)))
-    starts_s = starts / fs
-
+    windows, starts_s = filtered_windows(tracks, channels, cfg, timings)
     t0 = time.perf_counter()
-    filled = {}
-    for name, (raw, rate, _) in tracks.items():
-        x, _ = signals.fill_gaps(raw)
-        filled[name] = signals.resample(x, rate, fs)[:n_out]
-    t1 = time.perf_counter()
-    filtered = {
-        name: signals.bandpass(filled[name], fs, spec.band_hz, spec.filter_order, spec.stopband_db)
-        for name, spec in channels.items()
-    }
-    t2 = time.perf_counter()
-
-    windows = np.stack([signals.cut_windows(filtered[n], starts, length) for n in channels], axis=1)
     keep, reasons, quality = check_windows(windows, {n: tracks[n][:2] for n in channels}, starts_s, channels, cfg)
-    t3 = time.perf_counter()
-    timings["resample"] = timings.get("resample", 0.0) + t1 - t0
-    timings["filter"] = timings.get("filter", 0.0) + t2 - t1
-    timings["quality"] = timings.get("quality", 0.0) + t3 - t2
+    timings["quality"] = timings.get("quality", 0.0) + time.perf_counter() - t0
 
     if examples is not None:
         for i in np.flatnonzero(~keep):
@@ -70,53 +47,105 @@ def make_windows(tracks: dict[str, tuple[np.ndarray, float, str]], channels: dic
     return columns, reasons.tolist()
 
 
+def filtered_windows(tracks: dict[str, tuple[np.ndarray, float, str]], channels: dict[str, ChannelSpec],
+                     cfg: WindowsConfig, timings: dict) -> tuple[np.ndarray, np.ndarray]:
+    """Every whole window of ``tracks`` (name -> ``(x [n], fs Hz, name in the file)``, NaN in gaps):
+    gap-filled, resampled to ``cfg.sample_rate_hz`` and band-passed per channel, ``[N, C, T]``
+    float64 in ``channels``' order, and their starts ``[N]`` in seconds. A recording shorter than
+    one window is ``too_short``. ``timings`` gains the seconds spent resampling and filtering."""
+    fs, length = cfg.sample_rate_hz, cfg.window_samples
+    duration = min(len(x) / rate for x, rate, _ in tracks.values())
+    n_out = int(np.floor(duration * fs + 1e-9))
+    if n_out < length:
+        raise CaseSkipped("too_short", f"recording lasts {duration:.1f} s, shorter than one "
+                          f"{cfg.window_s:g} s window")
+    starts = signals.window_starts(n_out, length, int(round(cfg.stride_s * fs)))
+
+    t0 = time.perf_counter()
+    filled = {}
+    for name, (raw, rate, _) in tracks.items():
+        x, _ = signals.fill_gaps(raw)
+        filled[name] = signals.resample(x, rate, fs)[:n_out]
+    t1 = time.perf_counter()
+    filtered = {
+        name: signals.bandpass(filled[name], fs, spec.band_hz, spec.filter_order, spec.stopband_db)
+        for name, spec in channels.items()
+    }
+    timings["resample"] = timings.get("resample", 0.0) + t1 - t0
+    timings["filter"] = timings.get("filter", 0.0) + time.perf_counter() - t1
+    return np.stack([signals.cut_windows(filtered[n], starts, length) for n in channels], axis=1), starts / fs
+
+
 def check_windows(windows: np.ndarray, raw: dict[str, tuple[np.ndarray, float]], starts_s: np.ndarray,
                   channels: dict[str, ChannelSpec], cfg: WindowsConfig) -> tuple[np.ndarray, np.ndarray, dict]:
     """The quality checks of band-passed windows ``[N, C, T]`` (at ``cfg.sample_rate_hz``) cut at
     ``starts_s`` (seconds) from the recordings ``raw`` (name -> ``(x [n], fs Hz)``, native rate, NaN
-    where missing).
-
-    Per channel, in this order, the first failure is a window's reason (``"PPG:flat"``): missing,
-    flat, clipped (:func:`signals.raw_quality`); then, for channels with a beat detector,
-    too_few_beats, implausible_hr, low_template_match and, for PPG, low_pulse_band_power, for
-    ECG, detectors_disagree (:func:`signals.beat_quality`). A rejected window is not checked
-    further. Returns ``keep`` ``[N]`` bool, ``reasons`` ``[N]`` (``""`` where kept) and the
-    indices as columns ``<ch>_<index>`` ``[N]``.
+    where missing): :func:`window_quality`, then :func:`judge`. Returns ``keep`` ``[N]`` bool,
+    ``reasons`` ``[N]`` (``""`` where kept) and the indices as columns ``<ch>_<index>`` ``[N]``.
     """
-    n = len(windows)
-    keep = np.ones(n, dtype=bool)
-    reasons = np.full(n, "", dtype=object)
+    quality = window_quality(windows, raw, starts_s, channels, cfg)
+    reasons = judge(quality, channels, cfg)
+    return reasons == "", reasons, quality
+
+
+def window_quality(windows: np.ndarray, raw: dict[str, tuple[np.ndarray, float]], starts_s: np.ndarray,
+                   channels: dict[str, ChannelSpec], cfg: WindowsConfig) -> dict[str, np.ndarray]:
+    """Every quality index of every window and channel, as columns ``<ch>_<index>`` ``[N]``: the
+    raw samples' (:func:`signals.raw_quality`; a band-passed window that is constant counts as all
+    flat) and, for channels with a beat detector, :func:`signals.beat_quality`'s (float32; the
+    beat count int16). Channels without one get ``beats`` 0 and ``hr_bpm`` NaN."""
     quality = {}
-
-    def reject(mask, reason):
-        new = mask & keep
-        reasons[new] = reason
-        keep[new] = False
-
     for c, (name, spec) in enumerate(channels.items()):
         x, rate = raw[name]
         q = signals.raw_quality(x, rate, starts_s, cfg.window_s)
-        reject(q["nan_fraction"] > cfg.max_nan_fraction, f"{name}:missing")
-        reject(q["flat_fraction"] > cfg.max_flat_fraction, f"{name}:flat")
-        reject(windows[:, c].std(axis=-1) < 1e-8, f"{name}:flat")
-        reject(q["clip_fraction"] > cfg.max_clip_fraction, f"{name}:clipped")
-        sqi = {k: np.full(n, np.nan, dtype=np.float32) for k in signals.SQI_NAMES.get(spec.quality, ("hr_bpm",))}
-        sqi["beats"] = np.zeros(n, dtype=np.int16)
-        if spec.quality != "none":
-            checked = np.flatnonzero(keep)
-            for k, v in signals.beat_quality(windows[checked, c], cfg.sample_rate_hz, spec.quality, spec.band_hz).items():
-                sqi[k][checked] = v
-            lo, hi = cfg.hr_bpm
-            reject(sqi["beats"] < cfg.min_beats, f"{name}:too_few_beats")
-            reject(~((sqi["hr_bpm"] >= lo) & (sqi["hr_bpm"] <= hi)), f"{name}:implausible_hr")
-            if spec.quality == "ppg":
-                reject(~(sqi["template_match"] >= cfg.ppg_min_template_match), f"{name}:low_template_match")
-                reject(~(sqi["pulse_band_power"] >= cfg.ppg_min_pulse_band_power), f"{name}:low_pulse_band_power")
-            else:
-                reject(~(sqi["template_match"] >= cfg.ecg_min_template_match), f"{name}:low_template_match")
-                reject(~(sqi["beat_agreement"] >= cfg.ecg_min_beat_agreement), f"{name}:detectors_disagree")
+        q["flat_fraction"][windows[:, c].std(axis=-1) < 1e-8] = 1.0
+        if spec.quality == "none":
+            sqi = {"beats": np.zeros(len(windows)), "hr_bpm": np.full(len(windows), np.nan)}
+        else:
+            sqi = signals.beat_quality(windows[:, c], cfg.sample_rate_hz, spec.quality, spec.band_hz,
+                                       cfg.signal_loss_ratio, cfg.ppg_pulse_band_hz)
+        sqi = {k: v.astype(np.int16 if k == "beats" else np.float32) for k, v in sqi.items()}
         quality.update({f"{name.lower()}_{k}": v for k, v in (q | sqi).items()})
-    return keep, reasons, quality
+    return quality
+
+
+def judge(quality: dict[str, np.ndarray], channels: dict[str, ChannelSpec], cfg: WindowsConfig) -> np.ndarray:
+    """Why each window fails the checks of ``cfg`` (``"PPG:flat"``), ``""`` where it passes, ``[N]``,
+    from the columns of :func:`window_quality`. Per channel, in this order, the first failure
+    counts: missing, flat, clipped; then, for channels with a beat detector, too_few_beats,
+    implausible_hr, signal_loss (the pulse below ``signal_loss_ratio`` of its usual amplitude
+    for more than ``max_signal_loss_s`` seconds), low_template_match and, for PPG,
+    low_pulse_band_power, for ECG, detectors_disagree. Channels are checked in their order."""
+    n = len(next(iter(quality.values())))
+    reasons = np.full(n, "", dtype=object)
+    for name, spec in channels.items():
+        q = {k.removeprefix(f"{name.lower()}_"): v for k, v in quality.items() if k.startswith(f"{name.lower()}_")}
+        rules = [("missing", q["nan_fraction"] > cfg.max_nan_fraction),
+                 ("flat", q["flat_fraction"] > cfg.max_flat_fraction),
+                 ("clipped", q["clip_fraction"] > cfg.max_clip_fraction)]
+        if spec.quality != "none":
+            lo, hi = cfg.hr_bpm
+            min_match = cfg.ppg_min_template_match if spec.quality == "ppg" else cfg.ecg_min_template_match
+            rules += [("too_few_beats", q["beats"] < cfg.min_beats),
+                      ("implausible_hr", ~((q["hr_bpm"] >= lo) & (q["hr_bpm"] <= hi))),
+                      ("signal_loss", q["signal_loss_s"] > cfg.max_signal_loss_s),
+                      ("low_template_match", ~(q["template_match"] >= min_match))]
+            if spec.quality == "ppg":
+                rules.append(("low_pulse_band_power", ~(q["pulse_band_power"] >= cfg.ppg_min_pulse_band_power)))
+            else:
+                rules.append(("detectors_disagree", ~(q["beat_agreement"] >= cfg.ecg_min_beat_agreement)))
+        for reason, failed in rules:
+            reasons[failed & (reasons == "")] = f"{name}:{reason}"
+    return reasons
+
+
+def covered_s(segments_s: np.ndarray, starts_s: np.ndarray, window_s: float) -> np.ndarray:
+    """Seconds of each window (starting at ``starts_s`` ``[N]``, ``window_s`` long) that labelled
+    segments ``[K, 2]`` (start, end in seconds, on the recording's clock) cover, ``[N]``; segments
+    are assumed not to overlap one another."""
+    ends = np.asarray(starts_s)[:, None] + window_s
+    overlap = np.minimum(segments_s[None, :, 1], ends) - np.maximum(segments_s[None, :, 0], np.asarray(starts_s)[:, None])
+    return np.clip(overlap, 0.0, None).sum(axis=1)
 
 
 def record_signal(record: dict[str, tuple[np.ndarray, float]], channels: dict[str, ChannelSpec],
