@@ -254,6 +254,24 @@ def test_the_motion_artifact_in_bidmc_is_rejected():
     assert len(why) == 48
 
 
+@requires_realdata(REALDATA / "mimic2_wdb")
+def test_an_8_bit_ecgs_flat_baseline_is_not_a_stuck_signal():
+    """MIMIC-II's 8-bit MCL1 lead holds its isoelectric line at one value for up to 0.8 s between
+    beats: 10 minutes of it keep their windows (none flat); the same record stuck for 3 s is flat."""
+    from biofm.sources.formats import open_source
+
+    ecg = CHANNELS.select(["ECG"])
+    piece = next(p for p in open_source(str(REALDATA / "mimic2_wdb")).read("s00001-2896-10-10-00-31", ecg).pieces
+                 if p.label == "3975656_0005")
+    x, fs, name = piece.tracks["ECG"]
+    assert name == "MCL1" and fs == 125.0
+    _, why = make_windows({"ECG": (x[:int(600 * fs)], fs, name)}, ecg, WINDOWS, {})
+    assert len(why) == 60 and "ECG:flat" not in why and why.count("") >= 50
+    stuck = x[:int(10 * fs)].copy()
+    stuck[300:675] = stuck[300]
+    assert make_windows({"ECG": (stuck, fs, name)}, ecg, WINDOWS, {})[1] == ["ECG:flat"]
+
+
 def test_a_clean_pulse_is_kept_at_every_rate():
     """Clean pulses with a dicrotic notch at 40 to 190 bpm, in the smooth and the sharpest shape of
     jobs/bench_quality.py, are kept, every window, and their rate is measured (the fixed 0.5-4 Hz
@@ -378,6 +396,7 @@ def test_record_signal_shapes_filters_and_gaps():
         record_signal({"PPG": (ppg[:1249], FS)}, five, WINDOWS)
 
 
+@pytest.mark.slow
 @requires_realdata(CAPNOBASE)
 @requires_realdata(REALDATA / "troika")
 def test_the_docs_quality_tables_are_a_fresh_run_and_meet_the_targets(tmp_path):

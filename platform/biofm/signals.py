@@ -99,7 +99,7 @@ def cut_windows(x: np.ndarray, starts: np.ndarray, window: int) -> np.ndarray:
     return x[starts[:, None] + np.arange(window)[None, :]]
 
 
-FLAT_RUN_S = 0.25  # equal samples for this long is a stuck signal (a pulse or QRS never stays put as long)
+FLAT_RUN_S = 1.0  # equal samples for this long is a stuck signal (an 8-bit ECG's baseline stays put up to ~0.8 s)
 
 
 def raw_quality(raw: np.ndarray, fs: float, starts_s: np.ndarray, window_s: float) -> dict:
@@ -108,7 +108,8 @@ def raw_quality(raw: np.ndarray, fs: float, starts_s: np.ndarray, window_s: floa
     For each window starting at ``starts_s`` (seconds): ``nan_fraction`` (missing samples),
     ``flat_fraction`` (samples equal to their predecessor in a run of at least
     :data:`FLAT_RUN_S`: a stuck signal, not the repeats of a coarse ADC, such as MIMIC's 8-bit
-    PLETH, where 44% of samples repeat their predecessor) and
+    PLETH, where 44% of samples repeat their predecessor, or MIMIC-II's 8-bit ECG, whose
+    isoelectric line holds one value for up to 0.8 s between beats) and
     ``clip_fraction`` (samples pinned at the window's minimum or maximum: saturation).
     Returns a dict of float32 arrays ``[N]``; a window with no valid sample scores 1 on each.
     """
