@@ -59,7 +59,8 @@ FLAG_CASES = [
     (["build-windows", "--split-file", "{dir}/none.json", "--outdir", "o"], "none.json"),
     (["prepare-task", "--task", "af", "--raw-dir", "{dir}", "--outdir", "o"],
      "biofm prepare-task: error: unknown task 'af': the built-in tasks are butppg-quality, butppg-hr, arrhythmia-af, "
-     "arrhythmia-rhythm; for your own labels pass --labels TABLE"),
+     "arrhythmia-rhythm, ppgbp-sbp, ppgbp-dbp, ppgbp-hypertension, troika-hr, capnobase-rr, cinc2017-rhythm; for your "
+     "own labels pass --labels TABLE"),
     (["prepare-task", "--task", "arrhythmia-af", "--raw-dir", "{dir}", "--outdir", "o"],
      "{dir} holds no MPA_<id>.mat files: point --raw-dir at the PPG arrhythmia set"),
     (["prepare-task", "--task", "arrhythmia-af", "--labels", "{labels}", "--raw-dir", "{dir}", "--outdir", "o"],

@@ -117,7 +117,7 @@ def test_benchmark_end_to_end_on_a_real_task_with_two_encoders(ray_session, tmp_
     channels = load_config(ChannelsConfig, ROOT / "configs/channels.yaml").select(["PPG"])
     windows = load_config(WindowsConfig, ROOT / "configs/windows.yaml")
     task_dir = tmp_path / "af"
-    prepare_task(TASKS["arrhythmia-af"], raw, task_dir, channels, windows)
+    prepare_task(TASKS["arrhythmia-af"], raw, task_dir, channels, windows, split_ratios=(1.0, 0.0, 0.0))
     a, b = write_pretrained(tmp_path / "a.pt"), write_pretrained(tmp_path / "b.pt")  # PPG + ECG: ECG is absent here
     out = tmp_path / "bench"
     report = bm.benchmark([f"a={a}", f"b={b}"], [str(task_dir)], str(out), folds=4, resamples=200)
@@ -177,3 +177,90 @@ def test_handcrafted_features_of_a_pulse_at_a_known_rate():
     np.testing.assert_allclose(f["power_0.5-1_hz"] + f["power_1-2_hz"] + f["power_2-4_hz"] + f["power_4-8_hz"], 1, atol=0.05)
     noise = handcrafted_features(bandpass(np.random.default_rng(0).standard_normal((1, 1250)), 125.0, (0.5, 10.0)), 125.0)
     assert noise[0, HANDCRAFTED.index("template_match")] < 0.8  # 0.70 for this noise: no beat repeats
+
+
+def test_a_metric_undefined_on_a_fold_is_said_so_not_printed_as_zero(monkeypatch, tmp_path):
+    """The rare class in one subject of five: its fold's probes never saw it; every figure is
+    undefined, with the reason, in the JSON, the table and the forest plot (not 0.000)."""
+    task = TASKS["arrhythmia-af"]
+    subjects = np.repeat([f"p{i}" for i in range(5)], 4)
+    y = np.where(subjects == "p2", 1, 0)
+    fold = np.repeat(np.arange(5), 4)
+    why = bm.undefined(task, y, fold, subjects)
+    assert why.startswith("fold 3: no AF window in its training folds (only 1 subject(s) have AF: p2)")
+    assert "the protocol needs at least 2 subjects per class (5 for every fold to test one)" in why
+    assert bm.undefined(task, np.where(np.isin(subjects, ["p1", "p2"]), 1, 0), fold, subjects) == ""
+    assert bm.undefined(task, np.zeros(20, int), fold, subjects) == "no tested window of AF"
+    assert bm.undefined(TASKS["butppg-hr"], y, fold, subjects) == ""
+    cell = {"value": None, "ci95": [None, None], "undefined": why}
+    report = {"fixed_split": False, "resamples": 10, "seed": 0, "tasks": {"arrhythmia-af": {
+        "kind": "binary", "windows": 20, "subjects": 5, "folds": 5, "headline": "auroc", "undefined": why, "unit": "",
+        "rows": {"a": {m: cell for m in bm.METRICS["binary"]}},
+        "differences": {"a - random weights": {"metric": "auroc", **cell}}}}}
+    text = bm.markdown(report)
+    assert "| a | undefined | undefined | undefined | undefined |" in text and f"Every figure is undefined: {why}." in text
+    assert "0.000" not in text and "- a - random weights: undefined" in text
+    ax = forest_axes(report, monkeypatch, tmp_path)
+    assert [t.get_text() for t in ax.texts] == ["undefined (see benchmark.md)"] and not ax.lines[1:]
+
+
+def forest_axes(report: dict, monkeypatch, tmp_path):
+    """The axes of the AUROC forest plot of ``report``, caught before it is saved."""
+    import matplotlib.figure
+
+    figures = []
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", lambda self, *a, **k: figures.append(self))
+    bm.forest_plot(report, "auroc", str(tmp_path / "f.png"))
+    return figures[0].axes[0]
+
+
+def test_forest_plot_colours_follow_the_row_and_auroc_has_its_chance_line(monkeypatch, tmp_path):
+    cell = lambda v: {"value": v, "ci95": [v - 0.1, v + 0.1]}
+    rows = {"pretrained": {"auroc": cell(0.7)}, "random weights": {"auroc": cell(0.6)}}
+    report = {"tasks": {t: {"headline": "auroc", "rows": rows} for t in ("af", "quality")}}
+    ax = forest_axes(report, monkeypatch, tmp_path)
+    points = [c for c in ax.containers]
+    colours = [tuple(c.lines[0].get_color()) if not isinstance(c.lines[0].get_color(), str) else c.lines[0].get_color()
+               for c in points]
+    assert colours[0] == colours[2] and colours[1] == colours[3] and colours[0] != colours[1]   # same row, same colour
+    assert [l.get_xdata()[0] for l in ax.lines if l.get_linestyle() == "--"] == [0.5]
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["chance (0.5)"]
+
+
+def test_published_measures_beside_the_benchmarks_own():
+    """TROIKA: the mean over recordings of each recording's MAE, as TROIKA (2.34) and JOSS (1.28)
+    report it on these 12, shown as published, not re-run; CinC 2017: the mean F1 of N, A and O
+    over records, each record's class the most probable of its windows' mean."""
+    task = TASKS["troika-hr"]
+    data = {"case_id": np.array(["r1"] * 3 + ["r2"] * 1), "subject_id": np.array(["s1"] * 3 + ["s2"]),
+            "y": np.array([100.0, 110, 120, 150])}
+    pred = np.array([101.0, 112, 123, 140])
+    tested = np.arange(4)
+    out = bm.protocol(task, data, pred, tested, bm.subject_draws(data["subject_id"], 50, 0))
+    assert out["measure"] == "mae_mean_of_recordings" and out["value"] == pytest.approx((2 + 10) / 2)
+    assert out["per_recording"] == {"r1": 2.0, "r2": 10.0} and out["unit"] == "bpm"
+    cinc = TASKS["cinc2017-rhythm"]
+    data = {"case_id": np.array(["a", "a", "b", "c", "d"]), "subject_id": np.array(["a", "a", "b", "c", "d"]),
+            "y": np.array([0, 0, 1, 2, 3])}
+    p = np.eye(4)[[0, 1, 1, 2, 0]] * 0.9 + 0.025          # a: windows N and A, mean N (0.9 + 0.025 ...)
+    p[1] = [0.4, 0.5, 0.05, 0.05]
+    out = bm.protocol(cinc, data, p, np.arange(5), bm.subject_draws(data["subject_id"], 20, 0))
+    assert out["measure"] == "challenge_f1_NAO" and out["records"] == 4
+    # A and O right (F1 1); the noisy record called N is a false N: F1(N) = 2 x 1 / (2 + 1)
+    assert out["value"] == pytest.approx((2 / 3 + 1 + 1) / 3)
+    assert bm.protocol(TASKS["arrhythmia-af"], data, p, np.arange(5), None) is None
+    assert [r["value"] for r in bm.REFERENCES["troika-hr"]] == [2.34, 1.28]
+    report = {"fixed_split": False, "resamples": 50, "seed": 0, "tasks": {"troika-hr": {
+        "kind": "regression", "windows": 4, "subjects": 2, "folds": 2, "headline": "mae", "unit": "bpm", "undefined": "",
+        "references": bm.REFERENCES["troika-hr"], "differences": {},
+        "rows": {"pretrained": {**{m: {"value": 1.0, "ci95": [0.5, 1.5]} for m in bm.METRICS["regression"]},
+                                "protocol": {**out, "measure": "mae_mean_of_recordings", "value": 6.0, "ci95": [2.0, 10.0]}}}},
+        "capnobase-rr": {"kind": "regression", "windows": 4, "subjects": 2, "folds": 2, "headline": "mae", "unit": "breaths/min",
+                         "undefined": "", "differences": {},
+                         "rows": {"pretrained": {m: {"value": 1.0, "ci95": [0.5, 1.5]} for m in bm.METRICS["regression"]}}}}}
+    text = bm.markdown(report)
+    assert "| row | mae, bpm | rmse, bpm | pearson_r |" in text
+    assert "| pretrained | 6.000 [2.000, 10.000] |" in text
+    assert "| TROIKA (Zhang, Pi and Liu, IEEE TBME 62(2), 2015) | 2.34 (published, not re-run) |" in text
+    assert "| JOSS (Zhang, IEEE TBME 62(8), 2015) | 1.28 (published, not re-run) |" in text
+    assert text.count("No published figure on this data and protocol is verified here") == 1   # CapnoBase's

@@ -155,7 +155,7 @@ def test_bad_records_are_skipped_with_reasons(ray_session, tmp_path):
     ids = {"100001": 1, "100002": 0, "101001": 1, "101002": 0, "102001": 1, "102002": 0}
     raw = write_butppg(tmp_path / "raw", ids, annotated=set(ids) - {"100002"}, listed=set(ids) - {"101001"})
     (raw / "102002" / "102002_PPG.hea").unlink()
-    m = build(raw, tmp_path / "out")
+    m = build(raw, tmp_path / "out", split_ratios=(1.0, 0.0, 0.0))  # 3 subjects: the splits are not the point
     assert m["records_ok"] == 3 and m["records_in"] == 6
     codes = {r: o.get("code") for r, o in m["records"].items() if o["status"] != "ok"}
     assert codes == {"100002": "no_annotation", "101001": "no_subject_info", "102002": "missing_ppg"}

@@ -3,6 +3,7 @@ or a fine-tuned classifier, on the real recordings; refusals for data the model 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -68,7 +69,7 @@ def test_embeddings_of_real_windows_count_finite_and_deterministic(vital_windows
     bf16 = embed(ckpt, split, tmp_path / "c", batch_size=32, bf16=True)  # the actors' encoder in bf16 autocast
     assert (bf16["bf16"], bf16["compile"], m["bf16"]) == (True, None, False)
     c = np.array(_sorted(tmp_path / "c" / "embeddings")["embedding"], dtype=np.float32)
-    assert c.shape == emb.shape and not np.array_equal(c, emb) and np.abs(c - emb).max() < 0.05 * emb.std()
+    assert c.shape == emb.shape and not np.array_equal(c, emb) and np.abs(c - emb).max() < 0.1 * emb.std()
 
 
 @requires_realdata(REAL_BUTPPG)
@@ -91,10 +92,16 @@ def test_a_fine_tuned_classifier_embeds_but_ppg_with_its_present_mask(butppg_dat
     np.testing.assert_allclose(np.array(got["embedding"], dtype=np.float32), expected, atol=1e-5)
     assert set(got["window_idx"]) == {0}
     assert "left out" not in capsys.readouterr().out
-    # the pretrained model reads PPG and ECG of the five channels: the others are left out, and said
+    # the pretrained PPG + ECG encoder on the five channels: ACC added by inflation, as fine-tuning adds
+    # it (the one rule of channels), its own channels' latents unchanged; a fine-tuned model reads its own only
     m = embed(str(tmp_path / "fm.pt"), butppg_data / "test", tmp_path / "fm_out")
-    assert m["channels"] == ["PPG", "ECG"] and m["channels_left_out"] == ["ACC_X", "ACC_Y", "ACC_Z"]
-    assert "[embed] the model reads PPG, ECG: the data's ACC_X, ACC_Y, ACC_Z left out" in capsys.readouterr().out
+    assert m["channels"] == ["ACC_X", "ACC_Y", "ACC_Z", "PPG", "ECG"] and m["channels_added"] == ["ACC_X", "ACC_Y", "ACC_Z"]
+    assert m["channels_left_out"] == [] and "[embed] the encoder has no ACC_X, ACC_Y, ACC_Z: added" in capsys.readouterr().out
+    got = _sorted(tmp_path / "fm_out" / "embeddings")
+    encoder, _ = load_encoder(str(tmp_path / "fm.pt"))
+    with torch.no_grad():
+        two = pool(encoder(torch.from_numpy(test["signal"][order][:, 3:])), torch.from_numpy(test["present"][order][:, 3:]))
+    np.testing.assert_allclose(np.array(got["embedding"], dtype=np.float32), two.numpy(), atol=1e-5)  # ACC absent here
 
 
 def test_data_the_model_was_not_built_for_is_refused(vital_windows, tmp_path):
@@ -205,6 +212,37 @@ def test_predict_on_a_physionet_wfdb_folder(classifier, tmp_path):
         assert list(table["start_s"]) == [30.0, 46.0] and (tmp_path / "mimic" / "timeline_p000878-2137-10-26-16-57.png").is_file()
 
 
+def test_predict_with_an_ecg_only_model_needs_ecg_not_ppg(ray_session, tmp_path):
+    """A CinC 2017 rhythm model (ECG; the encoder's PPG absent) rates an ECG-only record and skips
+    a PPG-only one for its missing ECG; the answers and the timeline are the task's and the ECG's."""
+    import wfdb
+
+    from biofm.dataset import data_spec
+    from biofm.infer import anchor_channel, predict
+    from biofm.tasks import TASKS
+    from biofm.train.finetune import build_classifier
+    from conftest import heartbeat_signals
+
+    channels = load_config(ChannelsConfig, ROOT / "configs/channels.yaml")
+    windows = load_config(WindowsConfig, ROOT / "configs/windows.yaml")
+    task = dataclasses.asdict(TASKS["cinc2017-rhythm"])
+    model, desc = build_classifier(FinetuneConfig(), write_pretrained(tmp_path / "fm.pt"),
+                                   data_spec(channels.select(["ECG"]), windows), task)
+    assert desc["channels"] == ["ECG", "PPG"] and desc["absent"] == ["PPG"] and anchor_channel(desc) == "ECG"
+    ckpt = checkpoint.save(tmp_path / "clf.pt", model.state_dict(), desc)
+    folder = tmp_path / "wfdb"
+    folder.mkdir()
+    ppg, ecg = heartbeat_signals(30.0, 125.0, seed=4)
+    for name, sig, unit, x in (("ecg_only", "II", "mV", ecg), ("ppg_only", "PLETH", "NU", ppg)):
+        wfdb.wrsamp(name, fs=125, units=[unit], sig_name=[sig], p_signal=x[:, None], fmt=["16"], adc_gain=[1000.0],
+                    baseline=[0], write_dir=str(folder))
+    m = predict(ckpt, str(folder), tmp_path / "out", plots=1)
+    assert (m["recordings_ok"], m["windows"], m["timelines"]) == (1, 3, ["ecg_only"])
+    assert m["skipped"]["ppg_only"].startswith("no_matching_channel: no ECG signal among PLETH")
+    table = pq.read_table(tmp_path / "out" / "predictions.parquet").to_pandas()
+    assert set(table["class"]) <= set(task["classes"]) and {"p_normal", "p_af", "p_other", "p_noisy"} <= set(table.columns)
+
+
 @requires_realdata(REAL_BUTPPG)
 def test_predict_on_an_edf_folder_with_nsrr_names_and_a_ppg_only_record(classifier, tmp_path):
     """NSRR's labels (Pleth, EKG) map to the model's PPG and ECG; a record with PPG only is rated
@@ -299,8 +337,9 @@ def test_predict_uses_the_models_own_preprocessing_and_threshold(butppg_data, tm
 
 
 def test_a_timeline_shades_each_window_by_its_label_at_the_threshold(monkeypatch, tmp_path):
-    """Green where the label is good, red where poor (not a colour scale of the probability), and
-    the legend gives the threshold to four decimals."""
+    """Green where the label is the positive class, red where the negative (not a colour scale of
+    the probability), the legend gives the threshold to four decimals, and every word is the task's;
+    a regression model's timeline plots its value with the unit."""
     from matplotlib.colors import to_rgba
 
     from biofm import infer
@@ -309,11 +348,22 @@ def test_a_timeline_shades_each_window_by_its_label_at_the_threshold(monkeypatch
     figures = []
     monkeypatch.setattr(plotting, "save_png", lambda fig, path, dpi=100: figures.append(fig))
     rows = [{"start_s": 0.0, "probability": 0.52, "label": 1}, {"start_s": 10.0, "probability": 0.49, "label": 0}]
-    infer._timeline("r1", (np.sin(np.arange(3000) / 10.0), 100.0), rows, 0.5017, str(tmp_path / "t.png"))
+    af = {"task": {"name": "arrhythmia-af", "kind": "binary", "classes": ["other rhythm", "AF"]}, "threshold": 0.5017,
+          "data_spec": {"window_s": 10.0}}
+    infer._timeline("r1", ("PPG", np.sin(np.arange(3000) / 10.0), 100.0), rows, af, str(tmp_path / "t.png"))
     top, bottom = figures[0].axes
     spans = [p for p in top.patches]
     assert [p.get_facecolor()[:3] for p in spans] == [to_rgba("tab:green")[:3], to_rgba("tab:red")[:3]]
     assert [t.get_text() for t in bottom.get_legend().get_texts()] == ["threshold 0.5017"]
+    assert bottom.get_ylabel() == "P(AF)" and "arrhythmia-af" in top.get_title() and "green: AF, red: other rhythm" in top.get_title()
+    assert "good" not in top.get_title() + bottom.get_ylabel()
+    hr = {"task": {"name": "troika-hr", "kind": "regression", "target": "heart rate", "unit": "bpm"},
+          "data_spec": {"window_s": 10.0}}
+    infer._timeline("r1", ("PPG", np.sin(np.arange(3000) / 10.0), 100.0), [{"start_s": 0.0, "value": 71.0}], hr, str(tmp_path / "h.png"))
+    top, bottom = figures[1].axes
+    assert bottom.get_ylabel() == "heart rate, bpm" and not top.patches
+    assert infer.summary_columns(hr["task"]) == ["mean_heart_rate_bpm", "sd_heart_rate_bpm"]
+    assert infer.summary_columns(af["task"]) == ["share_predicted_af", "mean_probability_af"]
 
 
 def test_windows_or_models_of_the_earlier_filters_are_refused():

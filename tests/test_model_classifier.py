@@ -188,13 +188,24 @@ def test_every_metric_and_the_edge_cases():
     assert choose_threshold(np.array([0, 0, 1, 1]), np.array([0.1, 0.3, 0.4, 0.8])) == 0.4
 
 
+def test_metric_keys_and_warnings_speak_of_the_tasks_classes():
+    from biofm.train.metrics import classification_metrics, classifier_warnings, slug
+
+    y8 = np.array([0, 1, 1, 1, 0, 1, 1, 1])
+    m = classification_metrics(y8, y8 * 0.6 + 0.2, positive="AF")
+    assert m["f1_af"] == 1.0 and "f1_good" not in m
+    assert classifier_warnings(m, "test", ("other rhythm", "AF"))[0].startswith(
+        "the test split has 8 windows (6 AF, 2 other rhythm): too few")
+    assert (slug("other rhythm"), slug("breaths/min"), slug("~")) == ("other_rhythm", "breaths_min", "positive")
+
+
 def test_warnings_for_small_splits_and_no_better_than_baselines():
     from biofm.train.metrics import classification_metrics, classifier_warnings
 
     y8 = np.array([0, 1, 1, 1, 0, 1, 1, 1])
     small = classification_metrics(y8, y8 * 0.6 + 0.2)
     assert classifier_warnings(small, "test") == [
-        "the test split has 8 records (6 good, 2 poor): too few for its metrics to mean much (want >= 30, >= 5 of each class)"]
+        "the test split has 8 windows (6 good, 2 poor): too few for its metrics to mean much (want >= 30, >= 5 of each class)"]
     y = np.array([0, 1] * 20)
     flat = classification_metrics(y, np.full(40, 0.7), threshold=0.5)  # one answer for every record
     assert classifier_warnings(flat, "val") == ["val AUROC 0.500 does not beat chance (0.5)",

@@ -66,7 +66,7 @@ def test_arrhythmia_rhythm_holds_every_segment_of_the_real_files(ray_session, tm
 @requires_realdata(REAL_ARRHYTHMIA)
 def test_arrhythmia_af_is_af_against_every_other_rhythm(ray_session, tmp_path):
     raw = subset(tmp_path, 3)
-    m = prepare_task(TASKS["arrhythmia-af"], raw, tmp_path / "out", PPG, WINDOWS)
+    m = prepare_task(TASKS["arrhythmia-af"], raw, tmp_path / "out", PPG, WINDOWS, split_ratios=(1.0, 0.0, 0.0))
     rhythm = np.concatenate([scipy.io.loadmat(f)["labels"].ravel() for f in sorted(raw.glob("*.mat"))])
     w = windows_of(tmp_path / "out")
     assert m["windows"] == len(rhythm) and int(w["label"].sum()) == int((rhythm == 5).sum()) > 0
@@ -107,7 +107,7 @@ def test_a_label_table_over_vital_recordings(ray_session, tmp_path):
     task, rows = table_task("activity", tmp_path / "labels.csv", ["rest", "exercise"])
     assert task.kind == "binary" and task.classes == ("rest", "exercise")
     both = CHANNELS.select(["PPG", "ECG"])
-    m = prepare_task(task, raw, tmp_path / "out", both, WINDOWS, split_ratios=(0.5, 0.0, 0.5), label_rows=rows)
+    m = prepare_task(task, raw, tmp_path / "out", both, WINDOWS, split_ratios=(1.0, 0.0, 0.0), label_rows=rows)
     w = windows_of(tmp_path / "out")
     # rec1 at 55 s has 5 s left: too short; "missing" is no file: skipped with its reason
     assert m["windows"] == 4 and m["windows_skipped"] == {"too_short": 1}
@@ -132,7 +132,7 @@ def test_a_label_table_over_a_multi_segment_wfdb_record(ray_session, tmp_path):
         f"{rid},{t},{subject},{lab}\n" for t, subject, lab in ((30, "s1", "a"), (46, "s2", "b"), (40, "s1", "a"),
                                                              (10, "s2", "b"))) + "x,0,q,a\n")  # two subjects: a task needs them
     task, rows = table_task("mimic", tmp_path / "labels.csv", ["a", "b"])
-    m = prepare_task(task, raw, tmp_path / "out", PPG, WINDOWS, split_ratios=(0.5, 0.0, 0.5), label_rows=rows)
+    m = prepare_task(task, raw, tmp_path / "out", PPG, WINDOWS, split_ratios=(1.0, 0.0, 0.0), label_rows=rows)
     assert m["windows"] == 2 and m["windows_skipped"] == {"too_short": 1, "outside_recording": 1}
     assert m["records"]["x"]["code"] == "not_found"
     w = windows_of(tmp_path / "out")
@@ -162,3 +162,23 @@ def test_a_task_with_one_subject_or_one_class_is_refused(ray_session, tmp_path):
     with pytest.raises(ConfigError, match="task one: all 2 windows come from one subject"):
         prepare_task(task, raw, tmp_path / "out", PPG, WINDOWS, label_rows=rows)
     assert not (tmp_path / "out" / "manifest.json").exists()
+
+
+def test_a_split_without_subjects_or_without_a_class_is_refused(ray_session, tmp_path):
+    """The guard against degenerate splits: a split given a share that gets no subject, or that
+    lacks a class, is refused with the counts and what to change; a share of 0 is meant empty."""
+    raw = _recordings(tmp_path / "raw")
+    (tmp_path / "l.csv").write_text("recording,start_s,subject_id,label\n" + "".join(
+        f"rec{i % 2},{10 * (i // 2)},s{i},{'rare' if i == 0 else 'common'}\n" for i in range(5)))
+    task, rows = table_task("rare", tmp_path / "l.csv")
+    assert task.classes == ("common", "rare")
+    with pytest.raises(ConfigError, match=r"task rare: the val split gets none of the 5 subjects with --split-ratios "
+                                          r"0.9 0.05 0.05: raise its share, or add subjects"):
+        prepare_task(task, raw, tmp_path / "a", PPG, WINDOWS, split_ratios=(0.9, 0.05, 0.05), label_rows=rows)
+    with pytest.raises(ConfigError, match=r"task rare: the (val|test) split \(1 subjects\) has no window of rare "
+                                          r"\(subjects with each class: (common: 4, rare: 1|rare: 1, common: 4); seed 0\): "
+                                          r"change --seed or --split-ratios, or add subjects \(at least 5 per class"):
+        prepare_task(task, raw, tmp_path / "b", PPG, WINDOWS, split_ratios=(0.6, 0.2, 0.2), label_rows=rows)
+    assert not (tmp_path / "a" / "manifest.json").exists() and not (tmp_path / "b" / "manifest.json").exists()
+    m = prepare_task(task, raw, tmp_path / "c", PPG, WINDOWS, split_ratios=(1.0, 0.0, 0.0), label_rows=rows)
+    assert [len(s["subjects"]) for s in m["splits"].values()] == [5, 0, 0]

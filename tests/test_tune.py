@@ -224,7 +224,8 @@ def test_report_shows_where_each_trial_stopped(tmp_path):
     (exp / "trials" / "aaaaa_00005" / "test_metrics.json").write_text(json.dumps({"test": {"auroc": 0.625}}))
     summary = analyse(exp, prefix="[x]")
     assert summary == {"trials": 6, "completed": 3, "stopped_early": 1, "errors": 2, "best_trial": "aaaaa_00000",
-                       "metric": "val_auroc", "best": 0.75, "best_params": {"lr": 1e-4}}  # an experiment from before tasks
+                       "metric": "val_auroc", "metric_name": "val AUROC (good vs poor)", "best": 0.75,
+                       "best_params": {"lr": 1e-4}}  # an experiment from before tasks: BUT-PPG quality's words
     rows = list(csv.reader((exp / "trials.csv").read_text().splitlines()))
     assert rows[0][:8] == ["trial", "status", "epochs", "best_val_auroc", "best_epoch", "best_val_loss", "test_auroc",
                            "failures"]
@@ -250,8 +251,12 @@ def test_the_learning_rate_panel_has_readable_ticks(monkeypatch, tmp_path):
     monkeypatch.setattr(plotting, "save_png", lambda fig, path, dpi=100: figures.append(fig))
     trials = [{"trial": f"t{i}", "status": "completed", "history": [(1, 0.5 + i / 10)], "best_val_auroc": 0.5 + i / 10,
                "params": {"lr": lr, "init": "scratch"}} for i, lr in enumerate([1e-5, 1e-4, 1e-3])]
-    tune._plots(str(tmp_path), trials, ["init", "lr"], "val_auroc")
+    tune._plots(str(tmp_path), trials, ["init", "lr"], "val_auroc", "val AUROC (AF vs other rhythm)")
     lr_axis = figures[1].axes[1]
     assert lr_axis.get_xscale() == "log" and lr_axis.get_xlabel() == "lr"
     labels = [t for t in lr_axis.get_xticklabels(minor=False) if t.get_text()]
     assert labels and all(t.get_rotation() == 45 for t in labels)
+    assert lr_axis.get_ylabel() == "best val AUROC (AF vs other rhythm)"
+    assert figures[0].axes[0].get_title() == "val AUROC (AF vs other rhythm) per trial (x: stopped early)"
+    assert tune.shown("val_mae", {"name": "troika-hr", "kind": "regression", "target": "heart rate", "unit": "bpm"}) == (
+        "val MAE (heart rate, bpm)")

@@ -42,10 +42,16 @@ import pyarrow.parquet as pq
 
 from biofm import storage
 from biofm.errors import ConfigError
-from biofm.tasks import Task, check_labels, read_task
+from biofm.tasks import MIN_SUBJECTS_PER_CLASS, TASKS, Task, check_labels, read_task
 from biofm.train.metrics import METRICS, metrics
 
 HEADLINE = {"binary": "auroc", "multiclass": "macro_f1", "regression": "mae"}
+# Published figures on the same data and protocol, shown beside the rows, never re-run here
+REFERENCES = {
+    "troika-hr": [
+        {"row": "TROIKA (Zhang, Pi and Liu, IEEE TBME 62(2), 2015)", "measure": "mae_mean_of_recordings", "value": 2.34},
+        {"row": "JOSS (Zhang, IEEE TBME 62(8), 2015)", "measure": "mae_mean_of_recordings", "value": 1.28}],
+}
 RANDOM, HANDCRAFTED, TRIVIAL, FINETUNED = "random weights", "hand-crafted", "trivial", "fine-tuned"
 C_GRID = (1e-3, 1e-2, 1e-1, 1.0, 10.0)           # logistic regression: inverse regularisation
 ALPHA_GRID = (1e-1, 1.0, 10.0, 100.0, 1000.0)    # ridge: regularisation
@@ -71,6 +77,64 @@ def interval(values: np.ndarray) -> dict:
     ok = values[np.isfinite(values)]
     lo, hi = (np.percentile(ok, [2.5, 97.5]).tolist() if len(ok) else [float("nan")] * 2)
     return {"ci95": [lo, hi], "resamples_used": int(len(ok))}
+
+
+def protocol(task: Task, data: dict, pred: np.ndarray, tested: np.ndarray, draws: np.ndarray) -> dict | None:
+    """A task's published measure, beside the benchmark's own, with its 95% CI over the same
+    subject draws (a recording, or a record, is a subject in both tasks that have one):
+
+    - ``troika-hr``: the mean over recordings of each recording's MAE (bpm), as TROIKA and JOSS report it;
+    - ``cinc2017-rhythm``: the challenge's score, the mean F1 of N, A and O over records, each
+      record's class the most probable of its windows' mean probabilities.
+    """
+    if task.name not in ("troika-hr", "cinc2017-rhythm"):
+        return None
+    records, first, inverse = np.unique(data["case_id"][tested], return_index=True, return_inverse=True)
+    per_record = draws[:, first]   # [R, records]: a record counts as often as its subject was drawn
+    y = data["y"][tested]
+    if task.name == "troika-hr":
+        err = np.bincount(inverse, np.abs(pred[tested] - y)) / np.bincount(inverse)
+        point, boot = float(err.mean()), (per_record @ err) / per_record.sum(axis=1)
+        return {"measure": "mae_mean_of_recordings", "unit": task.unit, "value": point, **interval(boot),
+                "per_recording": dict(zip(records.tolist(), err.round(3).tolist()))}
+    mean_p = np.stack([pred[tested][inverse == r].mean(axis=0) for r in range(len(records))])
+    truth = np.array([y[inverse == r][0] for r in range(len(records))])
+    hard = mean_p.argmax(axis=1)
+    from biofm.sources import cinc2017
+
+    scored = [cinc2017.CLASSES.index(c) for c in cinc2017.SCORED]
+
+    def score(w: np.ndarray) -> np.ndarray:   # [R, records] -> [R]
+        f1 = []
+        for k in scored:
+            tp = w @ ((hard == k) & (truth == k))
+            f1.append(np.divide(2 * tp, w @ (hard == k) + w @ (truth == k), out=np.zeros(len(w)),
+                                where=(w @ (hard == k) + w @ (truth == k)) > 0))
+        return np.mean(f1, axis=0)
+    return {"measure": "challenge_f1_NAO", "value": float(score(np.ones((1, len(records))))[0]),
+            **interval(score(per_record)), "records": int(len(records))}
+
+
+def undefined(task: Task, y: np.ndarray, fold: np.ndarray, subjects: np.ndarray) -> str:
+    """Why a classification task's figures are undefined on these folds, or ``""``: a class absent
+    from the tested windows, or from the training folds of a fold (its probes never saw it, so every
+    figure that counts that class is meaningless there)."""
+    if task.kind == "regression":
+        return ""
+    tested = fold >= 0
+    missing = [task.classes[k] for k in range(len(task.classes)) if not (y[tested] == k).any()]
+    if missing:
+        return f"no tested window of {', '.join(missing)}"
+    for f in sorted(set(fold[tested].tolist())):
+        train = (fold != f) if not (fold == -1).any() else (fold == -1)
+        absent = [k for k in range(len(task.classes)) if (y == k).any() and not (y[train] == k).any()]
+        if absent:
+            who = sorted(set(subjects[y == absent[0]].tolist()))
+            return (f"fold {f + 1}: no {', '.join(task.classes[k] for k in absent)} window in its training folds "
+                    f"(only {len(who)} subject(s) have {task.classes[absent[0]]}: {', '.join(who[:5])}); "
+                    f"the protocol needs at least 2 subjects per class ({MIN_SUBJECTS_PER_CLASS} for every fold "
+                    "to test one)")
+    return ""
 
 
 def _probe_fold(kind: str, x: np.ndarray, y: np.ndarray, subjects: np.ndarray, train: np.ndarray, test: np.ndarray,
@@ -323,29 +387,35 @@ def benchmark(encoders: list[str], task_dirs: list[str], output: str, folds: int
             predictions[row] = pred
         y, subjects = data["y"][tested], data["subject_id"][tested]
         draws = subject_draws(subjects, resamples, seed)
+        why = undefined(task, data["y"], fold, data["subject_id"])
         boot = {row: bootstrap(kind, y, predictions[row][tested], draws) for row in rows}
         table = {}
         for row in rows:
             point = metrics(kind, y, predictions[row][tested])
-            table[row] = {m: {"value": point[m], **interval(boot[row][m])} for m in METRICS[kind]}
+            table[row] = {m: ({"value": None, "ci95": [None, None], "undefined": why} if why else
+                              {"value": point[m], **interval(boot[row][m])}) for m in METRICS[kind]}
             table[row]["regularisation"] = {str(f): v for f, v in chosen[row].items()}
+            measure = None if why else protocol(task, data, predictions[row], tested, draws)
+            if measure:
+                table[row]["protocol"] = measure
         head = HEADLINE[kind]
         differences = {}
         for i, a in enumerate(models):
             for b in models[i + 1:] + [RANDOM, HANDCRAFTED]:
                 diff = boot[a][head] - boot[b][head]
-                differences[f"{a} - {b}"] = {"metric": head, "value": table[a][head]["value"] - table[b][head]["value"],
-                                             **interval(diff)}
+                differences[f"{a} - {b}"] = ({"metric": head, "value": None, "ci95": [None, None], "undefined": why} if why
+                                             else {"metric": head, "value": table[a][head]["value"] - table[b][head]["value"],
+                                                   **interval(diff)})
         report["tasks"][name] = {
-            "kind": kind, "classes": list(task.classes), "target": task.target, "folder": dirs[0].rsplit("/", 1)[0],
+            "kind": kind, "classes": list(task.classes), "target": task.target, "unit": task.unit,
+            "undefined": why, "references": REFERENCES.get(name, []), "folder": dirs[0].rsplit("/", 1)[0],
             "windows": int(len(y)), "subjects": int(len(np.unique(subjects))), "windows_dropped": data["dropped"],
             "folds": int(len(set(fold[fold >= 0].tolist()))), "headline": head, "rows": table, "differences": differences,
             "fold_subjects": {str(f): sorted(set(data["subject_id"][fold == f].tolist())) for f in sorted(set(fold.tolist()))}}
         _write_predictions(storage.join(output, "predictions", f"{name}.parquet"), data, fold, predictions, task)
         print(f"[benchmark] {name}: {len(y)} windows, {report['tasks'][name]['subjects']} subjects, "
-              f"{report['tasks'][name]['folds']} folds; {head} " + ", ".join(
-                  f"{r} {table[r][head]['value']:.3f} [{table[r][head]['ci95'][0]:.3f}, {table[r][head]['ci95'][1]:.3f}]"
-                  for r in rows) + f" ({time.perf_counter() - t0:.0f} s)", flush=True)
+              f"{report['tasks'][name]['folds']} folds; {head} " + (f"undefined: {why}" if why else ", ".join(
+                  f"{r} {_cell(table[r][head])}" for r in rows)) + f" ({time.perf_counter() - t0:.0f} s)", flush=True)
     report["seconds"] = round(time.perf_counter() - t0, 1)
     storage.write_text(storage.join(output, "benchmark.json"), json.dumps(report, indent=1))
     storage.write_text(storage.join(output, "benchmark.md"), markdown(report))
@@ -363,7 +433,7 @@ def _finetuned(cfg, pretrained: str, task: Task, data: dict, fold: np.ndarray, t
     trains), one run on the task's folders. Returns the predictions ``[N]`` (or ``[N, K]``)."""
     import pyarrow.compute as pc
 
-    from biofm.train.finetune import finetune, load_classifier, predict_outputs
+    from biofm.train.finetune import by_name, finetune, load_classifier, predict_outputs
 
     cfg = dataclasses.replace(cfg, channels=tuple(data["spec"]["channels"]))
     folds = sorted(set(fold[fold >= 0].tolist()))
@@ -384,6 +454,7 @@ def _finetuned(cfg, pretrained: str, task: Task, data: dict, fold: np.ndarray, t
         test = data["table"].filter(pa.array(fold == f))
         signal = test.column("signal").combine_chunks().to_numpy_ndarray().astype(np.float32)
         present = np.array(pc.list_flatten(test.column("present")).to_numpy(zero_copy_only=False), bool).reshape(len(signal), -1)
+        signal, present = by_name(signal, present, data["spec"]["channels"], description["channels"])
         out = predict_outputs(model, signal, present, description)
         pred[fold == f] = out[:, 1] if task.kind == "binary" else out
     return pred
@@ -401,22 +472,39 @@ def _write_predictions(path: str, data: dict, fold: np.ndarray, predictions: dic
     storage.write(path, lambda f: pq.write_table(pa.table(columns), f))
 
 
-def _cell(m: dict) -> str:
-    return f"{m['value']:.3f} [{m['ci95'][0]:.3f}, {m['ci95'][1]:.3f}]"
+def _cell(m: dict, sign: str = "") -> str:
+    if m.get("undefined"):
+        return "undefined"
+    return f"{m['value']:{sign}.3f} [{m['ci95'][0]:{sign}.3f}, {m['ci95'][1]:{sign}.3f}]"
 
 
 def markdown(report: dict) -> str:
-    """``benchmark.md``: per task, every row's metrics with their 95% CIs, then the paired differences."""
+    """``benchmark.md``: per task, every row's metrics with their 95% CIs (or why they are
+    undefined), the task's published measure with the published figures beside it, then the paired
+    differences."""
     lines = [f"# Benchmark: {len(report['tasks'])} tasks", "",
              f"Probes on frozen embeddings; {'the tasks own split' if report['fixed_split'] else 'subject-wise folds'}; "
              f"95% CIs from {report['resamples']} subject resamples (seed {report['seed']}).", ""]
     for name, t in report["tasks"].items():
         ms = METRICS[t["kind"]]
+        unit = f", {t['unit']}" if t.get("unit") else ""
         lines += [f"## {name} ({t['kind']}; {t['windows']} windows, {t['subjects']} subjects, {t['folds']} folds)", "",
-                  "| row | " + " | ".join(ms) + " |", "|---|" + "---|" * len(ms)]
+                  "| row | " + " | ".join(f"{m}{unit if m in ('mae', 'rmse') else ''}" for m in ms) + " |",
+                  "|---|" + "---|" * len(ms)]
         lines += [f"| {row} | " + " | ".join(_cell(v[m]) for m in ms) + " |" for row, v in t["rows"].items()]
+        if t.get("undefined"):
+            lines += ["", f"Every figure is undefined: {t['undefined']}."]
+        measured = {row: v["protocol"] for row, v in t["rows"].items() if v.get("protocol")}
+        if measured:
+            first = next(iter(measured.values()))
+            lines += ["", f"The published measure, {first['measure']}{unit} (95% CI):", "",
+                      "| row | " + first["measure"] + " |", "|---|---|"]
+            lines += [f"| {row} | {_cell(m)} |" for row, m in measured.items()]
+            lines += [f"| {ref['row']} | {ref['value']:.2f} (published, not re-run) |" for ref in t.get("references", [])]
+        elif name in TASKS:
+            lines += ["", "No published figure on this data and protocol is verified here: none is shown."]
         lines += ["", f"Paired differences in {t['headline']} (95% CI; an interval that excludes 0 is a difference):", ""]
-        lines += [f"- {pair}: {d['value']:+.3f} [{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}]" for pair, d in t["differences"].items()]
+        lines += [f"- {pair}: {_cell(d, '+')}" for pair, d in t["differences"].items()]
         lines.append("")
     return "\n".join(lines)
 
@@ -430,9 +518,20 @@ def forest_plot(report: dict, metric: str, path: str) -> None:
 
     entries = [(task, row, v[metric]) for task, t in report["tasks"].items() if t["headline"] == metric
                for row, v in t["rows"].items()]
+    rows = list(dict.fromkeys(row for _, row, _ in entries))
+    colours = {row: plt.get_cmap("tab10")(k % 10) for k, row in enumerate(rows)}  # one colour per row, every task
     fig, ax = plt.subplots(figsize=(7, 0.35 * len(entries) + 1.2))
     for i, (task, row, m) in enumerate(entries):
-        ax.errorbar(m["value"], -i, xerr=[[m["value"] - m["ci95"][0]], [m["ci95"][1] - m["value"]]], fmt="o", capsize=3)
+        if m.get("undefined"):
+            ax.text(0.01, -i, "undefined (see benchmark.md)", transform=ax.get_yaxis_transform(), va="center",
+                    fontsize=8, color="grey")
+            continue
+        ax.errorbar(m["value"], -i, xerr=[[m["value"] - m["ci95"][0]], [m["ci95"][1] - m["value"]]], fmt="o",
+                    capsize=3, color=colours[row])
+    reference = {"auroc": 0.5, "micro_auroc": 0.5}.get(metric)
+    if reference is not None:
+        ax.axvline(reference, color="grey", ls="--", lw=0.8, label=f"chance ({reference:g})")
+        ax.legend(loc="lower right", fontsize=8)
     ax.set_yticks([-i for i in range(len(entries))], [f"{task}: {row}" for task, row, _ in entries])
     ax.set_xlabel(f"{metric} (95% CI over subject resamples)")
     ax.grid(axis="x", alpha=0.3)

@@ -119,8 +119,9 @@ def _prepare_task(args) -> int:
     if args.download:
         download(raw_folder(args.raw_dir), args.physionet_url)
     prepare_task(task, args.raw_dir, args.outdir, channels, windows, split_ratios=tuple(args.split_ratios or butppg.split_ratios),
-                 seed=butppg.seed if args.seed is None else args.seed, ppg_signal=butppg.ppg_signal, label_rows=rows,
-                 address=args.address)
+                 seed=butppg.seed if args.seed is None else args.seed,
+                 ppg_signal=butppg.ppg_signal if args.ppg_signal is None else args.ppg_signal, label_rows=rows,
+                 address=args.address, fit=args.fit, rate_hz=args.rate_hz)
     return 0
 
 
@@ -128,13 +129,11 @@ def _finetune_config(args):
     from biofm.config import FinetuneConfig, with_overrides
 
     cfg = with_overrides(FinetuneConfig, args.config, _flags(
-        pretrain_channels=args.pretrain_channels, unfreeze_last_n=args.unfreeze_last_n, epochs=args.epochs,
+        channels=args.finetune_channels, pretrain_channels=args.pretrain_channels,
+        unfreeze_last_n=args.unfreeze_last_n, epochs=args.epochs,
         head_epochs=args.head_epochs, lr=args.lr, batch_size=args.batch_size, init=args.init,
         inflation=args.inflation, num_workers=args.num_workers, use_gpu=args.use_gpu,
         amp=False if args.no_amp else None), "command-line flags")
-    if args.finetune_channels is not None and args.finetune_channels != len(cfg.channels):
-        raise ConfigError(f"--finetune-channels {args.finetune_channels}, but the config lists "
-                          f"{len(cfg.channels)} channels {list(cfg.channels)}")
     return cfg
 
 
@@ -204,12 +203,12 @@ def _benchmark(args) -> int:
 
 
 def _tune_report(args) -> int:
-    from biofm.tune import SHOWN, analyse
+    from biofm.tune import analyse
 
     summary = analyse(args.experiment)
     print(f"[tune-report] {summary['trials']} trials: {summary['completed']} completed, "
           f"{summary['stopped_early']} stopped early, {summary['errors']} failed"
-          + (f"; best {summary['best_trial']} ({SHOWN[summary['metric']]} {summary['best']:.4f}) -> "
+          + (f"; best {summary['best_trial']} ({summary['metric_name']} {summary['best']:.4f}) -> "
              f"{args.experiment}/best_config.yaml" if "best_trial" in summary else ""))
     return 0
 
@@ -249,10 +248,11 @@ def _finetune_flags(p) -> None:
     p.add_argument("--pretrained", default="artifacts/foundation_model/best_model.pt",
                    help="pretraining checkpoint (best_model.pt)")
     p.add_argument("--data-dir", default="data/but_ppg", help="output of prepare-butppg")
-    p.add_argument("--pretrain-channels", type=COUNT, default=None,
-                   help="channels of the pretrained model, checked (default: the checkpoint's)")
-    p.add_argument("--finetune-channels", type=COUNT, default=None,
-                   help="channels of the fine-tuning data, checked (default: the config's channels)")
+    p.add_argument("--pretrain-channels", nargs="+", default=None, metavar="NAME",
+                   help="the pretraining checkpoint's channels, checked (default: whatever it has)")
+    p.add_argument("--finetune-channels", nargs="+", default=None, metavar="NAME",
+                   help="the model's channels, by name (default: the config's; null there: the task's); the "
+                        "encoder's the task lacks are absent, the task's it lacks are added")
     flag("--unfreeze-last-n", type=AT_LEAST_0, default=None, help="mixer layers trained in stage 2")
     flag("--epochs", type=COUNT, default=None, help="all epochs, stage 1 included")
     flag("--head-epochs", type=AT_LEAST_0, default=None, help="stage 1: head-only epochs")
@@ -341,7 +341,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fasttrack: a deterministic subset of 70 cases; full: all of them")
     p.add_argument("--case-set", default="bis",
                    help="a vitaldb case set (bis, tiva, ...), a text file of case ids, or a folder of recordings "
-                        "(.vital, WFDB, EDF, CSV; a wfdb: ... prefix names the format)")
+                        "(.vital, WFDB, EDF, CSV, MATLAB/NumPy; a wfdb: ... prefix names the format)")
     p.add_argument("--output", default="data", help="folder for splits_<mode>.json")
     p.add_argument("--seed", type=int, default=0, help="seed of the subset and the split")
     p.add_argument("--ratios", type=float, nargs=3, default=[0.7, 0.15, 0.15],
@@ -358,10 +358,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--outdir", default="data/vitaldb_windows", help="windows go to <outdir>/<split>/ (a folder or URI)")
     p.add_argument("--channels", nargs="+", default=["PPG", "ECG"], help="channels, in order")
     p.add_argument("--source", default="api",
-                   help="'api' (VitalDB open dataset), or a folder or cloud URI (s3://...) of .vital, WFDB, EDF or "
-                        "CSV recordings; a prefix (wfdb:, edf:, csv:, vital:) names the format of a mixed folder")
+                   help="'api' (VitalDB open dataset), or a folder or cloud URI (s3://...) of .vital, WFDB, EDF, CSV "
+                        "or MATLAB/NumPy recordings; a prefix (wfdb:, edf:, csv:, array:, vital:) names the format of "
+                        "a mixed folder")
     p.add_argument("--api-url", default=None, help="base URL of the API or a mirror (with --source api)")
-    p.add_argument("--rate-hz", type=POSITIVE, default=None, help="sample rate of CSV files that have no time column")
+    p.add_argument("--rate-hz", type=POSITIVE, default=None,
+                   help="sample rate of CSV files without a time column and of arrays that name no rate")
     p.add_argument("--overwrite", action="store_true", help="delete this split's output and start over")
     p.add_argument("--address", default=None, help=ADDRESS_HELP)
     p.set_defaults(func=_build_windows)
@@ -422,17 +424,29 @@ def build_parser() -> argparse.ArgumentParser:
                                    "preprocessing (quality checked, never dropped), splits subjects into train/val/test "
                                    f"(Ray Data). Built-in tasks: {', '.join(TASKS)}.")
     p.add_argument("--task", required=True, help="a built-in task, or the name of yours (with --labels)")
-    p.add_argument("--raw-dir", required=True, help="the recordings: BUT-PPG 2.0.0 folder (with RECORDS), the PPG "
-                   "arrhythmia set's MPA_*.mat files, or the .vital files a label table names")
+    p.add_argument("--raw-dir", required=True, help="the recordings, in their published layout: BUT-PPG 2.0.0 (with "
+                   "RECORDS), the PPG arrhythmia set (MPA_*.mat), PPG-BP (0_subject/ and its xlsx), TROIKA "
+                   "(DATA_*.mat or TEST_*.mat with their truth files), CapnoBase (*_8min.mat), CinC 2017 (A*.mat, "
+                   "REFERENCE.csv); for a label table, a folder of recordings in any format build-windows reads "
+                   "(.vital, WFDB, EDF/BDF, CSV/TSV, MATLAB/NumPy; a prefix such as csv: names one)")
     p.add_argument("--outdir", required=True, help="train/val/test Parquet and manifest.json")
     p.add_argument("--labels", default=None, help="your label table (CSV or Parquet): recording, start_s, subject_id, "
                    "label or target")
     p.add_argument("--classes", nargs="+", default=None, help="the label table's classes in order (default: its labels, sorted)")
-    p.add_argument("--channels", nargs="+", default=None, help="channels, in order (default: PPG for the arrhythmia set, "
-                   "PPG ECG for a label table, the --config's for BUT-PPG)")
+    p.add_argument("--channels", nargs="+", default=None, help="channels, in order (default: the task's: PPG for the "
+                   "arrhythmia set and PPG-BP, ACC_X ACC_Y ACC_Z PPG for TROIKA, ECG for CinC 2017, PPG ECG for "
+                   "CapnoBase and a label table, the --config's for BUT-PPG)")
     p.add_argument("--split-ratios", nargs=3, type=_number(float, 0), default=None, metavar=("TRAIN", "VAL", "TEST"),
                    help="subjects per split (default: the --config's)")
     p.add_argument("--seed", type=int, default=None, help="seed of the subject split (default: the --config's)")
+    p.add_argument("--ppg-signal", type=AT_LEAST_0, default=None,
+                   help="which PPG signal of a recording that has several: BUT-PPG's colour channel (default: the "
+                        "--config's), TROIKA's wrist PPG 0 or 1 (default 0)")
+    p.add_argument("--fit", choices=["tile", "concat", "pad"], default=None,
+                   help="how PPG-BP's 2.1 s segments become a 10 s window: each segment repeated (tile, the default), "
+                        "a subject's three end to end and repeated (concat), or held at its last value (pad)")
+    p.add_argument("--rate-hz", type=POSITIVE, default=None,
+                   help="sample rate of a label table's CSV files without a time column (and arrays that name none)")
     _task_source_flags(p)
     p.set_defaults(func=_prepare_task, download=False, physionet_url=None)
 
@@ -446,7 +460,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "out like it (with --download)")
     _task_source_flags(p)
     p.set_defaults(func=_prepare_task, task="butppg-quality", labels=None, classes=None, channels=None, split_ratios=None,
-                   seed=None)
+                   seed=None, ppg_signal=None, fit=None, rate_hz=None)
 
     p = sub.add_parser("finetune", help="inflate 2 -> 5 channels and fine-tune for PPG quality in stages (Ray Train)",
                        description="Stage 1: head only; stage 2: head + last N mixer layers. Best epoch by "

@@ -328,9 +328,12 @@ class ButppgConfig:
 
 @config_class
 class FinetuneConfig:
-    """Staged fine-tuning of the inflated encoder for PPG quality (``configs/finetune_butppg.yaml``).
+    """Staged fine-tuning of a pretrained encoder on a task (``configs/finetune_butppg.yaml``).
 
-    Stage 1 trains the head for ``head_epochs`` with the encoder frozen; stage 2 (the remaining
+    ``channels``: the model's, by name (null: the task's); the encoder's channels the task lacks
+    are absent, the task's the encoder lacks are added (``inflation``). ``pretrain_channels``: the
+    checkpoint's channels, checked (null: any). Stage 1 trains the head for ``head_epochs`` with
+    the encoder frozen; stage 2 (the remaining
     ``epochs - head_epochs``) also trains the last ``unfreeze_last_n`` mixer layers at ``lr``.
     ``unfreeze_last_n = 0`` is a linear probe. ``init``: ``pretrained`` or ``scratch`` (same
     architecture, random weights, everything trained). ``inflation``: how the new channels'
@@ -339,8 +342,8 @@ class FinetuneConfig:
     the standardised target (regression tasks).
     """
 
-    channels: tuple[str, ...] = ("ACC_X", "ACC_Y", "ACC_Z", "PPG", "ECG")
-    pretrain_channels: int | None = None
+    channels: tuple[str, ...] | None = None
+    pretrain_channels: tuple[str, ...] | None = None
     init: str = "pretrained"
     inflation: str = "preserve"
     epochs: int = 30

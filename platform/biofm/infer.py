@@ -1,4 +1,4 @@
-"""Applying trained models to data on Ray Data: embeddings of a windows split, and PPG-quality
+"""Applying trained models to data on Ray Data: embeddings of a windows split, and a fine-tuned model's
 predictions on new recordings (:func:`predict`, the training preprocessing reused).
 
 :func:`embed` reads a split written by ``build-windows`` or ``prepare-butppg`` (local or a URI)
@@ -39,18 +39,22 @@ def encoder_description(path: str) -> dict:
     return description
 
 
-def load_encoder(path: str):
+def load_encoder(path: str, channels: list[str] | None = None):
     """The encoder of a pretraining checkpoint, or of a fine-tuned classifier, and the checkpoint's
-    description (CPU, eval mode)."""
-    from biofm.train.finetune import load_classifier
+    description (CPU, eval mode). ``channels``: a pretraining encoder's channels for the data, by
+    :func:`~biofm.model.classifier.channel_plan`: the ones it lacks are added by inflation
+    (``preserve``: its own channels' latents stay as pretrained)."""
+    from biofm.model.classifier import inflate_encoder
     from biofm.train.evaluate import load_pretrained
+    from biofm.train.finetune import load_classifier
 
     description = encoder_description(path)
-    if description["kind"] == "masked_signal_model":
-        model = load_pretrained(path)
-    else:
-        model = load_classifier(path)[0]
-    return model.encoder.eval(), description
+    if description["kind"] != "masked_signal_model":
+        return load_classifier(path)[0].encoder.eval(), description
+    encoder = load_pretrained(path).encoder
+    if channels is not None and list(channels) != list(description["channels"]):
+        encoder = inflate_encoder(encoder.state_dict(), encoder.config, list(description["channels"]), list(channels))
+    return encoder.eval(), description
 
 
 def _malloc_trim():
@@ -86,12 +90,13 @@ class Embedder(_Trimmed):
     ``signal`` ``[B, C_data, T]`` (+ ``present`` ``[B, C_data]``) -> ``embedding`` ``[B, D]``
     (and ``tokens`` ``[B, P, D]``, the mean over channels), the other columns passed through.
     ``channel_index``: each model channel's row in the data, -1 where the data lacks it (zeros,
-    marked absent, as fine-tuning marks them)."""
+    marked absent, as fine-tuning marks them); ``channels``: the model's (a pretraining encoder's
+    inflated to them)."""
 
-    def __init__(self, checkpoint_path: str, channel_index: list[int], tokens: bool, threads: int,
+    def __init__(self, checkpoint_path: str, channels: list[str], channel_index: list[int], tokens: bool, threads: int,
                  batch_size: int = 256, compile: bool | None = None, bf16: bool = False):
         torch.set_num_threads(max(1, threads))
-        self.encoder, _ = load_encoder(checkpoint_path)
+        self.encoder, _ = load_encoder(checkpoint_path, channels)
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.encoder.to(self.device)
         self.forward = inference(self.encoder, self.device, batch_size, compile, bf16)
@@ -161,7 +166,9 @@ def embed(checkpoint_path: str, data_dir: str | list[str], output: str, batch_si
     splits) under ``output``; returns the manifest. ``concurrency``: actors (default: the free CPUs
     less one, for the reads; with ``num_gpus``, one actor per GPU share). Besides the ids, a
     task's ``label``/``target`` and ``subject_id`` are passed through. A model channel the data
-    lacks is zeros marked absent; a model that reads none of the data's channels is refused.
+    lacks is zeros marked absent; a data channel a pretraining encoder lacks is added by inflation
+    (:func:`~biofm.model.classifier.channel_plan`, as fine-tuning adds it), a fine-tuned model
+    reads its own channels only; a model that reads none of the data's channels is refused.
     ``compile`` (None: on a GPU) and ``bf16``: how the actors run the encoder (:func:`inference`)."""
     import ray
 
@@ -183,11 +190,19 @@ def embed(checkpoint_path: str, data_dir: str | list[str], output: str, batch_si
             raise ConfigError(f"{d} was made with other settings than {dirs[0]}")
     files = [f for s in splits for f in s.files]
     where = dirs[0] if len(dirs) == 1 else f"{len(dirs)} folders from {dirs[0]}"
-    needed, stored = list(description["channels"]), list(split.spec["channels"])
+    from biofm.model.classifier import channel_plan
+
+    stored = list(split.spec["channels"])
+    own = list(description["channels"])
+    needed = channel_plan(own, stored) if description["kind"] == "masked_signal_model" else own
     missing = [c for c in needed if c not in stored]
-    if len(missing) == len(needed):
-        raise ConfigError(f"{where} has channels {stored}; the model {checkpoint_path} reads {needed}: none of them")
+    if not set(own) & set(stored):
+        raise ConfigError(f"{where} has channels {stored}; the model {checkpoint_path} reads {own}: none of them")
     check_data_spec(description["data_spec"], split.spec, where=f"{where} vs the model {checkpoint_path}")
+    added = [c for c in needed if c not in own]
+    if added:
+        print(f"[embed] the encoder has no {', '.join(added)}: added (inflated, its own channels' latents "
+              "unchanged)", flush=True)
     left_out = [c for c in stored if c not in needed]
     if left_out:
         print(f"[embed] the model reads {', '.join(needed)}: the data's {', '.join(left_out)} left out", flush=True)
@@ -207,7 +222,7 @@ def embed(checkpoint_path: str, data_dir: str | list[str], output: str, batch_si
     ds = ds.map_batches(_read_windows, fn_kwargs={"columns": columns}, batch_size=None, num_cpus=0.25)
     ds = ds.map_batches(Embedder, batch_size=batch_size, batch_format="numpy", concurrency=actors, num_gpus=num_gpus,
                         num_cpus=actor_cpus, fn_constructor_kwargs={
-                            "checkpoint_path": storage.normalize(checkpoint_path),
+                            "checkpoint_path": storage.normalize(checkpoint_path), "channels": needed,
                             "channel_index": [stored.index(c) if c in stored else -1 for c in needed], "tokens": tokens,
                             "threads": max(1, cpus // actors), "batch_size": batch_size, "compile": compile,
                             "bf16": bf16})
@@ -217,7 +232,7 @@ def embed(checkpoint_path: str, data_dir: str | list[str], output: str, batch_si
     manifest = {
         "checkpoint": storage.normalize(checkpoint_path),
         "checkpoint_sha256": hashlib.sha256(storage.read_bytes(checkpoint_path)).hexdigest(),
-        "checkpoint_kind": description["kind"], "channels": needed, "channels_left_out": left_out,
+        "checkpoint_kind": description["kind"], "channels": needed, "channels_added": added, "channels_left_out": left_out,
         "channels_absent": missing, "data_spec": description["data_spec"],
         "data_dir": dirs[0] if len(dirs) == 1 else dirs, "id_column": id_column, "windows_in": windows_in,
         "embeddings": written, "embedding_dim": description["ttm_config"]["d_model"], "tokens": tokens, "pooling":
@@ -259,11 +274,13 @@ def model_preprocessing(description: dict):
     return channels, windows
 
 
-def _recording_windows(row: dict, kind: str, source, folder: str, channels: dict, windows, ppg_signal: int) -> list[dict]:
+def _recording_windows(row: dict, kind: str, source, folder: str, channels: dict, windows, ppg_signal: int,
+                       anchor: str) -> list[dict]:
     """One recording -> its windows (``signal [C, T]``, ``present [C]``, ids, quality) through the
     training preprocessing, or one row that records why it was skipped. ``ppg_signal``: which
     signal of a BUT-PPG ``_PPG`` record is the PPG (the model's data spec says). Other recordings
-    need PPG; of the other channels, those every PPG piece holds are used, the rest are absent."""
+    need the ``anchor`` channel (:func:`anchor_channel`); of the other channels, those every piece
+    holding it holds are used, the rest are absent."""
     from biofm.errors import CaseSkipped
     from biofm.preprocess import recording_windows
     from biofm.tasks import process_record
@@ -278,9 +295,9 @@ def _recording_windows(row: dict, kind: str, source, folder: str, channels: dict
                      "present": out["present"], "skipped": ""}]
         readable = {n: s for n, s in channels.items() if s.tracks or s.aliases}
         recording = source.read(rid, readable)
-        with_ppg = [p for p in recording.pieces if "PPG" in p.tracks]
-        readable = {n: s for n, s in readable.items() if with_ppg and all(n in p.tracks for p in with_ppg)}
-        columns, reasons = recording_windows(recording.require(readable or ["PPG"]), readable, windows, {})
+        anchored = [p for p in recording.pieces if anchor in p.tracks]
+        readable = {n: s for n, s in readable.items() if anchored and all(n in p.tracks for p in anchored)}
+        columns, reasons = recording_windows(recording.require(readable or [anchor]), readable, windows, {})
         rejected, total = Counter(r for r in reasons if r), len(reasons)
         n = len(columns["window_idx"])
         if n == 0:
@@ -302,24 +319,35 @@ def _recording_windows(row: dict, kind: str, source, folder: str, channels: dict
 
 
 class Predictor(_Trimmed):
-    """Ray Data's callable class: the classifier loaded once per actor; probability of good quality
-    and the label at the checkpoint's threshold for each window."""
+    """Ray Data's callable class: the classifier loaded once per actor, and its answer for each
+    window, in its task's words: a binary task's probability of the positive class and the label
+    at the checkpoint's threshold; a multiclass task's most probable class and each class's
+    probability (``p_<class>``); a regression task's value in the target's unit."""
 
     def __init__(self, model_path: str, threads: int):
-        from biofm.train.finetune import load_classifier
+        from biofm.train.finetune import load_classifier, task_of
 
         torch.set_num_threads(max(1, threads))
-        self.model, desc = load_classifier(model_path)
-        self.threshold = float(desc["threshold"])
+        self.model, self.description = load_classifier(model_path)
+        self.task = task_of(self.description)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        x = torch.from_numpy(np.stack(batch["signal"]).astype(np.float32))
-        present = torch.from_numpy(np.stack(batch["present"]).astype(bool))
-        with torch.no_grad():
-            p = torch.softmax(self.model(x, present).float(), dim=-1)[:, 1].numpy()
+        from biofm.train.finetune import predict_outputs
+        from biofm.train.metrics import slug
+
         out = {k: v for k, v in batch.items() if k not in ("signal", "present")}
-        out["probability"] = p
-        out["label"] = (p >= self.threshold).astype(np.int8)
+        answers = predict_outputs(self.model, np.stack(batch["signal"]).astype(np.float32),
+                                  np.stack(batch["present"]).astype(bool), self.description, batch_size=len(batch["signal"]))
+        if self.task["kind"] == "regression":
+            out["value"] = answers
+        elif self.task["kind"] == "binary":
+            out["probability"] = answers[:, 1]
+            out["label"] = (answers[:, 1] >= float(self.description["threshold"])).astype(np.int8)
+        else:
+            out["label"] = answers.argmax(axis=1).astype(np.int16)
+            out |= {f"p_{slug(c)}": answers[:, k] for k, c in enumerate(self.task["classes"])}
+        if self.task["kind"] != "regression":
+            out["class"] = np.array(self.task["classes"], dtype=object)[out["label"]]
         return self.trimmed(out)
 
 
@@ -330,7 +358,9 @@ def recordings_in(folder: str) -> tuple[str, object, list[str]]:
     from biofm.sources.butppg import read_records
     from biofm.sources.formats import open_source
 
-    root = Path(folder.split(":", 1)[1] if folder.split(":", 1)[0] in ("vital", "wfdb", "edf", "csv") else folder)
+    from biofm.sources.formats import FORMATS
+
+    root = Path(folder.split(":", 1)[1] if folder.split(":", 1)[0] in FORMATS else folder)
     if not root.is_dir():
         raise BiofmError(f"{folder} is not a folder of recordings")
     listed = [x.strip() for x in (root / "RECORDS").read_text().splitlines() if x.strip()] \
@@ -343,8 +373,8 @@ def recordings_in(folder: str) -> tuple[str, object, list[str]]:
 
 def predict(model_path: str, input_dir: str, output: str, batch_size: int = 256, plots: int = 5,
             address: str | None = None) -> dict:
-    """PPG-quality predictions for every window of every recording in ``input_dir`` under
-    ``output``: ``predictions.parquet``, ``summary.csv``, ``manifest.json``, and a timeline PNG for
+    """The fine-tuned model's answer for every window of every recording in ``input_dir``, in its
+    task's words (:class:`Predictor`), under ``output``: ``predictions.parquet``, ``summary.csv``, ``manifest.json``, and a timeline PNG for
     the first ``plots`` recordings. Returns the manifest."""
     import csv
     import io
@@ -362,19 +392,19 @@ def predict(model_path: str, input_dir: str, output: str, batch_size: int = 256,
                          "best_model.pt of biofm finetune; embeddings of a pretrained model come from biofm embed")
     from biofm.train.finetune import load_classifier
 
+    from biofm.train.finetune import task_of
+
     description = load_classifier(model_path)[1]  # a checkpoint it cannot load is refused before Ray starts
-    task = description.get("task", {"name": "butppg-quality", "kind": "binary"})
-    if task["kind"] != "binary":
-        raise BiofmError(f"{model_path} was fine-tuned for {task['name']} ({task['kind']}): predict rates recordings "
-                         "with a binary model (PPG quality); use biofm benchmark or embed for other tasks")
+    task = task_of(description)
     channels, windows = model_preprocessing(description)
     kind, source, ids = recordings_in(str(input_dir))
     ensure_ray(address)
     cpus, actors, actor_cpus = actor_pool()
     ds = ray.data.from_items([{"recording_id": r} for r in ids], override_num_blocks=min(len(ids), 4 * cpus))
     ppg_signal = description["data_spec"].get("ppg_signal", 0)  # only BUT-PPG-trained models record it
+    anchor = anchor_channel(description)
     ds = ds.flat_map(_recording_windows, fn_kwargs={"kind": kind, "source": source, "folder": str(input_dir), "channels": channels,
-                                                   "windows": windows, "ppg_signal": ppg_signal})
+                                                   "windows": windows, "ppg_signal": ppg_signal, "anchor": anchor})
     ds = ds.map_batches(Predictor, batch_size=batch_size, batch_format="numpy", concurrency=actors,
                         num_cpus=actor_cpus, fn_constructor_kwargs={
                             "model_path": storage.normalize(model_path), "threads": max(1, cpus // actors)})
@@ -386,23 +416,23 @@ def predict(model_path: str, input_dir: str, output: str, batch_size: int = 256,
     storage.write(storage.join(output, "predictions.parquet"), lambda f: pq.write_table(table, f))
     summary = io.StringIO(newline="")
     w = csv.writer(summary)
-    w.writerow(["recording_id", "status", "windows", "share_predicted_good", "mean_probability", "reason"])
+    columns = summary_columns(task)
+    w.writerow(["recording_id", "status", "windows", *columns, "reason"])
     for rid in ids:
         mine = [r for r in kept if r["recording_id"] == rid]
         if rid in skipped:
-            w.writerow([rid, "skipped", 0, "", "", skipped[rid]])
+            w.writerow([rid, "skipped", 0, *[""] * len(columns), skipped[rid]])
         else:
-            w.writerow([rid, "ok", len(mine), round(float(np.mean([r["label"] for r in mine])), 4),
-                        round(float(np.mean([r["probability"] for r in mine])), 4), ""])
+            w.writerow([rid, "ok", len(mine), *[round(v, 4) for v in summary_values(task, mine)], ""])
     storage.write_text(storage.join(output, "summary.csv"), summary.getvalue())
     plotted = [rid for rid in ids if rid not in skipped][:plots]
     for rid in plotted:
-        _timeline(rid, _raw_ppg(kind, source, input_dir, rid, channels, ppg_signal), [r for r in kept if r["recording_id"] == rid],
-                  description["threshold"], storage.join(output, f"timeline_{rid}.png"))
+        _timeline(rid, _raw_track(kind, source, input_dir, rid, channels, ppg_signal, anchor),
+                  [r for r in kept if r["recording_id"] == rid], description, storage.join(output, f"timeline_{rid}.png"))
     manifest = {"model": storage.normalize(model_path),
                 "model_sha256": hashlib.sha256(storage.read_bytes(model_path)).hexdigest(),
-                "input": str(input_dir), "input_kind": kind, "data_spec": description["data_spec"],
-                "threshold": description["threshold"], "recordings_in": len(ids),
+                "input": str(input_dir), "input_kind": kind, "data_spec": description["data_spec"], "task": task,
+                "threshold": description.get("threshold"), "recordings_in": len(ids),
                 "recordings_ok": len(ids) - len(skipped), "recordings_skipped": len(skipped),
                 "skipped": skipped, "windows": len(kept), "timelines": plotted,
                 "seconds": round(time.perf_counter() - t0, 2)}
@@ -418,41 +448,96 @@ def predict(model_path: str, input_dir: str, output: str, batch_size: int = 256,
     return manifest
 
 
-def _raw_ppg(kind: str, source, folder: str, rid: str, channels: dict, ppg_signal: int) -> tuple[np.ndarray, float]:
-    """The recording's PPG as recorded ``(x [n], Hz)``, for its timeline: pieces at their offsets,
-    NaN between them."""
+def anchor_channel(description: dict) -> str:
+    """The channel a recording must hold for a fine-tuned model to rate it, and its timelines show:
+    PPG where the model was trained on it, else the first channel it was trained on (ECG for a
+    CinC 2017 model)."""
+    trained = [c for c in description["channels"] if c not in description.get("absent", [])]
+    return "PPG" if "PPG" in trained else trained[0]
+
+
+def _raw_track(kind: str, source, folder: str, rid: str, channels: dict, ppg_signal: int,
+               name: str) -> tuple[str, np.ndarray, float]:
+    """The recording's ``name`` channel as recorded ``(name, x [n], Hz)``, for its timeline: pieces
+    at their offsets, NaN between them."""
     from biofm.sources.butppg import read_record
 
     if kind == "butppg":
-        return read_record(Path(folder), rid, ppg_signal)["PPG"]
-    pieces = source.read(rid, {"PPG": channels["PPG"]}).require(["PPG"]).pieces
-    fs = pieces[0].tracks["PPG"][1]
-    x = np.full(max(int(round(p.start_s * fs)) + len(p.tracks["PPG"][0]) for p in pieces), np.nan)
+        return (name, *read_record(Path(folder), rid, ppg_signal)[name])
+    pieces = [p for p in source.read(rid, {name: channels[name]}).require([name]).pieces if name in p.tracks]
+    fs = pieces[0].tracks[name][1]
+    x = np.full(max(int(round(p.start_s * fs)) + len(p.tracks[name][0]) for p in pieces), np.nan)
     for p in pieces:
         first = int(round(p.start_s * fs))
-        x[first:first + len(p.tracks["PPG"][0])] = p.tracks["PPG"][0]
-    return x, fs
+        x[first:first + len(p.tracks[name][0])] = p.tracks[name][0]
+    return name, x, fs
 
 
-def _timeline(rid: str, ppg: tuple[np.ndarray, float], rows: list[dict], threshold: float, path: str) -> None:
-    """The recording's PPG with each 10 s window shaded by its label at the model's threshold
-    (green good, red poor), and each window's probability of good quality below: readable
-    without code."""
+def summary_columns(task: dict) -> list[str]:
+    """summary.csv's figures per recording, named after the task: a binary task's share of windows
+    predicted positive and mean probability; a multiclass task's share of windows per class; a
+    regression task's mean and SD of the values (with the unit)."""
+    from biofm.train.metrics import slug
+
+    if task["kind"] == "binary":
+        return [f"share_predicted_{slug(task['classes'][1])}", f"mean_probability_{slug(task['classes'][1])}"]
+    if task["kind"] == "multiclass":
+        return [f"share_predicted_{slug(c)}" for c in task["classes"]]
+    unit = f"_{slug(task['unit'])}" if task.get("unit") else ""
+    name = slug(task.get("target") or "value")
+    return [f"mean_{name}{unit}", f"sd_{name}{unit}"]
+
+
+def summary_values(task: dict, rows: list[dict]) -> list[float]:
+    if task["kind"] == "binary":
+        return [float(np.mean([r["label"] for r in rows])), float(np.mean([r["probability"] for r in rows]))]
+    if task["kind"] == "multiclass":
+        return [float(np.mean([r["label"] == k for r in rows])) for k in range(len(task["classes"]))]
+    values = [r["value"] for r in rows]
+    return [float(np.mean(values)), float(np.std(values))]
+
+
+def _timeline(rid: str, track: tuple[str, np.ndarray, float], rows: list[dict], description: dict, path: str) -> None:
+    """The recording's ``track`` (name, samples, Hz) with each window shaded by the model's answer (a class's colour), and
+    below each window's probability of the positive class (binary), of its class (multiclass) or
+    its value (regression): readable without code."""
     from biofm.plotting import plt, save_png
+    from biofm.train.finetune import task_of
+    from biofm.train.metrics import slug
 
-    x, fs = ppg
+    task = task_of(description)
+    name, x, fs = track
     step = max(1, int(len(x) / 20000))  # at most ~20,000 points: the shape, not every sample
     t = np.arange(0, len(x), step) / fs
+    window_s = description["data_spec"]["window_s"]
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(11, 4.5), sharex=True, height_ratios=[2, 1])
+    classes = task.get("classes", [])
+    colours = (["tab:red", "tab:green"] if task["kind"] == "binary"
+               else [plt.get_cmap("tab10")(k % 10) for k in range(len(classes))])
     for r in rows:
-        for ax in (top, bottom):
-            ax.axvspan(r["start_s"], r["start_s"] + 10.0, color="tab:green" if r["label"] else "tab:red", alpha=0.3, lw=0)
-        bottom.plot([r["start_s"], r["start_s"] + 10.0], [r["probability"]] * 2, color="black", lw=1.5)
+        if classes:
+            for ax in (top, bottom):
+                ax.axvspan(r["start_s"], r["start_s"] + window_s, color=colours[int(r["label"])], alpha=0.3, lw=0)
+        shown = r["value"] if task["kind"] == "regression" else (
+            r["probability"] if task["kind"] == "binary" else r[f"p_{slug(classes[int(r['label'])])}"])
+        bottom.plot([r["start_s"], r["start_s"] + window_s], [shown] * 2, color="black", lw=1.5)
     top.plot(t, x[::step], color="black", lw=0.5)
-    top.set(ylabel="PPG (as recorded)", title=f"{rid}: PPG quality per 10 s window\n(green: good, red: poor, at the "
-                                              "threshold; unshaded: rejected by the quality checks)")
-    bottom.axhline(threshold, color="grey", ls="--", lw=0.8, label=f"threshold {threshold:.4f}")
-    bottom.set(xlabel="seconds from the recording's start", ylabel="P(good)", ylim=(0, 1))
-    bottom.legend(loc="lower right", fontsize=8)
+    if task["kind"] == "binary":
+        legend = f"green: {classes[1]}, red: {classes[0]}, at the threshold"
+        bottom.axhline(description["threshold"], color="grey", ls="--", lw=0.8,
+                       label=f"threshold {description['threshold']:.4f}")
+        bottom.set(ylabel=f"P({classes[1]})", ylim=(0, 1))
+        bottom.legend(loc="upper right", fontsize=8)
+    elif classes:
+        legend = "shaded by the most probable class"
+        top.legend(handles=[plt.Rectangle((0, 0), 1, 1, color=c, alpha=0.3) for c in colours], labels=list(classes),
+                   loc="upper right", fontsize=7, ncol=len(classes))
+        bottom.set(ylabel="P(its class)", ylim=(0, 1))
+    else:
+        legend = f"{task.get('target') or 'value'} per window below"
+        bottom.set(ylabel=f"{task.get('target') or 'value'}" + (f", {task['unit']}" if task.get("unit") else ""))
+    top.set(ylabel=f"{name} (as recorded)", title=f"{rid}: {task['name']} per {window_s:g} s window\n({legend}; "
+                                              "unshaded: rejected by the quality checks)")
+    bottom.set(xlabel="seconds from the recording's start")
     fig.tight_layout()
     save_png(fig, path)

@@ -34,9 +34,9 @@ import pyarrow.parquet as pq
 from biofm import storage
 from biofm.config import ChannelSpec, WindowsConfig
 from biofm.errors import CaseSkipped, ConfigError, NothingProduced
-from biofm.sources.formats import FORMATS, open_source
 from biofm.sources.arrhythmia import RHYTHMS
-from biofm.windows import record_quality, record_signal
+from biofm.task_readers import READERS
+from biofm.windows import record_signal
 
 TASK_KEY = b"biofm_task"
 KINDS = ("binary", "multiclass", "regression")
@@ -45,9 +45,9 @@ KINDS = ("binary", "multiclass", "regression")
 @dataclasses.dataclass(frozen=True)
 class Task:
     """What a task's windows are labelled with. ``classes``: label i is ``classes[i]`` (binary:
-    0 negative, 1 positive); ``target``: a regression target's meaning and unit. ``source``:
-    the reader of its recordings (``butppg``, ``arrhythmia``, ``table``); ``channels``: the
-    default channels (None: the BUT-PPG config's)."""
+    0 negative, 1 positive); ``target``: a regression target's meaning, ``unit`` its unit.
+    ``source``: the reader of its recordings (:data:`biofm.task_readers.READERS`); ``channels``:
+    the default channels (None: the BUT-PPG config's)."""
 
     name: str
     kind: str
@@ -56,6 +56,7 @@ class Task:
     classes: tuple[str, ...] = ()
     target: str = ""
     channels: tuple[str, ...] | None = ("PPG",)
+    unit: str = ""
 
     def __post_init__(self):
         if self.kind not in KINDS:
@@ -69,16 +70,35 @@ class Task:
     def column(self) -> str:
         return "target" if self.kind == "regression" else "label"
 
+    @property
+    def positive(self) -> str:
+        """A binary task's positive class (label 1)."""
+        return self.classes[1] if self.kind == "binary" else ""
+
 
 TASKS = {t.name: t for t in (
     Task("butppg-quality", "binary", "butppg", "BUT-PPG: the experts' PPG quality rating (quality-hr-ann.csv, Quality)",
          classes=("poor", "good"), channels=None),
     Task("butppg-hr", "regression", "butppg", "BUT-PPG: the annotated heart rate (quality-hr-ann.csv, HR)",
-         target="heart rate, bpm", channels=None),
+         target="heart rate", unit="bpm", channels=None),
     Task("arrhythmia-af", "binary", "arrhythmia", "PPG arrhythmia set: atrial fibrillation against every other rhythm",
          classes=("other rhythm", "AF")),
     Task("arrhythmia-rhythm", "multiclass", "arrhythmia", "PPG arrhythmia set: the six rhythms, read from the ECG",
          classes=RHYTHMS),
+    Task("ppgbp-sbp", "regression", "ppgbp", "PPG-BP: systolic blood pressure from a 2.1 s fingertip PPG segment",
+         target="systolic blood pressure", unit="mmHg"),
+    Task("ppgbp-dbp", "regression", "ppgbp", "PPG-BP: diastolic blood pressure from a 2.1 s fingertip PPG segment",
+         target="diastolic blood pressure", unit="mmHg"),
+    Task("ppgbp-hypertension", "binary", "ppgbp", "PPG-BP: hypertension (the table's stage 1 or 2, systolic "
+         ">= 140 mmHg, JNC 7) against normal and prehypertension", classes=("no hypertension", "hypertension")),
+    Task("troika-hr", "regression", "troika", "IEEE SPC 2015 (TROIKA): heart rate of each 8 s window from wrist PPG "
+         "and ACC while running; the ECG, where the reference comes from, is not an input",
+         target="heart rate", unit="bpm", channels=("ACC_X", "ACC_Y", "ACC_Z", "PPG")),
+    Task("capnobase-rr", "regression", "capnobase", "CapnoBase: respiratory rate (the capnogram's) at the window's "
+         "centre, from PPG and ECG", target="respiratory rate", unit="breaths/min", channels=("PPG", "ECG")),
+    Task("cinc2017-rhythm", "multiclass", "cinc2017", "PhysioNet/CinC 2017: the record's rhythm from one ECG lead "
+         "(the challenge's N, A, O, ~: normal, AF, other rhythm, too noisy)", classes=("normal", "AF", "other", "noisy"),
+         channels=("ECG",)),
 )}
 
 
@@ -133,88 +153,15 @@ def table_task(name: str, labels_path: str | Path, classes: list[str] | None = N
     return task, rows
 
 
-def _window(record: dict, channels: dict[str, ChannelSpec], cfg: WindowsConfig) -> dict:
-    """One labelled record -> ``signal [C, T]``, ``present [C]``, its quality columns and reason."""
-
-    signal, present = record_signal(record, channels, cfg)
-    quality, reason = record_quality(record, channels, cfg)
-    return {"signal": signal, "present": present, "quality": quality, "quality_reason": reason}
-
-
-def _butppg_windows(item: str, task: Task, raw_dir: Path, channels, cfg, values: dict, ppg_signal: int):
-    from biofm.sources.butppg import read_record, subject_of
-
-    value = values[item]
-    if not np.isfinite(value):
-        return [], Counter({"no_target": 1})
-    record = read_record(raw_dir, item, ppg_signal)
-    w = _window(record, channels, cfg)
-    return [{"case_id": item, "window_idx": 0, "start_s": 0.0, "subject_id": subject_of(item), task.column: value,
-             **w}], Counter()
-
-
-def _arrhythmia_windows(item: str, task: Task, raw_dir: Path, channels, cfg):
-    from biofm.sources.arrhythmia import RATE_HZ, SEGMENT_S, read_patient
-
-    segments, rhythms = read_patient(raw_dir, item)
-    out, skipped = [], Counter()
-    for i, (x, y) in enumerate(zip(segments, rhythms)):
-        if not 0 <= y < len(RHYTHMS):
-            skipped["label_outside_classes"] += 1
-            continue
-        label = int(y == RHYTHMS.index("AF")) if task.kind == "binary" else int(y)
-        try:
-            w = _window({"PPG": (x, RATE_HZ)}, channels, cfg)
-        except CaseSkipped as e:
-            skipped[e.code] += 1
-            continue
-        out.append({"case_id": item, "window_idx": i, "start_s": i * SEGMENT_S, "subject_id": item, "label": label, **w})
-    return out, skipped
-
-
-def _table_windows(item: str, task: Task, raw_dir: Path, channels, cfg, rows: list[dict], source):
-    """A label table's recording, read from ``source`` (any format :func:`open_source` reads),
-    its rows' windows cut where they start (in the piece that holds them, for WFDB segments)."""
-    rid = Path(item).stem if Path(item).suffix.lower() in {x for v in FORMATS.values() for x in v} else item
-    pieces = source.read(rid, {n: s for n, s in channels.items() if s.tracks or s.aliases}).pieces
-
-    def at(start_s: float) -> dict:
-        """The tracks of the piece that holds ``start_s``, with its offset in seconds."""
-        for p in pieces:
-            if p.tracks and p.start_s <= start_s < p.start_s + max(len(x) / rate for x, rate, _ in p.tracks.values()):
-                return {n: (x, rate, p.start_s) for n, (x, rate, _) in p.tracks.items()}
-        raise CaseSkipped("outside_recording", f"start_s {start_s:g} is not within {rid}'s signals")
-
-    out, skipped = [], Counter()
-    for i, row in enumerate(sorted(rows, key=lambda r: r["start_s"])):
-        if task.kind == "regression" and not np.isfinite(row["target"]):
-            skipped["no_target"] += 1
-            continue
-        try:
-            record = {}
-            for name, (x, rate, offset_s) in at(row["start_s"]).items():
-                first = int(round((row["start_s"] - offset_s) * rate))
-                record[name] = (x[max(first, 0):first + int(np.ceil(cfg.window_s * rate))], rate)
-            if row["start_s"] < 0 or "PPG" in channels and "PPG" not in record:
-                raise CaseSkipped("no_matching_channel", "no PPG signal there" if row["start_s"] >= 0 else "start_s < 0")
-            w = _window(record, channels, cfg)
-        except CaseSkipped as e:
-            skipped[e.code] += 1
-            continue
-        out.append({"case_id": rid, "window_idx": i, "start_s": float(row["start_s"]),
-                    "subject_id": str(row["subject_id"]), task.column: row[task.column], **w})
-    return out, skipped
-
-
 def _process_item(row: dict, task: Task, raw_dir: str, channels, cfg, extra: dict) -> dict:
     """Ray Data task: one recording -> its outcome (JSON) and its windows (pickled). Never raises."""
-    readers = {"butppg": _butppg_windows, "arrhythmia": _arrhythmia_windows, "table": _table_windows}
+    from biofm.task_readers import READERS
+
     item, t0 = row["item"], time.perf_counter()
     outcome: dict = {"recording": item}
     windows: list = []
     try:
-        more = {k: v[item] if k == "rows" else v for k, v in extra.items()}
-        windows, skipped = readers[task.source](item, task, Path(raw_dir), channels, cfg, **more)
+        windows, skipped = READERS[task.source][1](item, task, Path(raw_dir), channels, cfg, extra)
         outcome.update(status="ok" if windows else "skipped", windows=len(windows), windows_skipped=dict(skipped))
         if not windows:
             outcome.update(code=next(iter(skipped), "no_windows"), reason=f"no usable window ({dict(skipped)})")
@@ -265,14 +212,19 @@ def _split_key(task: Task, values: list) -> float:
 
 def prepare_task(task: Task, raw_dir: str | Path, outdir: str | Path, channels: dict[str, ChannelSpec],
                  cfg: WindowsConfig, split_ratios=(0.7, 0.15, 0.15), seed: int = 0, ppg_signal: int = 0,
-                 label_rows: list[dict] | None = None, address: str | None = None) -> dict:
+                 label_rows: list[dict] | None = None, address: str | None = None, fit: str | None = None,
+                 rate_hz: float | None = None) -> dict:
     """The windows of ``task`` from ``raw_dir`` -> ``outdir`` (module docstring); returns the manifest.
 
-    Recordings are read and prepared in parallel with Ray Data. A recording that cannot be read is
-    skipped with its reason; so is a window without a usable label or target (counted by reason).
-    Subjects are split by ``split_ratios`` (train, val, test) with ``seed``, stratified by
-    :func:`_split_key`. ``label_rows``: a label table's rows (:func:`table_task`). Rebuilding
-    replaces the previous output. A task left with one class or one subject is refused."""
+    Recordings are read and prepared in parallel with Ray Data (:mod:`biofm.task_readers`). A
+    recording that cannot be read is skipped with its reason; so is a window without a usable label
+    or target (counted by reason). Subjects are split by ``split_ratios`` (train, val, test) with
+    ``seed``, stratified by :func:`_split_key`. ``label_rows``: a label table's rows
+    (:func:`table_task`); ``ppg_signal``: which PPG signal of a recording that has several (BUT-PPG's
+    colour channel, TROIKA's second wrist PPG); ``fit``: how PPG-BP's short segments become a window;
+    ``rate_hz``: the rate of CSV files without a time column. Rebuilding replaces the previous
+    output. A task left with one class or one subject is refused, and so is a split without a
+    subject, or without a class of a classification task (:func:`check_splits`)."""
     from biofm.preprocess import Progress
     from biofm.dataset import code_version, data_spec
     from biofm.ray_connect import ensure_ray
@@ -283,29 +235,8 @@ def prepare_task(task: Task, raw_dir: str | Path, outdir: str | Path, channels: 
     if not raw_dir.is_dir():
         raise ConfigError(f"--raw-dir {raw_dir} is not a folder")
     spec = data_spec(channels, cfg) | ({"ppg_signal": ppg_signal} if task.source == "butppg" else {})
-    outcomes, extra = {}, {}
-    if task.source == "butppg":
-        from biofm.sources.butppg import read_annotations, read_records, read_subjects
-
-        items, labels, subjects = read_records(raw_dir), read_annotations(raw_dir), read_subjects(raw_dir)
-        for rid in items:
-            if rid not in labels:
-                outcomes[rid] = {"status": "skipped", "code": "no_annotation", "reason": "no quality label in quality-hr-ann.csv"}
-            elif rid not in subjects:
-                outcomes[rid] = {"status": "skipped", "code": "no_subject_info", "reason": "not listed in subject-info.csv"}
-        extra = {"ppg_signal": ppg_signal, "values": {
-            r: (a.ref_hr if task.kind == "regression" else a.label) for r, a in labels.items()}}
-    elif task.source == "arrhythmia":
-        from biofm.sources.arrhythmia import patients
-
-        items = patients(raw_dir)
-    else:
-        by_recording: dict[str, list[dict]] = {}
-        for r in label_rows or []:
-            by_recording.setdefault(str(r["recording"]), []).append(r)
-        items, extra = sorted(by_recording), {"rows": by_recording, "source": open_source(str(raw_dir))}
-        if not items:
-            raise ConfigError(f"task {task.name}: the label table has no rows")
+    options = {"ppg_signal": ppg_signal, "fit": fit, "rate_hz": rate_hz, "label_rows": label_rows}
+    items, outcomes, extra = READERS[task.source][0](raw_dir, task, options)
     todo = [r for r in items if r not in outcomes]
     progress = Progress("prepare-task", len(todo), units=("recordings", "windows"))
     t0, rows = time.perf_counter(), []
@@ -337,6 +268,7 @@ def prepare_task(task: Task, raw_dir: str | Path, outdir: str | Path, channels: 
     check_labels(task, [r[task.column] for r in rows], [r["subject_id"] for r in rows], f"task {task.name}")
     split_of = {s: name for name, ids in split_groups(list(values), split_ratios, seed, positive_rate={
         s: _split_key(task, v) for s, v in values.items()}).items() for s in ids}
+    check_splits(task, split_of, values, split_ratios, seed)
     quality_columns = sorted({k for r in rows for k in r["quality"]})
     for name in SPLITS:
         storage.remove_tree(storage.join(outdir, name))
@@ -353,7 +285,8 @@ def prepare_task(task: Task, raw_dir: str | Path, outdir: str | Path, channels: 
     manifest = {
         "task": dataclasses.asdict(task), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "code_version": code_version(), "raw_dir": str(raw_dir), "data_spec": spec,
-        "config": {"split_ratios": list(split_ratios), "seed": seed, "ppg_signal": ppg_signal},
+        "config": {"split_ratios": list(split_ratios), "seed": seed, "ppg_signal": ppg_signal, "fit": fit,
+                   "rate_hz": rate_hz},
         "records_in": len(items), "records_ok": sum(o["status"] == "ok" for o in outcomes.values()),
         "records_skipped": sum(o["status"] != "ok" for o in outcomes.values()),
         "skip_reasons": dict(Counter(o["code"] for o in outcomes.values() if o["status"] != "ok").most_common()),
@@ -375,6 +308,38 @@ def _value_summary(task: Task, values: list) -> dict:
         return {"target_mean": float(np.mean(values)) if values else float("nan")}
     counts = np.bincount(np.asarray(values, dtype=np.int64), minlength=len(task.classes)) if values else np.zeros(len(task.classes), int)
     return {"classes": dict(zip(task.classes, counts.tolist()))}
+
+
+MIN_SUBJECTS_PER_CLASS = 5  # the benchmark's five subject-wise folds each test a subject of every class
+
+
+def check_splits(task: Task, split_of: dict[str, str], values: dict[str, list], ratios, seed: int) -> None:
+    """Refuse a split (train, val, test) given a share of the subjects that holds none, or that lacks
+    a class of a classification task, naming the counts and what to change. A split of share 0 is
+    meant to be empty."""
+    from biofm.splits import SPLITS
+
+    per_class = {}
+    if task.kind != "regression":
+        for s, v in values.items():
+            for c in set(v):
+                per_class.setdefault(task.classes[c], set()).add(s)
+    for name, ratio in zip(SPLITS, ratios):
+        members = [s for s, n in split_of.items() if n == name]
+        if ratio == 0:
+            continue
+        if not members:
+            raise ConfigError(f"task {task.name}: the {name} split gets none of the {len(split_of)} subjects with "
+                              f"--split-ratios {' '.join(f'{r:g}' for r in ratios)}: raise its share, or add subjects")
+        if task.kind != "regression":
+            held = {c for s in members for c in values[s]}
+            lacking = [task.classes[c] for c in range(len(task.classes)) if c not in held and task.classes[c] in per_class]
+            if lacking:
+                counts = ", ".join(f"{c}: {len(per_class[c])}" for c in per_class)
+                raise ConfigError(f"task {task.name}: the {name} split ({len(members)} subjects) has no window of "
+                                  f"{', '.join(lacking)} (subjects with each class: {counts}; seed {seed}): "
+                                  f"change --seed or --split-ratios, or add subjects (at least "
+                                  f"{MIN_SUBJECTS_PER_CLASS} per class for the benchmark's folds)")
 
 
 def check_labels(task: Task, values, subjects, where: str) -> None:

@@ -35,6 +35,18 @@ STATE = "biofm_search.json"
 SHOWN = {"val_auroc": "val AUROC", "val_macro_f1": "val macro-F1", "val_mae": "val MAE"}
 
 
+def shown(metric: str, task: dict | None) -> str:
+    """A metric's name in the task's words: ``val AUROC (AF vs other rhythm)``, ``val MAE (heart
+    rate, bpm)``."""
+    if not task:
+        return SHOWN[metric]
+    if task["kind"] == "binary":
+        return f"{SHOWN[metric]} ({task['classes'][1]} vs {task['classes'][0]})"
+    if task["kind"] == "multiclass":
+        return f"{SHOWN[metric]} ({', '.join(task['classes'])})"
+    return f"{SHOWN[metric]} ({', '.join(x for x in (task.get('target'), task.get('unit')) if x) or task['name']})"
+
+
 def param_space(search: dict) -> dict:
     """``search`` (see :class:`~biofm.config.TuneSearchConfig`) as Ray Tune samplers."""
     from ray import tune
@@ -108,17 +120,18 @@ def run_search(tcfg: TuneSearchConfig, base: FinetuneConfig, pretrained: str | P
     if not storage.list_files(storage.join(data_dir, "train"), ".parquet"):
         raise BiofmError(f"no labelled windows in {data_dir}/train: write the task with `biofm prepare-task` "
                          "(BUT-PPG: `biofm prepare-butppg`)")
-    metric, mode = SELECTION[_data_task(storage.join(data_dir, "train"))["kind"]]
+    task = _data_task(storage.join(data_dir, "train"))
+    metric, mode = SELECTION[task["kind"]]
     from biofm.dataset import read_data_spec
 
     channels = read_data_spec(storage.join(data_dir, "train"))["channels"]
-    if list(base.channels) != channels:  # said once here, not by every trial that fails on it
-        raise BiofmError(f"the data has channels {channels}, the fine-tuning config {list(base.channels)}")
+    if base.channels and not set(base.channels) & set(channels):  # said once here, not by every trial
+        raise BiofmError(f"the fine-tuning channels {list(base.channels)} are none of the data's {channels}")
     base_dict = trial_base(tcfg, base)
     if not resume:
         storage.write_text(storage.join(exp_dir, STATE), json.dumps(
             {"search": to_jsonable(tcfg), "base": base_dict, "pretrained": pretrained, "data_dir": data_dir,
-             "metric": metric, "mode": mode}, indent=1))
+             "metric": metric, "mode": mode, "task": task}, indent=1))
     # Tune saves the experiment state (which trials finished) at most every 5 s, and copies it to
     # the experiment folder at most every sync_period (below): an interruption loses at most that
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "5")
@@ -166,6 +179,8 @@ def load_trials(exp_dir: str) -> tuple[dict, list[dict]]:
     state = json.loads(storage.read_text(state_file))
     state.setdefault("metric", "val_auroc")  # experiments from before tasks searched BUT-PPG quality
     state.setdefault("mode", "max")
+    state.setdefault("task", {"name": "butppg-quality", "kind": "binary", "classes": ["poor", "good"]}
+                     if state["metric"] == "val_auroc" else None)
     metric, sign = state["metric"], 1.0 if state["mode"] == "max" else -1.0
     max_epochs = state["search"]["max_epochs"]
     trials = []
@@ -227,7 +242,8 @@ def analyse(exp_dir: str | Path, prefix: str = "[tune-report]") -> dict:
     metric = state["metric"]
     best_key, test_key = f"best_{metric}", f"test_{metric[4:]}"
     keys = sorted({k for t in trials for k in t["params"]})
-    for line in format_table(trials, keys, metric).splitlines():
+    name = shown(metric, state["task"])
+    for line in format_table(trials, keys, metric, name).splitlines():
         print(f"{prefix} {line}")
     table = io.StringIO(newline="")
     w = csv.writer(table)
@@ -240,24 +256,27 @@ def analyse(exp_dir: str | Path, prefix: str = "[tune-report]") -> dict:
     ok = [t for t in trials if t["status"] != "error" and t["epochs"] > 0]
     summary = {"trials": len(trials), "completed": sum(t["status"] == "completed" for t in trials),
                "stopped_early": sum(t["status"] == "stopped early" for t in trials),
-               "errors": sum(t["status"] == "error" for t in trials), "metric": metric}
+               "errors": sum(t["status"] == "error" for t in trials), "metric": metric, "metric_name": name}
     if ok:
         best = ok[0]
         config = to_jsonable(trial_config(state["base"], best["params"]))
-        header = (f"# Best schedule of {storage.name(exp_dir)}: trial {best['trial']}, {SHOWN[metric]} {best[best_key]:.4f} "
+        header = (f"# Best schedule of {storage.name(exp_dir)}: trial {best['trial']}, {name} {best[best_key]:.4f} "
                   f"at epoch {best['best_epoch']} (ties: the lower val loss).\n# Use it with: biofm finetune --config <this file>\n")
         storage.write_text(storage.join(exp_dir, "best_config.yaml"), header + yaml.safe_dump(config, sort_keys=False))
         summary.update(best_trial=best["trial"], best=best[best_key], best_params=best["params"])
-        _plots(exp_dir, ok, keys, metric)
+        _plots(exp_dir, ok, keys, metric, name)
     return summary
 
 
-def format_table(trials: list[dict], keys: list[str], metric: str = "val_auroc") -> str:
+def format_table(trials: list[dict], keys: list[str], metric: str = "val_auroc", name: str | None = None) -> str:
+    """The trials as a text table; ``name``: the metric's name in the task's words (:func:`shown`)."""
+    name = name or SHOWN[metric]
+
     def show(v):
         return f"{v:.3g}" if isinstance(v, float) else str(v)
 
     best_key, test_key = f"best_{metric}", f"test_{metric[4:]}"
-    rows = [["trial", "status", "epochs", f"best {SHOWN[metric]}", "val loss there", SHOWN[metric].replace("val", "test"), *keys]]
+    rows = [["trial", "status", "epochs", f"best {name}", "val loss there", name.replace("val", "test", 1), *keys]]
     rows += [[t["trial"], t["status"], str(t["epochs"]), f"{t[best_key]:.4f}" if t["epochs"] else "-",
               f"{t['best_val_loss']:.4f}" if t["epochs"] else "-",
               "-" if t[test_key] != t[test_key] else f"{t[test_key]:.4f}",  # nan: no test run
@@ -269,7 +288,7 @@ def format_table(trials: list[dict], keys: list[str], metric: str = "val_auroc")
     return "\n".join(lines)
 
 
-def _plots(exp_dir: str, trials: list[dict], keys: list[str], metric: str) -> None:
+def _plots(exp_dir: str, trials: list[dict], keys: list[str], metric: str, name: str) -> None:
     from biofm.plotting import plt, save_png
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
@@ -278,7 +297,7 @@ def _plots(exp_dir: str, trials: list[dict], keys: list[str], metric: str) -> No
         line, = ax.plot(epochs, auroc, marker=".", label=f"{t['trial']} ({t['status']})")
         if t["status"] == "stopped early":
             ax.plot(epochs[-1], auroc[-1], "x", color=line.get_color(), ms=9)
-    ax.set(xlabel="epoch", ylabel=SHOWN[metric], title=f"{SHOWN[metric]} per trial (x: stopped early)")
+    ax.set(xlabel="epoch", ylabel=name, title=f"{name} per trial (x: stopped early)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
@@ -297,7 +316,7 @@ def _plots(exp_dir: str, trials: list[dict], keys: list[str], metric: str) -> No
             labels = sorted({str(v) for v in values})
             ax.scatter([labels.index(str(v)) for v in values], y)
             ax.set_xticks(range(len(labels)), labels, rotation=30, fontsize=8)
-        ax.set(xlabel=key, ylabel=f"best {SHOWN[metric]}")
+        ax.set(xlabel=key, ylabel=f"best {name}")
         ax.grid(alpha=0.3)
     fig.tight_layout()
     save_png(fig, storage.join(exp_dir, f"{metric}_vs_hyperparameters.png"))

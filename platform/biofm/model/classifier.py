@@ -1,4 +1,4 @@
-"""Channel inflation (2 -> 5 channels) and the PPG-quality classifier on the TTM encoder.
+"""Channels by name (:func:`channel_plan`, inflation) and the task classifier on the TTM encoder.
 
 Shapes: signals ``[B, C, T]``, ``present`` ``[B, C]`` (False = the channel is absent, zeros),
 latents ``[B, C, P, D]``, logits ``[B, K]`` (K classes, or 1 for a regression target).
@@ -19,6 +19,15 @@ from biofm.errors import BiofmError
 from biofm.model.ssl import Encoder
 
 CLOSED_GATE = -1e4  # a softmax logit whose weight underflows to exactly 0 in float32
+
+
+def channel_plan(encoder: list[str], task: list[str]) -> list[str]:
+    """The channels of a model made from an encoder of channels ``encoder`` for data of channels
+    ``task``, by name: the task's, in its order, then the encoder's that the task lacks. A channel
+    the encoder lacks is added (:func:`inflate_encoder`: the 2 -> 5 inflation is one case); a
+    channel the task lacks is absent: zeros, marked not present, left out of the pooling. One rule
+    for fine-tuning, Tune, embedding and the benchmark."""
+    return list(task) + [c for c in encoder if c not in task]
 
 
 def inflate_encoder(state: dict[str, torch.Tensor], config: TinyTimeMixerConfig, old: list[str], new: list[str],

@@ -80,6 +80,8 @@ class ArrayFile:
         if m is None:
             return array
         row = int(m.group("row"))
+        if array.ndim == 1 and row == 0:  # scipy reads MATLAB's [1, N] squeezed to [N]
+            return array
         if array.ndim != 2 or row >= array.shape[0]:
             raise CaseSkipped("corrupt_file", f"{self.path.name}: {where} asks for row {row} of "
                               f"{m.group('var')}, an array of shape {list(array.shape)}")

@@ -277,6 +277,9 @@ class WindowBatches:
                 data["signal"] = out
             elif index != list(range(signal.shape[1])):
                 data["signal"] = signal[:, index]
+        if "present" in data:  # a task's own marking, by the selected channels; -1: absent
+            index = self.split.channel_index[f]
+            data["present"] = np.stack([data["present"][:, r] if r >= 0 else np.zeros(hi - lo, bool) for r in index], 1)
         if "source" in self.columns:
             data["source"] = np.full(hi - lo, self.split.source[f], np.int16)
         return data

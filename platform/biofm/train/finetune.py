@@ -26,11 +26,11 @@ import torch
 from biofm import output, storage
 from biofm.config import FinetuneConfig, to_jsonable
 from biofm.errors import BiofmError, ConfigError
-from biofm.model.classifier import Classifier, inflate_encoder
+from biofm.model.classifier import Classifier, channel_plan, inflate_encoder
 from biofm.model.ssl import Encoder
 from biofm.train import checkpoint
 from biofm.train.batches import WaitClock, WindowBatches, data_wait_note, scan
-from biofm.train.metrics import METRICS, choose_threshold, classification_metrics, classifier_warnings
+from biofm.train.metrics import METRICS, choose_threshold, classification_metrics, classifier_warnings, slug
 from biofm.train.metrics import metrics as task_metrics
 from biofm.train.ray_run import (RUN_NAME, check_run_dir, fit, mixed_precision, report_epoch, restored_training,
                                  seed_epoch, worker_print)
@@ -50,9 +50,10 @@ def outputs_for(task: dict) -> int:
     """The head's outputs: one per class, or one value."""
     return 1 if task["kind"] == "regression" else len(task["classes"])
 
-def read_split(split_dir: str | Path) -> dict[str, np.ndarray]:
+def read_split(split_dir: str | Path, channels: list[str] | None = None) -> dict[str, np.ndarray]:
     """A task's split read whole (they are small): ``signal [N, C, T]``, ``present [N, C]``,
-    ``label [N]`` int64 (or ``target [N]`` float64), ``case_id [N]``."""
+    ``label [N]`` int64 (or ``target [N]`` float64), ``case_id [N]``. ``channels``: the model's, by
+    name (None: as stored); a channel the split lacks is zeros, not present."""
     files = list(storage.list_files(split_dir, ".parquet"))
     if not files:
         raise BiofmError(f"no labelled windows in {split_dir}: write the task with `biofm prepare-task` "
@@ -62,10 +63,22 @@ def read_split(split_dir: str | Path) -> dict[str, np.ndarray]:
         raise BiofmError(f"{split_dir} was prepared by an older biofm (no case_id column): prepare it again")
     value = "target" if "target" in names else "label"
     table = storage.read_table(files, columns=["case_id", value, "signal", "present"])
-    return {"signal": table.column("signal").combine_chunks().to_numpy_ndarray().astype(np.float32),
-            "present": _present(table.column("present").to_pylist()),
-            value: table.column(value).to_numpy().astype(np.float64 if value == "target" else np.int64),
-            "case_id": np.array(table.column("case_id").to_pylist())}
+    signal = table.column("signal").combine_chunks().to_numpy_ndarray().astype(np.float32)
+    present = _present(table.column("present").to_pylist())
+    if channels is not None:
+        from biofm.dataset import read_data_spec
+
+        signal, present = by_name(signal, present, read_data_spec(split_dir)["channels"], channels)
+    return {"signal": signal, "present": present, "case_id": np.array(table.column("case_id").to_pylist()),
+            value: table.column(value).to_numpy().astype(np.float64 if value == "target" else np.int64)}
+
+
+def by_name(signal: np.ndarray, present: np.ndarray, stored: list[str], channels: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """``signal [N, C_stored, T]`` and ``present [N, C_stored]`` in the order of ``channels``; a
+    channel not ``stored`` is zeros, not present."""
+    rows = [stored.index(c) if c in stored else -1 for c in channels]
+    return (np.stack([signal[:, r] if r >= 0 else np.zeros_like(signal[:, 0]) for r in rows], axis=1),
+            np.stack([present[:, r] if r >= 0 else np.zeros(len(present), bool) for r in rows], axis=1))
 
 
 @torch.no_grad()
@@ -86,23 +99,22 @@ def predict_outputs(model: Classifier, signal: np.ndarray, present: np.ndarray, 
 
 
 def predict(model: Classifier, signal: np.ndarray, present: np.ndarray, batch_size: int = 64, device="cpu") -> np.ndarray:
-    """A binary model's probability of class 1 ("good" for BUT-PPG quality) ``[N]`` for ``signal [N, C, T]``."""
+    """A binary model's probability of its positive class (label 1) ``[N]`` for ``signal [N, C, T]``."""
     return predict_outputs(model, signal, present, {}, batch_size, device)[:, 1]
 
 
 def build_classifier(cfg: FinetuneConfig, pretrained: str | Path | None, data_spec: dict,
                      task: dict | None = None) -> tuple[Classifier, dict]:
-    """The model for ``data_spec``'s channels and ``task`` (default: BUT-PPG quality), and its
-    description (for checkpoints).
+    """The model for ``task`` (default: BUT-PPG quality) on data of ``data_spec``, and its
+    description (for checkpoints). Its channels, by name (:func:`channel_plan`): the config's
+    (default: the data's), then the pretrained encoder's that they lack (absent); a channel the
+    encoder lacks is added by inflation (``cfg.inflation``).
 
     ``init = pretrained`` inflates the encoder of ``pretrained`` (a pretraining checkpoint,
     whose data spec must match: rate, window, filters); ``scratch`` builds the same architecture
     with random weights."""
     from biofm.dataset import check_data_spec
 
-    channels = list(data_spec["channels"])
-    if list(cfg.channels) != channels:
-        raise ConfigError(f"the data has channels {channels}, the fine-tuning config {list(cfg.channels)}")
     if pretrained is None:
         raise ConfigError("--pretrained is required: the pretraining checkpoint gives the architecture "
                           "(and, unless --init scratch, the weights)")
@@ -111,9 +123,13 @@ def build_classifier(cfg: FinetuneConfig, pretrained: str | Path | None, data_sp
     if desc.get("kind") != "masked_signal_model":
         raise BiofmError(f"{pretrained} is not a pretraining checkpoint (kind {desc.get('kind')!r})")
     old = list(desc["channels"])
-    if cfg.pretrain_channels is not None and len(old) != cfg.pretrain_channels:
-        raise ConfigError(f"{pretrained} has {len(old)} channels {old}, --pretrain-channels says {cfg.pretrain_channels}")
+    if cfg.pretrain_channels is not None and list(cfg.pretrain_channels) != old:
+        raise ConfigError(f"{pretrained} has channels {old}, --pretrain-channels says {list(cfg.pretrain_channels)}")
     check_data_spec(desc["data_spec"], data_spec, where=f"fine-tuning data vs {pretrained}")
+    wanted = list(cfg.channels or data_spec["channels"])
+    if not set(wanted) & set(data_spec["channels"]):
+        raise ConfigError(f"the fine-tuning channels {wanted} are none of the data's {list(data_spec['channels'])}")
+    channels = channel_plan(old, wanted)
     from tsfm_public.models.tinytimemixer import TinyTimeMixerConfig
 
     ttm = TinyTimeMixerConfig.from_dict(desc["ttm_config"])
@@ -126,9 +142,12 @@ def build_classifier(cfg: FinetuneConfig, pretrained: str | Path | None, data_sp
     task = task or BUTPPG_QUALITY
     torch.manual_seed(cfg.seed)
     model = Classifier(encoder, num_classes=outputs_for(task), dropout=cfg.dropout)
+    filters = {**desc["data_spec"]["filters"], **data_spec["filters"]}
+    spec = {**data_spec, "channels": channels, "filters": {c: filters[c] for c in channels}}
     description = {"kind": "ppg_quality_classifier", "ttm_config": json.loads(json.dumps(encoder.config.to_dict(), default=str)),
-                   "channels": channels, "data_spec": data_spec, "pretrained": str(pretrained), "init": cfg.init,
-                   "inflation": cfg.inflation, "pretrained_channels": old, "task": task}
+                   "channels": channels, "data_spec": spec, "pretrained": str(pretrained), "init": cfg.init,
+                   "inflation": cfg.inflation, "pretrained_channels": old, "task": task,
+                   "absent": [c for c in channels if c not in data_spec["channels"]]}
     return model, description
 
 
@@ -272,10 +291,11 @@ def train_loop(config: dict) -> None:
                                                                   _gather(torch.softmax(logits, -1).numpy())).items()}}
         else:
             p, y = _gather(torch.softmax(logits, -1)[:, 1].numpy()), y.astype(np.int64)
-            val = classification_metrics(y, p, choose_threshold(y, p))
+            f1 = f"f1_{slug(task_of(desc)['classes'][1])}"
+            val = classification_metrics(y, p, choose_threshold(y, p), task_of(desc)["classes"][1])
             metrics |= {"train_accuracy": correct / max(n, 1), "val_auroc": val["auroc"] if np.isfinite(val["auroc"]) else 0.5,
                         "val_auprc": val["auprc"], "val_balanced_accuracy": val["balanced_accuracy"],
-                        "val_f1_good": val["f1_good"], "val_accuracy": val["accuracy"]}
+                        f"val_{f1}": val[f1], "val_accuracy": val["accuracy"]}
         metrics |= {"records_per_s": n / ingest["train_s"], **ingest, "bad_steps": round(bad / world),
                     "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
                     "attempt": state["attempts"]}
@@ -356,6 +376,13 @@ def finetune(cfg: FinetuneConfig, pretrained: str | Path | None, data_dir: str |
             raise ConfigError(f"{data_dir}/{split} was made with other settings than {data_dir}/train")
     task = _data_task(split_dir("train"))
     model, description = build_classifier(cfg, pretrained, train.spec, task)
+    channels = description["channels"]
+    if description["absent"]:
+        print(f"[finetune] the data has no {', '.join(description['absent'])}: zeros, marked absent", flush=True)
+    left_out = [c for c in train.spec["channels"] if c not in channels]
+    if left_out:
+        print(f"[finetune] the model reads {', '.join(channels)}: the data's {', '.join(left_out)} left out", flush=True)
+    train, val = (scan(split_dir(s), channels, absent_ok=True) for s in ("train", "val"))
     values = read_split(split_dir("train"))["target" if task["kind"] == "regression" else "label"]
     if task["kind"] == "regression":
         if not len(values) or np.std(values) == 0:
@@ -388,23 +415,28 @@ def write_artifacts(output_dir: str, best: dict, history: list[dict], cfg: Finet
     kind = task["kind"]
     model = Classifier(Encoder(_config(best)), num_classes=outputs_for(task))
     model.load_state_dict(best["model"])
-    val, test = read_split(storage.join(data_dir, "val")), read_split(storage.join(data_dir, "test"))
+    channels = best["description"]["channels"]
+    val, test = (read_split(storage.join(data_dir, s), channels) for s in ("val", "test"))
     out = functools.partial(storage.join, output_dir)
     description, threshold = best["description"], None
     if kind == "binary":
+        negative, positive = task["classes"]
         p_val = predict(model, val["signal"], val["present"])
         threshold = choose_threshold(val["label"], p_val)
         p_test = predict(model, test["signal"], test["present"])
-        metrics = {"test": classification_metrics(test["label"], p_test, threshold),
-                   "val": classification_metrics(val["label"], p_val, threshold),
-                   "best_epoch": best["training"]["epoch"], "threshold_from": "val (Youden's J)"}
-        metrics["warnings"] = classifier_warnings(metrics["val"], "val") + classifier_warnings(metrics["test"], "test")
+        metrics = {"test": classification_metrics(test["label"], p_test, threshold, positive),
+                   "val": classification_metrics(val["label"], p_val, threshold, positive),
+                   "best_epoch": best["training"]["epoch"], "threshold_from": "val (Youden's J)", "positive": positive}
+        metrics["warnings"] = (classifier_warnings(metrics["val"], "val", task["classes"])
+                               + classifier_warnings(metrics["test"], "test", task["classes"]))
         description = {**description, "threshold": threshold}
-        plot_roc({"val": (val["label"], p_val), "test": (test["label"], p_test)}, out("roc_curve.png"))
+        plot_roc({"val": (val["label"], p_val), "test": (test["label"], p_test)}, out("roc_curve.png"),
+                 f"{task['name']}: {positive} vs {negative}")
         curves, loss_name = ("AUROC / balanced accuracy", ("val_auroc", "val_balanced_accuracy")), "cross-entropy"
         m = metrics["test"]
-        line = (f"test ({m['n']} records, {m['positives']} good): AUROC {m['auroc']:.3f} AUPRC {m['auprc']:.3f} "
-                f"balanced acc {m['balanced_accuracy']:.3f} F1(good) {m['f1_good']:.3f} at threshold {threshold:.3f}")
+        line = (f"test ({m['n']} windows, {m['positives']} {positive}): AUROC {m['auroc']:.3f} AUPRC {m['auprc']:.3f} "
+                f"balanced acc {m['balanced_accuracy']:.3f} F1({positive}) {m[f'f1_{slug(positive)}']:.3f} "
+                f"at threshold {threshold:.3f}")
     else:
         column = "target" if kind == "regression" else "label"
         metrics = {split: {"n": int(len(d[column])), **task_metrics(kind, d[column], predict_outputs(
@@ -412,7 +444,11 @@ def write_artifacts(output_dir: str, best: dict, history: list[dict], cfg: Finet
         metrics |= {"best_epoch": best["training"]["epoch"], "warnings": []}
         curves = (" / ".join(METRICS[kind][:2]), tuple(f"val_{k}" for k in METRICS[kind][:2]))
         loss_name = f"{cfg.regression_loss} (standardised target)" if kind == "regression" else "cross-entropy"
-        line = f"test ({metrics['test']['n']} windows): " + ", ".join(f"{k} {metrics['test'][k]:.3f}" for k in METRICS[kind])
+        unit = f" {task.get('unit') or ''}".rstrip()
+        if kind == "regression":
+            metrics |= {"target": task.get("target", ""), "unit": task.get("unit", "")}
+        shown = ", ".join(f"{k} {metrics['test'][k]:.3f}{unit if k in ('mae', 'rmse') else ''}" for k in METRICS[kind])
+        line = f"test ({metrics['test']['n']} windows{', ' + task['target'] if kind == 'regression' and task.get('target') else ''}): {shown}"
     checkpoint.save(out("best_model.pt"), best["model"], description)
     storage.write_text(out("training_history.json"), json.dumps(history, indent=1))
     storage.write_text(out("training_config.json"), json.dumps(

@@ -1,7 +1,10 @@
 """Metrics of predictions: every task kind's (:func:`metrics`, weighted for subject bootstraps), and
-the binary quality classifier's (1 = good: labels ``y [N]``, predicted probabilities of "good" ``p [N]``)."""
+a binary classifier's at a threshold (labels ``y [N]``, 1 = the positive class; predicted
+probabilities of it ``p [N]``), named after the task's classes (:func:`slug`)."""
 
 from __future__ import annotations
+
+import re
 
 import numpy as np
 from sklearn import metrics as skm
@@ -107,9 +110,14 @@ def choose_threshold(y: np.ndarray, p: np.ndarray) -> float:
     return float(min(1.0, thresholds[best]))
 
 
-def classification_metrics(y: np.ndarray, p: np.ndarray, threshold: float = 0.5) -> dict:
-    """accuracy, balanced accuracy, AUROC, AUPRC, F1 of "good", confusion matrix
-    ``[[tn, fp], [fn, tp]]``, at ``threshold``. AUROC/AUPRC are NaN with one class only."""
+def slug(name: str) -> str:
+    """A class or target name as part of a metric key or a column: ``"other rhythm"`` -> ``other_rhythm``."""
+    return re.sub(r"\W+", "_", name).strip("_").lower() or "positive"
+
+
+def classification_metrics(y: np.ndarray, p: np.ndarray, threshold: float = 0.5, positive: str = "good") -> dict:
+    """accuracy, balanced accuracy, AUROC, AUPRC, F1 of the ``positive`` class (``f1_<slug>``),
+    confusion matrix ``[[tn, fp], [fn, tp]]``, at ``threshold``. AUROC/AUPRC are NaN with one class only."""
     y, p = np.asarray(y).astype(int), np.asarray(p, dtype=np.float64)
     pred = (p >= threshold).astype(int)
     two = len(np.unique(y)) == 2
@@ -119,7 +127,7 @@ def classification_metrics(y: np.ndarray, p: np.ndarray, threshold: float = 0.5)
         "balanced_accuracy": float(skm.balanced_accuracy_score(y, pred)) if two else float("nan"),
         "auroc": float(skm.roc_auc_score(y, p)) if two else float("nan"),
         "auprc": float(skm.average_precision_score(y, p)) if two else float("nan"),
-        "f1_good": float(skm.f1_score(y, pred, zero_division=0)),
+        f"f1_{slug(positive)}": float(skm.f1_score(y, pred, zero_division=0)),
         "confusion": skm.confusion_matrix(y, pred, labels=[0, 1]).tolist(),
     }
 
@@ -127,15 +135,15 @@ def classification_metrics(y: np.ndarray, p: np.ndarray, threshold: float = 0.5)
 MIN_RECORDS = 30  # below this many records (or fewer than 5 of a class) a split's metrics mean little
 
 
-def classifier_warnings(metrics: dict, split: str) -> list[str]:
-    """What a reader of ``metrics`` (from :func:`classification_metrics` on ``split``) should be
-    warned about: too few records to mean much, or no better than the baselines (chance AUROC,
-    always predicting one class: balanced accuracy 0.5)."""
+def classifier_warnings(metrics: dict, split: str, classes=("poor", "good")) -> list[str]:
+    """What a reader of ``metrics`` (from :func:`classification_metrics` on ``split``; ``classes``:
+    negative, positive) should be warned about: too few windows to mean much, or no better than
+    the baselines (chance AUROC, always predicting one class: balanced accuracy 0.5)."""
     out = []
-    n, good = metrics["n"], metrics["positives"]
-    if n < MIN_RECORDS or min(good, n - good) < 5:
-        out.append(f"the {split} split has {n} records ({good} good, {n - good} poor): too few for its metrics "
-                   f"to mean much (want >= {MIN_RECORDS}, >= 5 of each class)")
+    n, pos = metrics["n"], metrics["positives"]
+    if n < MIN_RECORDS or min(pos, n - pos) < 5:
+        out.append(f"the {split} split has {n} windows ({pos} {classes[1]}, {n - pos} {classes[0]}): too few for "
+                   f"its metrics to mean much (want >= {MIN_RECORDS}, >= 5 of each class)")
     if not metrics["auroc"] > 0.5:
         out.append(f"{split} AUROC {metrics['auroc']:.3f} does not beat chance (0.5)")
     if not metrics["balanced_accuracy"] > 0.5:

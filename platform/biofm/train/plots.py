@@ -61,8 +61,8 @@ def plot_reconstructions(model, split_dir: str, description: dict, path: str, n:
     save_png(fig, path, dpi=90)
 
 
-def plot_roc(curves: dict[str, tuple[np.ndarray, np.ndarray]], path: str) -> None:
-    """ROC curves, one per name -> (labels [N], probabilities of "good" [N])."""
+def plot_roc(curves: dict[str, tuple[np.ndarray, np.ndarray]], path: str, title: str) -> None:
+    """ROC curves, one per name -> (labels [N], probabilities of the positive class [N])."""
     from sklearn.metrics import roc_auc_score, roc_curve
 
     fig, ax = plt.subplots(figsize=(5, 5))
@@ -71,7 +71,7 @@ def plot_roc(curves: dict[str, tuple[np.ndarray, np.ndarray]], path: str) -> Non
             fpr, tpr, _ = roc_curve(y, p)
             ax.plot(fpr, tpr, label=f"{name} (AUROC {roc_auc_score(y, p):.3f}, n={len(y)})")
     ax.plot([0, 1], [0, 1], "k--", lw=0.8, label="chance")
-    ax.set(xlabel="false positive rate", ylabel="true positive rate", title="PPG quality: good vs poor")
+    ax.set(xlabel="false positive rate", ylabel="true positive rate", title=title)
     ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
     save_png(fig, path)
