@@ -177,6 +177,10 @@ def test_handcrafted_features_of_a_pulse_at_a_known_rate():
     np.testing.assert_allclose(f["power_0.5-1_hz"] + f["power_1-2_hz"] + f["power_2-4_hz"] + f["power_4-8_hz"], 1, atol=0.05)
     noise = handcrafted_features(bandpass(np.random.default_rng(0).standard_normal((1, 1250)), 125.0, (0.5, 10.0)), 125.0)
     assert noise[0, HANDCRAFTED.index("template_match")] < 0.8  # 0.70 for this noise: no beat repeats
+    ecg = np.stack([bandpass(heartbeat_signals(10.0, 125.0, hr_bpm=hr, seed=i)[1], 125.0, (0.5, 40.0))
+                    for i, hr in enumerate((50.0, 120.0))])   # an ECG-only task's features: R peaks
+    f = dict(zip(HANDCRAFTED, handcrafted_features(ecg, 125.0, (0.5, 40.0), kind="ecg").T))
+    np.testing.assert_allclose(f["hr_bpm"], [50.0, 120.0], rtol=0.05)
 
 
 def test_a_metric_undefined_on_a_fold_is_said_so_not_printed_as_zero(monkeypatch, tmp_path):

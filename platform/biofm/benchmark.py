@@ -4,7 +4,7 @@ folds, and bootstrap confidence intervals, against honest baselines.
 :func:`benchmark`, per task folder (written by ``biofm prepare-task``):
 
 1. Rows: every encoder given; the same architecture with random weights (``random weights``);
-   hand-crafted PPG features (:func:`biofm.signals.handcrafted_features`); the trivial answer
+   hand-crafted PPG features, or ECG's where a task has no PPG (:func:`biofm.signals.handcrafted_features`); the trivial answer
    (the training folds' class shares, or their mean target).
 2. Embeddings through ``biofm embed``'s path (:func:`biofm.infer.embed`: Ray Data, an actor pool).
 3. Subjects dealt into ``folds`` stratified folds (:func:`biofm.splits.kfold_groups`), or the
@@ -222,7 +222,7 @@ def _read(task_dir: str) -> tuple[Task, dict, list[str]]:
     from biofm.dataset import read_data_spec
 
     spec = read_data_spec(dirs[0])
-    ppg = spec["channels"].index("PPG") if "PPG" in spec["channels"] else 0
+    beat = next((c for c in ("PPG", "ECG") if c in spec["channels"]), spec["channels"][0])
     table = pa.concat_tables([t.append_column("split", pa.array([s] * t.num_rows)) for s, t in parts])
     case = table.column("case_id").to_numpy(zero_copy_only=False).astype(str)
     table = table.take(np.lexsort((table.column("window_idx").to_numpy(), case)))
@@ -235,7 +235,8 @@ def _read(task_dir: str) -> tuple[Task, dict, list[str]]:
             "subject_id": table.column("subject_id").to_numpy(zero_copy_only=False).astype(str),
             "split": table.column("split").to_numpy(zero_copy_only=False).astype(str),
             "y": table.column(task.column).to_numpy().astype(np.float64 if task.kind == "regression" else np.int64),
-            "ppg": table.column("signal").combine_chunks().to_numpy_ndarray()[:, ppg],
+            "beat_channel": beat,   # the hand-crafted features' channel: PPG, else ECG
+            "beat_signal": table.column("signal").combine_chunks().to_numpy_ndarray()[:, spec["channels"].index(beat)],
             "spec": spec, "dropped": int((~keep).sum()),
             "table": table.drop_columns(["split"]).replace_schema_metadata(parts[0][1].schema.metadata)}
     check_labels(task, data["y"], data["subject_id"], task_dir)
@@ -352,7 +353,9 @@ def benchmark(encoders: list[str], task_dirs: list[str], output: str, folds: int
     submitted = {}  # every task's probes are Ray tasks, submitted before the first is awaited
     for name, (task, data, dirs) in tasks.items():
         fold = _folds(task, data, folds, seed, fixed_split)
-        hand = handcrafted.remote(data["ppg"], data["spec"]["sample_rate_hz"], tuple(data["spec"]["filters"]["PPG"]["band_hz"]))
+        hand = handcrafted.remote(data["beat_signal"], data["spec"]["sample_rate_hz"],
+                                  tuple(data["spec"]["filters"][data["beat_channel"]]["band_hz"]),
+                                  "ecg" if data["beat_channel"] == "ECG" else "ppg")
         features = {}
         for row in [*names, RANDOM]:
             folder = storage.join(output, "embeddings", name, _slug(row))
@@ -409,6 +412,7 @@ def benchmark(encoders: list[str], task_dirs: list[str], output: str, folds: int
         report["tasks"][name] = {
             "kind": kind, "classes": list(task.classes), "target": task.target, "unit": task.unit,
             "undefined": why, "references": REFERENCES.get(name, []), "folder": dirs[0].rsplit("/", 1)[0],
+            "handcrafted_channel": data["beat_channel"],
             "windows": int(len(y)), "subjects": int(len(np.unique(subjects))), "windows_dropped": data["dropped"],
             "folds": int(len(set(fold[fold >= 0].tolist()))), "headline": head, "rows": table, "differences": differences,
             "fold_subjects": {str(f): sorted(set(data["subject_id"][fold == f].tolist())) for f in sorted(set(fold.tolist()))}}
@@ -492,6 +496,8 @@ def markdown(report: dict) -> str:
                   "| row | " + " | ".join(f"{m}{unit if m in ('mae', 'rmse') else ''}" for m in ms) + " |",
                   "|---|" + "---|" * len(ms)]
         lines += [f"| {row} | " + " | ".join(_cell(v[m]) for m in ms) + " |" for row, v in t["rows"].items()]
+        if t.get("handcrafted_channel", "PPG") != "PPG":
+            lines += ["", f"The hand-crafted row's features are the {t['handcrafted_channel']}'s (the task has no PPG)."]
         if t.get("undefined"):
             lines += ["", f"Every figure is undefined: {t['undefined']}."]
         measured = {row: v["protocol"] for row, v in t["rows"].items() if v.get("protocol")}

@@ -308,10 +308,11 @@ HANDCRAFTED = ("hr_bpm", "ibi_sd_ms", "rmssd_ms", "ibi_range_ms", "beats", "temp
                *(f"power_{lo:g}-{hi:g}_hz" for lo, hi in FEATURE_BANDS_HZ))
 
 
-def handcrafted_features(windows: np.ndarray, fs: float, band_hz: tuple[float, float] = (0.5, 10.0)) -> np.ndarray:
-    """The benchmark's hand-crafted PPG features of band-passed windows ``[N, T]`` at ``fs`` Hz,
-    ``[N, len(HANDCRAFTED)]`` (NaN where undefined): beat rate (bpm) and beat-interval
-    variability (SD, RMSSD and range of the intervals, ms) from :func:`detect_beats`, the beats
+def handcrafted_features(windows: np.ndarray, fs: float, band_hz: tuple[float, float] = (0.5, 10.0),
+                         kind: str = "ppg") -> np.ndarray:
+    """The benchmark's hand-crafted features of band-passed PPG (or, ``kind="ecg"``, ECG) windows
+    ``[N, T]`` at ``fs`` Hz, ``[N, len(HANDCRAFTED)]`` (NaN where undefined): beat rate (bpm) and
+    beat-interval variability (SD, RMSSD and range of the intervals, ms) from :func:`detect_beats`, the beats
     found, :func:`template_match`, skewness (Elgendi 2016's best single PPG quality index) and
     kurtosis, and the share of the ``band_hz`` power in each of ``FEATURE_BANDS_HZ`` (each
     ``[lo, hi)`` Hz)."""
@@ -319,7 +320,7 @@ def handcrafted_features(windows: np.ndarray, fs: float, band_hz: tuple[float, f
 
     out = np.full((len(windows), len(HANDCRAFTED)), np.nan)
     for i, x in enumerate(windows):
-        beats = detect_beats(x, fs, "ppg")
+        beats = detect_beats(x, fs, kind)
         ibi = np.diff(beats) / fs * 1000.0
         out[i, 0] = heart_rate_bpm(beats, fs)
         if len(ibi) >= 2:
