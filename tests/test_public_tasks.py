@@ -47,8 +47,9 @@ def linked(tmp_path, folder, names):
 
 @requires_realdata(PPGBP)
 def test_ppgbp_pressure_and_hypertension_from_the_subjects_table(ray_session, tmp_path):
-    """Ten subjects: three windows each (a segment repeated to 10 s), the subject's systolic
-    pressure from the xlsx; hypertension is the table's stage 1 or 2; concat gives one window."""
+    """Ten subjects: three windows each (a segment held at its last value to 10 s, the default fit;
+    tile repeats it), the subject's systolic pressure from the xlsx; hypertension is the table's
+    stage 1 or 2; concat gives one window."""
     table = ppgbp.subjects(PPGBP)
     ids = sorted(table, key=int)[:10]
     raw = tmp_path / "raw"
@@ -59,15 +60,21 @@ def test_ppgbp_pressure_and_hypertension_from_the_subjects_table(ray_session, tm
             (raw / "0_subject" / f.name).symlink_to(f)
     ppg = CHANNELS.select(["PPG"])
     m = prepare_task(TASKS["ppgbp-sbp"], raw, tmp_path / "sbp", ppg, WINDOWS, split_ratios=(0.6, 0.2, 0.2))
-    assert m["records_in"] == 219 and m["records_ok"] == 10 and m["skip_reasons"] == {"missing_file": 209}
+    assert m["config"]["fit"] == "pad" and m["records_in"] == 219 and m["records_ok"] == 10 and m["skip_reasons"] == {"missing_file": 209}
     w = windows_of(tmp_path / "sbp")
     assert len(w["target"]) == 30 and sorted(set(w["subject_id"])) == sorted(ids) and disjoint(w)
     assert all(w["target"][w["subject_id"] == s][0] == table[s]["sbp"] for s in ids)
     first = sorted((raw / "0_subject").glob(f"{ids[0]}_1.txt"))[0]
     x = np.array(first.read_text().split(), dtype=float)
     row = np.flatnonzero((w["case_id"] == ids[0]) & (w["window_idx"] == 0))[0]
-    expected, _ = record_signal({"PPG": (np.resize(x, 10000), 1000.0)}, ppg, WINDOWS)
+    held = np.concatenate([x, np.full(10000 - len(x), x[-1])])
+    expected, _ = record_signal({"PPG": (held, 1000.0)}, ppg, WINDOWS)
     np.testing.assert_allclose(w["signal"][row], expected, atol=1e-5)
+    prepare_task(TASKS["ppgbp-sbp"], raw, tmp_path / "tiled", ppg, WINDOWS, split_ratios=(0.6, 0.2, 0.2), fit="tile")
+    tiled = windows_of(tmp_path / "tiled")
+    row = np.flatnonzero((tiled["case_id"] == ids[0]) & (tiled["window_idx"] == 0))[0]
+    expected, _ = record_signal({"PPG": (np.resize(x, 10000), 1000.0)}, ppg, WINDOWS)
+    np.testing.assert_allclose(tiled["signal"][row], expected, atol=1e-5)
     m = prepare_task(TASKS["ppgbp-hypertension"], raw, tmp_path / "ht", ppg, WINDOWS, split_ratios=(1.0, 0.0, 0.0),
                      fit="concat")
     w = windows_of(tmp_path / "ht")

@@ -443,8 +443,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="which PPG signal of a recording that has several: BUT-PPG's colour channel (default: the "
                         "--config's), TROIKA's wrist PPG 0 or 1 (default 0)")
     p.add_argument("--fit", choices=["tile", "concat", "pad"], default=None,
-                   help="how PPG-BP's 2.1 s segments become a 10 s window: each segment repeated (tile, the default), "
-                        "a subject's three end to end and repeated (concat), or held at its last value (pad)")
+                   help="how PPG-BP's 2.1 s segments become a 10 s window: each segment held at its last value (pad, "
+                        "the default: it served the encoder best on validation), repeated (tile), or a subject's "
+                        "three end to end and repeated (concat)")
     p.add_argument("--rate-hz", type=POSITIVE, default=None,
                    help="sample rate of a label table's CSV files without a time column (and arrays that name none)")
     _task_source_flags(p)

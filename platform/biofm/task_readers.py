@@ -100,9 +100,9 @@ def _arrhythmia_windows(item, task, raw_dir, channels, cfg, extra):
 # PPG-BP --------------------------------------------------------------------------------------------
 
 def _ppgbp_items(raw_dir: Path, task, options: dict):
-    from biofm.sources.ppgbp import FITS, subjects
+    from biofm.sources.ppgbp import DEFAULT_FIT, FITS, subjects
 
-    fit = options.get("fit") or "tile"
+    fit = options.get("fit") or DEFAULT_FIT
     if fit not in FITS:
         from biofm.errors import ConfigError
 

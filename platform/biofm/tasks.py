@@ -285,7 +285,7 @@ def prepare_task(task: Task, raw_dir: str | Path, outdir: str | Path, channels: 
     manifest = {
         "task": dataclasses.asdict(task), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "code_version": code_version(), "raw_dir": str(raw_dir), "data_spec": spec,
-        "config": {"split_ratios": list(split_ratios), "seed": seed, "ppg_signal": ppg_signal, "fit": fit,
+        "config": {"split_ratios": list(split_ratios), "seed": seed, "ppg_signal": ppg_signal, "fit": extra.get("fit", fit),
                    "rate_hz": rate_hz},
         "records_in": len(items), "records_ok": sum(o["status"] == "ok" for o in outcomes.values()),
         "records_skipped": sum(o["status"] != "ok" for o in outcomes.values()),

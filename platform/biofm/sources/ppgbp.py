@@ -25,6 +25,9 @@ COLUMNS = {"sbp": "Systolic Blood Pressure(mmHg)", "dbp": "Diastolic Blood Press
            "hr": "Heart Rate(b/m)", "class": "Hypertension"}
 HYPERTENSIVE = ("Stage 1 hypertension", "Stage 2 hypertension")  # JNC 7's stages; Normal, Prehypertension: not
 FITS = ("tile", "concat", "pad")
+# the fit kept: the best mean rank of the encoder's probe over the three PPG-BP tasks on their
+# validation split (jobs/benchmark_experiment.py; its differences were small: docs/benchmark.md)
+DEFAULT_FIT = "pad"
 
 
 def subjects(raw_dir: Path) -> dict[str, dict]:
