@@ -14,7 +14,8 @@ from conftest import REAL_BUTPPG, REAL_VITAL, requires_realdata, write_pretraine
 
 
 # (argv, what the error says); {file}: an existing file, {dir}: an empty folder, {splits}: a
-# splits file with one train case, {no_cases}: one with none, {bad_yaml}: windows.yaml with a typo
+# splits file with one train case, {no_cases}: one with none, {bad_yaml}: windows.yaml with a typo,
+# {broken_yaml}: a config that is not YAML
 FLAG_CASES = [
     (["pretrain", "--epochs", "-3"], "biofm pretrain: error: argument --epochs: must be >= 1, got -3"),
     (["pretrain", "--lr", "0"], "argument --lr: must be > 0, got 0"),
@@ -48,6 +49,12 @@ FLAG_CASES = [
     (["evaluate-ssl", "--output", "{dir}"], "--output {dir} is a folder: name the JSON file to write"),
     (["pretrain", "--mask-ratio", "1.5"], "mask_ratio must be in (0, 1)"),
     (["pipeline", "--set", "max_epochs=3"], "unknown key 'max_epochs'"),
+    (["pipeline", "--set", "pretrain={epochs: 1"],
+     "biofm pipeline: error: --set pretrain: not valid YAML: expected ',' or '}', but got '<stream end>' at line 1, "
+     "column 11"),
+    (["pretrain", "--config", "{broken_yaml}"],
+     "biofm pretrain: error: {broken_yaml}: not valid YAML: expected ',' or ']', but got '<stream end>' at line 2, "
+     "column 1"),
     (["pipeline", "--force", "training"], "--force: unknown stage(s) ['training']"),
     (["pretrain", "--no-such-flag"], "biofm: error: unrecognized arguments: --no-such-flag"),
     (["build-windows", "--windows-yaml", "{bad_yaml}", "--split-file", "{splits}", "--outdir", "o"],
@@ -84,6 +91,7 @@ def _filled(argv: list[str], message: str, tmp_path) -> tuple[list[str], str]:
     (tmp_path / "splits.json").write_text(json.dumps({"train": ["1"], "val": [], "test": []}))
     (tmp_path / "no_cases.json").write_text(json.dumps({"train": [], "val": [], "test": []}))
     (tmp_path / "windows.yaml").write_text("window_s: 10\nstrid_s: 5\n")
+    (tmp_path / "broken.yaml").write_text("epochs: [1\n")
     (tmp_path / "channels.yaml").write_text("channels:\n  PPG: {band_hz: [0.5, 10], aliases: [PPG]}\n"
                                             "  TEMP: {band_hz: [0.01, 0.1]}\n")
     (tmp_path / "labels.csv").write_text("recording,start_s,subject_id,label\nr1,0,s1,good\nr1,10,s1,noisy\n"
@@ -94,6 +102,7 @@ def _filled(argv: list[str], message: str, tmp_path) -> tuple[list[str], str]:
         (tmp_path / name).write_text("x")
     fill = {"{labels}": str(tmp_path / "labels.csv"), "{file}": str(file), "{dir}": str(folder), "{splits}": str(tmp_path / "splits.json"),
             "{no_cases}": str(tmp_path / "no_cases.json"), "{bad_yaml}": str(tmp_path / "windows.yaml"),
+            "{broken_yaml}": str(tmp_path / "broken.yaml"),
             "{trackless}": str(tmp_path / "channels.yaml"),
             "{nofmt}": str(tmp_path / "nofmt"), "{mixed}": str(tmp_path / "mixed")}
     for k, v in fill.items():

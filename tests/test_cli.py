@@ -1,4 +1,5 @@
 import json
+import os
 import re
 import subprocess
 import sys
@@ -109,13 +110,16 @@ def test_the_main_commands_run_from_any_folder_and_print_only_biofms_lines(ray_s
     chance on its test split. Quiet: every line on stdout and stderr is one of biofm's (a worker's
     with Ray's "(name pid=N)" in front), without colour codes, also while another Ray instance
     runs on the machine (the session's: Train's placement-group cleaner printed a traceback per
-    run until its processes were told their own instance's address). --verbose shows Ray's lines."""
+    run until its processes were told their own instance's address), and whether Ray deduplicates
+    its lines or not (the pipeline runs with RAY_DEDUP_LOGS=0, as Ray's docs tell users to set to
+    see every worker's line; predict with Ray's default). --verbose shows Ray's lines."""
     tune = ("{mode: grid, max_epochs: 2, grace_period: 1, max_concurrent_trials: 1, cpus_per_trial: 0.5, "
             "search: {init: {grid: [scratch]}, head_epochs: {grid: [1]}, batch_size: {grid: [16]}}}")  # one trial
     pipeline = subprocess.run([BIOFM, "pipeline", "--output-dir", "run",
                                "--set", f"vital_source={REAL_VITAL}", "--set", f"case_set={REAL_VITAL}",
                                "--set", f"butppg_raw_dir={REAL_BUTPPG}", "--set", f"tune={tune}",
-                               "--set", "embed={split: val}"], cwd=tmp_path, capture_output=True, text=True, timeout=400)
+                               "--set", "embed={split: val}"], cwd=tmp_path, capture_output=True, text=True, timeout=400,
+                              env={**os.environ, "RAY_DEDUP_LOGS": "0"})
     assert pipeline.returncode == 0, pipeline.stderr[-3000:]
     predict = subprocess.run([BIOFM, "predict", "--model", "run/but_ppg_finetuned/best_model.pt", "--input",
                               str(REAL_VITAL), "--output", "predictions", "--plots", "1"], cwd=tmp_path,
@@ -149,7 +153,7 @@ def test_every_flag_has_help_and_biofm_has_a_version(capsys):
 
     parser = cli.build_parser()
     commands = next(a for a in parser._actions if isinstance(a, __import__("argparse")._SubParsersAction)).choices
-    assert len(commands) == 15
+    assert len(commands) == 16
     for name, sub in commands.items():
         for action in sub._actions:
             assert action.help, f"biofm {name} {action.option_strings or action.dest} has no help"
@@ -161,8 +165,10 @@ def test_every_flag_has_help_and_biofm_has_a_version(capsys):
 
 
 def test_a_stopped_workers_shutdown_traceback_stays_off_the_terminal_and_other_tracebacks_do_not():
-    """The quiet stderr filter: Ray's C++ log copies and the traceback of a worker whose SIGTERM (the
-    driver's exit) landed in a garbage-collection callback (as a CI run printed it) are dropped;
+    """The quiet stderr filter: Ray's C++ log copies and known notes (the driver's, and those Ray
+    forwards from its workers and raylet when its deduplication is off) and the traceback of a
+    worker whose SIGTERM (the driver's exit) landed in a garbage-collection callback (as a CI run
+    printed it) are dropped;
     biofm's lines, the lines between, and any other traceback pass whole and in order."""
     trial = "(finetune_trial pid=32294) "
     sigterm = [trial + line for line in (
@@ -177,8 +183,12 @@ def test_a_stopped_workers_shutdown_traceback_stays_off_the_terminal_and_other_t
     other = ["Exception ignored in: <function Foo.__del__ at 0x1>", "Traceback (most recent call last):",
              '  File "x.py", line 3, in __del__', "RuntimeError: a real problem"]
     native = "[2026-12-02 00:35:12,771 E 31067 31067] core_worker.cc:2465: Actor with class name: 'X'"
+    # with RAY_DEDUP_LOGS=0, Ray forwards its other processes' copies and notes, each with its prefix
+    forwarded = ["(TrainController pid=4120) " + native + " and ID: '1f' has constructor arguments in the object store",
+                 "(raylet) [2026-12-02 00:35:13,002 I 31010 31010] worker_pool.cc:581: note",
+                 "(raylet) 12 PYTHON worker processes have been started on node: 3f with address: 127.0.0.1"]
     mine = [trial + "[finetune] epoch 1/2 stage 1 train loss 0.6", "[pipeline] done: ran tune", "[tune] trial t1"]
-    lines = [mine[0], native, *sigterm[:4], mine[1], *sigterm[4:], *other, mine[2], sigterm[0], sigterm[1]]
+    lines = [mine[0], native, *forwarded, *sigterm[:4], mine[1], *sigterm[4:], *other, mine[2], sigterm[0], sigterm[1]]
     got = [b.decode() for b in output.without_ray_noise(line.encode() + b"\n" for line in lines)]
     # a cut-off block (the pipe closed) is written as it was
     assert [g.rstrip("\n") for g in got] == [mine[0], mine[1], *other, mine[2], sigterm[0], sigterm[1]]

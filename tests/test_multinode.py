@@ -297,6 +297,7 @@ def test_pipeline_survives_a_lost_node_and_a_lost_cluster(cluster, s3, public_so
     printed = _epoch_lines(first_logs, "pretrain", epochs) + _epoch_lines(second_logs, "pretrain", epochs)
     assert all(printed.count(e) <= 1 for e in range(1, epochs + 1)), printed
     assert f"[pretrain] continuing from the checkpoint of epoch {resumed_after[1]}" in second_logs
+    assert "[pretrain] starting from" in first_logs and "[pretrain] starting from" not in second_logs  # resumed, not restarted
     assert all(h["workers"] == 2 for h in history)
     assert storage.is_file(at("foundation_model", "best_model.pt"))
 

@@ -110,8 +110,11 @@ def test_pipeline_stops_at_once_when_a_source_is_unreachable(dead_url, s3, tmp_p
     vital = tmp_path / "vital"
     write_case(vital, "1", duration_s=20.0)
     assert f"cannot reach the VitalDB API at {dead_url}" in err and "cannot download BUT-PPG" in err
-    assert err.rstrip().endswith("To run from local copies, add to the same command: --set vital_source=<folder of "
-                                 ".vital files> --set case_set=<the same folder> --set butppg_raw_dir=<BUT-PPG 2.0.0 folder>")
+    first, *causes = err.strip().splitlines()   # the fix first, then each cause without other commands' flags
+    assert first == ("biofm pipeline: error: nothing was started; to run from local copies, add to the same command: "
+                     "--set vital_source=<folder of .vital files> --set case_set=<the same folder> "
+                     "--set butppg_raw_dir=<BUT-PPG 2.0.0 folder>")
+    assert len(causes) == 2 and not any(flag in err for flag in ("--api-url", "--source", "--raw-dir"))
     assert main(base + ["--set", f"vital_source={vital}", "--set", f"physionet_url={dead_url}",
                         "--set", f"butppg_raw_dir={tmp_path / 'none'}"]) == 2
     err = capsys.readouterr().err
@@ -133,7 +136,7 @@ def test_pipeline_stops_at_once_when_a_source_is_unreachable(dead_url, s3, tmp_p
                         "pretrain={init: ibm-granite/granite-timeseries-ttm-r2@1536-96-r2}"]) == 2
     err = capsys.readouterr().err  # the published weights pretraining starts from are a source too
     assert "cannot get ibm-granite/granite-timeseries-ttm-r2@1536-96-r2: the Hugging Face hub is unreachable" in err
-    assert err.rstrip().endswith('--set pretrain="{init: <folder of the TTM checkpoint>}"')
+    assert err.splitlines()[0].endswith('add to the same command: --set pretrain="{init: <folder of the TTM checkpoint>}"')
     assert main(base + ["--set", f"vital_source={tmp_path}", "--set", f"butppg_raw_dir={raw}", "--set",
                         f"pretrain={{init: {tmp_path / 'no-such-folder'}}}"]) == 2
     assert f"init {tmp_path / 'no-such-folder'}: no such folder" in capsys.readouterr().err

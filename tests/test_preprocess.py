@@ -100,7 +100,7 @@ def test_bad_cases_are_skipped_with_reasons(ray_session, tmp_path):
     for code in ("too_short", "no_matching_channel", "flat_track", "corrupt_file", "not_found"):
         assert f"| `{code}` | 1 | " in report
     assert "| `PPG:missing` | 1 | 8.3% |" in report
-    assert "Kept and rejected windows (2 kept, 1 rejected;" in report
+    assert "Kept and rejected windows (6 kept, 1 rejected;" in report  # 3 windows of each recording
     for png in ("train_heart_rate.png", "train_examples.png"):
         assert (tmp_path / "out" / "report" / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     (reason, start, x), = read_examples(str(tmp_path / "out" / "train"), "gap")
@@ -149,6 +149,27 @@ def test_changed_config_needs_overwrite(ray_session, tmp_path):
         build_windows(["1"], source, CHANNELS, other, tmp_path / "out", "train")
     m = build_windows(["1"], source, CHANNELS, other, tmp_path / "out", "train", overwrite=True)
     assert m["data_spec"]["config_hash"] == data_spec(CHANNELS, other)["config_hash"]
+
+
+def test_a_flag_that_changes_how_cases_are_read_is_applied_or_refused_never_ignored(ray_session, tmp_path):
+    """A CSV without a time column is skipped as no_sample_rate; the same build with --rate-hz 100
+    processes it (its skip was made under other reading settings); --rate-hz 50 then finds it
+    built otherwise and refuses, naming the change and --overwrite, which rebuilds it at 50 Hz."""
+    from biofm.sources.formats import open_source
+
+    ppg, ecg = heartbeat_signals(40.0, 100.0, seed=1)
+    (tmp_path / "csv").mkdir()
+    (tmp_path / "csv" / "rec.csv").write_text("PPG,ECG\n" + "".join(f"{p:.5f},{e:.5f}\n" for p, e in zip(ppg, ecg)))
+    folder = str(tmp_path / "csv")
+    with pytest.raises(NothingProduced, match="no_sample_rate"):
+        build(tmp_path, ["rec"], open_source(folder))
+    m = build(tmp_path, ["rec"], open_source(folder, rate_hz=100.0))
+    assert (m["cases_ok"], m["windows_kept"]) == (1, 4)
+    with pytest.raises(ConfigError, match=r"1 case\(s\) \(e.g. rec\) built with other reading settings \(rate_hz: 100.0 "
+                                          r"-> 50.0\); use --overwrite"):
+        build(tmp_path, ["rec"], open_source(folder, rate_hz=50.0))
+    assert build(tmp_path, ["rec"], open_source(folder, rate_hz=50.0), overwrite=True)["windows_kept"] == 8
+    assert build(tmp_path, ["rec"], open_source(folder, rate_hz=50.0))["windows_kept"] == 8   # resumed: the same settings
 
 
 def test_empty_case_list_and_nothing_usable(ray_session, tmp_path):

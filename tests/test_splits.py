@@ -41,6 +41,12 @@ def test_case_list_file_and_bad_inputs(tmp_path):
     empty.write_text("# nothing\n")
     with pytest.raises(ConfigError, match="holds no case ids"):
         prepare_splits("full", str(empty), tmp_path)
+    one = tmp_path / "one.txt"
+    one.write_text("7\n")   # one recording for three splits: refused, not two empty splits in silence
+    with pytest.raises(ConfigError, match=r"holds 1 recording\(s\): with --ratios 0.7 0.15 0.15 the val and test "
+                                          r"split\(s\) get none.*--ratios 1 0 0"):
+        prepare_splits("full", str(one), tmp_path)
+    assert json.loads(Path(prepare_splits("full", str(one), tmp_path, ratios=(1.0, 0.0, 0.0))).read_text())["train"] == ["7"]
 
 
 @requires_realdata(REAL_VITAL)

@@ -214,9 +214,7 @@ def _tune_report(args) -> int:
 
 
 def _pipeline(args) -> int:
-    import yaml
-
-    from biofm.config import PipelineConfig, with_overrides
+    from biofm.config import PipelineConfig, parse_yaml, with_overrides
     from biofm.pipeline import run_pipeline
 
     overrides = {}
@@ -224,7 +222,7 @@ def _pipeline(args) -> int:
         key, sep, value = item.partition("=")
         if not sep:
             raise ConfigError(f"--set takes KEY=VALUE, got {item!r}")
-        overrides[key] = yaml.safe_load(value)
+        overrides[key] = parse_yaml(value, f"--set {key}")
     cfg = with_overrides(PipelineConfig, args.config, {**overrides, **_flags(output_dir=args.output_dir)}, "--set")
     run_pipeline(cfg, force=tuple(args.force), address=args.address)
     return 0
@@ -335,8 +333,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     sub.add_parser = functools.partial(sub.add_parser, formatter_class=_HelpFormatter)
 
-    p = sub.add_parser("prepare-splits", help="split VitalDB cases into train/val/test by case",
-                       description="Split cases into train/val/test (by case, deterministic).")
+    p = sub.add_parser("prepare-splits", help="split recordings (VitalDB cases, or a folder in any format) into train/val/test",
+                       description="Split the recordings into train/val/test (by recording, deterministic).")
     p.add_argument("--mode", choices=["fasttrack", "full"], default="fasttrack",
                    help="fasttrack: a deterministic subset of 70 cases; full: all of them")
     p.add_argument("--case-set", default="bis",
@@ -348,8 +346,9 @@ def build_parser() -> argparse.ArgumentParser:
                    metavar=("TRAIN", "VAL", "TEST"), help="shares of the cases per split")
     p.set_defaults(func=_prepare_splits)
 
-    p = sub.add_parser("build-windows", help="VitalDB cases -> quality-checked windows in Parquet (Ray Data)",
-                       description="Read cases, resample, band-pass, cut windows, reject bad ones, "
+    p = sub.add_parser("build-windows", help="recordings (VitalDB, WFDB, EDF, CSV, MATLAB/NumPy) -> quality-checked windows "
+                                             "in Parquet (Ray Data)",
+                       description="Read recordings, resample, band-pass, cut windows, reject bad ones, "
                                    "write Parquet and manifest.json. Rerunning resumes.")
     p.add_argument("--channels-yaml", default="configs/channels.yaml", help="channel tracks and filters")
     p.add_argument("--windows-yaml", default="configs/windows.yaml", help="window length and quality rules")
@@ -463,9 +462,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_prepare_task, task="butppg-quality", labels=None, classes=None, channels=None, split_ratios=None,
                    seed=None, ppg_signal=None, fit=None, rate_hz=None)
 
-    p = sub.add_parser("finetune", help="inflate 2 -> 5 channels and fine-tune for PPG quality in stages (Ray Train)",
-                       description="Stage 1: head only; stage 2: head + last N mixer layers. Best epoch by "
-                                   "val AUROC, threshold chosen on val, metrics on test.")
+    p = sub.add_parser("finetune", help="fine-tune a pretrained encoder on a task's channels, in stages (Ray Train)",
+                       description="The encoder adapted to the task's channels by name (those it lacks inflated, its "
+                                   "own the task lacks absent). Stage 1: head only; stage 2: head + last N mixer "
+                                   "layers. Best epoch by the task's val figure (AUROC, macro-F1 or MAE); a binary "
+                                   "task's threshold chosen on val; metrics on test.")
     _finetune_flags(p)
     p.add_argument("--output-dir", default="artifacts/but_ppg_finetuned", help="artifacts and checkpoints")
     p.add_argument("--baselines", action="store_true",
@@ -474,7 +475,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_finetune)
 
     p = sub.add_parser("finetune-cv", help="subject-wise cross-validation of fine-tuning against its baselines",
-                       description="Pools every prepared BUT-PPG record, splits subjects into folds, and "
+                       description="Pools every window of a prepared task, splits subjects into folds, and "
                                    "fine-tunes each variant per fold; writes cv_report.json.")
     _finetune_flags(p)
     p.add_argument("--output-dir", default="artifacts/but_ppg_cv", help="per-fold runs and cv_report.json")
@@ -530,15 +531,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--address", default=None, help=ADDRESS_HELP)
     p.set_defaults(func=_embed)
 
-    p = sub.add_parser("predict", help="PPG-quality predictions on new recordings with a fine-tuned model (Ray Data)",
-                       description="Recordings (a folder of .vital files or WFDB records, or a BUT-PPG folder) go "
+    p = sub.add_parser("predict", help="a fine-tuned model's answers on new recordings, in its task's words (Ray Data)",
+                       description="Recordings (a folder in any format build-windows reads, or a BUT-PPG folder) go "
                                    "through the model's own preprocessing (its data spec: rate, window, filters, "
-                                   "z-score, channel order; absent channels marked absent) and its classifier: "
+                                   "z-score, channel order; absent channels marked absent) and the model: "
                                    "predictions.parquet, summary.csv, manifest.json (skipped recordings with "
                                    "their reason) and timeline PNGs.")
     p.add_argument("--model", required=True, help="best_model.pt of biofm finetune (holds the threshold chosen on val)")
     p.add_argument("--input", required=True,
-                   help="a folder of .vital files, of PhysioNet/WFDB records, or a BUT-PPG folder (with RECORDS)")
+                   help="a folder of recordings (.vital, WFDB, EDF, CSV, MATLAB/NumPy; a prefix such as wfdb: names the "
+                        "format of a mixed folder), or a BUT-PPG folder (with RECORDS)")
     p.add_argument("--output", required=True, help="where the predictions go (a folder or URI)")
     p.add_argument("--batch-size", type=COUNT, default=256, help="windows per model call")
     p.add_argument("--plots", type=AT_LEAST_0, default=5, help="timeline PNGs for the first N recordings")

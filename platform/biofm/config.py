@@ -157,11 +157,19 @@ def load_config(cls: type, path: str | Path):
     found = resolve(path)
     if not found.is_file():
         raise ConfigError(f"config file not found: {path}")
+    return from_dict(cls, parse_yaml(found.read_text(), str(path)) or {}, where=str(path))
+
+
+def parse_yaml(text: str, where: str):
+    """``text`` as YAML; a malformed one is a one-line :class:`ConfigError` saying where and what
+    (``{epochs: 1`` -> "...: not valid YAML: expected ',' or '}' at line 1, column 11")."""
     try:
-        data = yaml.safe_load(found.read_text()) or {}
+        return yaml.safe_load(text)
     except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {e}") from None
-    return from_dict(cls, data, where=str(path))
+        mark = getattr(e, "problem_mark", None)
+        what = " ".join(str(getattr(e, "problem", None) or e).split())
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError(f"{where}: not valid YAML: {what}{at}") from None
 
 
 def from_dict(cls: type, data: Any, where: str):

@@ -358,9 +358,9 @@ def recordings_in(folder: str) -> tuple[str, object, list[str]]:
     from biofm.sources.butppg import read_records
     from biofm.sources.formats import open_source
 
-    from biofm.sources.formats import FORMATS
+    from biofm.sources.formats import format_prefix
 
-    root = Path(folder.split(":", 1)[1] if folder.split(":", 1)[0] in FORMATS else folder)
+    root = Path(format_prefix(folder)[1])
     if not root.is_dir():
         raise BiofmError(f"{folder} is not a folder of recordings")
     listed = [x.strip() for x in (root / "RECORDS").read_text().splitlines() if x.strip()] \

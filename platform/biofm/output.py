@@ -36,24 +36,27 @@ RAY_NOISE = (r"Actor with class name: '.+' and ID: '\w+' has constructor argumen
              r"Detected that the Ray Train controller actor \(\w+\) is dead")
 
 # a line of Ray's C++ logging: "[2026-12-02 00:35:12,771 E 31067 31067] core_worker.cc:2465: ..."
-NATIVE_LOG_LINE = re.compile(rb"^\[\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ [DIWEF] \d+ \d+\] ")
+NATIVE_LOG_LINE = re.compile(rb"\[\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ [DIWEF] \d+ \d+\] ")
+NOISE = re.compile("|".join(RAY_NOISE).encode())
 # A worker stopped when the driver exits gets SIGTERM, and Ray's handler raises SystemExit; when
 # that lands inside a garbage-collection callback, Python prints "Exception ignored in: ..." and
 # the traceback, which Ray forwards: "(name pid=N) Exception ignored in: ..." to "SystemExit: 1"
 IGNORED_START = re.compile(rb"^(\(\w+ pid=\d+[^)]*\) )?Exception ignored in: ")
 EXCEPTION_LINE = re.compile(rb"^(\(\w+ pid=\d+[^)]*\) )?[A-Za-z_][\w.]*(Error|Exit|Exception|Interrupt)\b")
-WORKER_PREFIX = re.compile(rb"^(\(\w+ pid=\d+[^)]*\) )?")
+WORKER_PREFIX = re.compile(rb"^(\((?:\w+ pid=\d+|raylet)[^)]*\) )?")
 
 
 def without_ray_noise(lines) -> Iterator[bytes]:
-    """``lines`` (bytes) less Ray's C++ log copies and the traceback of a worker's SIGTERM at
+    """``lines`` (bytes) less Ray's C++ log copies and :data:`RAY_NOISE`, the driver's own and
+    those Ray forwards from its other processes ("(name pid=N) " in front: all of them when
+    ``RAY_DEDUP_LOGS=0`` turns Ray's own filter off), and the traceback of a worker's SIGTERM at
     shutdown (above). A traceback is held until its exception line while the other processes'
     lines pass; any other "Exception ignored" traceback passes whole, and one cut off too."""
     held: dict[bytes, list[bytes]] = {}  # per process (its "(name pid=N) " prefix)
     for line in lines:
-        if NATIVE_LOG_LINE.match(line):
-            continue
         process = WORKER_PREFIX.match(line).group(0)
+        if NATIVE_LOG_LINE.match(line, len(process)) or NOISE.search(line):
+            continue
         if process not in held and not IGNORED_START.match(line):
             yield line
             continue

@@ -77,8 +77,10 @@ def check_sources(cfg: PipelineConfig, pre: PretrainConfig) -> None:
             fixes["pretrain"] = '"{init: <folder of the TTM checkpoint>}"'
     if problems:
         flags = " ".join(f"--set {k}={v}" for k, v in fixes.items())
-        raise SourceUnreachable("\n  ".join(["nothing was started:", *problems])
-                                + f"\nTo run from local copies, add to the same command: {flags}")
+        # each cause without its own advice, which names the flags of the stage's own command
+        causes = [p.split(". ")[0].rstrip(".") for p in problems]
+        raise SourceUnreachable("\n  ".join([f"nothing was started; to run from local copies, add to the same "
+                                              f"command: {flags}" if flags else "nothing was started:", *causes]))
 
 
 def run_stage(name: str, folder: str | Path, settings: dict, force: bool, run) -> dict:

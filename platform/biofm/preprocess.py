@@ -32,6 +32,14 @@ from biofm.windows import make_windows
 STAGES = ("read", "resample", "filter", "quality", "write")
 
 
+def reading(source, channels: dict[str, ChannelSpec]) -> dict:
+    """What decides how a case is read, beyond the data spec: the source (its folder, format and
+    the rate of files that name none) and the names each channel is found by. Part of every
+    case's outcome, so a resume never keeps a case read otherwise."""
+    return {"source": source.describe(), "rate_hz": getattr(source, "rate_hz", None),
+            "names": {n: [*s.tracks, *s.aliases] for n, s in channels.items()}}
+
+
 def process_case(case_id: str, source, channels: dict[str, ChannelSpec], cfg: WindowsConfig,
                  split_dir: str | Path) -> dict:
     """Read, window, check and write one case. Never raises for a bad case: returns its outcome.
@@ -41,7 +49,8 @@ def process_case(case_id: str, source, channels: dict[str, ChannelSpec], cfg: Wi
     """
     spec = data_spec(channels, cfg)
     timings = {s: 0.0 for s in STAGES}
-    outcome = {"case_id": case_id, "config_hash": spec["config_hash"], "timings": timings}
+    outcome = {"case_id": case_id, "config_hash": spec["config_hash"], "reading": reading(source, channels),
+               "timings": timings}
     t0 = time.perf_counter()
     try:
         recording = source.read(case_id, channels).require(channels)
@@ -169,8 +178,11 @@ def build_windows(case_ids: list[str], source, channels: dict[str, ChannelSpec],
                   address: str | None = None, inputs: dict | None = None) -> dict:
     """Window ``case_ids`` from ``source`` into ``<outdir>/<split>/``; returns the manifest.
 
-    Resumes: cases completed by an earlier run with the same config are not read again (cases
-    skipped for a transient cause are retried). ``overwrite`` deletes the split folder first.
+    Resumes: cases completed by an earlier run with the same config and the same :func:`reading`
+    settings are not read again; cases skipped for a transient cause, or skipped under other
+    reading settings (a ``no_sample_rate`` the ``--rate-hz`` now given fixes), are processed
+    again; cases built under other reading settings are refused (``--overwrite``), never kept
+    beside the others. ``overwrite`` deletes the split folder first.
     Raises :class:`NothingProduced` when no case yields a window.
     """
     trackless = [name for name, spec in channels.items() if not spec.tracks and not spec.aliases]
@@ -193,7 +205,16 @@ def build_windows(case_ids: list[str], source, channels: dict[str, ChannelSpec],
         raise ConfigError(
             f"{split_dir} holds windows made with another config (hash {sorted(other)[0]}, now "
             f"{spec['config_hash']}); use --overwrite to rebuild it, or another --outdir")
-    done = {c for c, o in previous.items() if not o.get("retryable")}
+    now = reading(source, channels)
+    built_otherwise = sorted(c for c, o in previous.items() if o.get("reading") != now and o.get("status") == "ok")
+    if built_otherwise:
+        before = previous[built_otherwise[0]].get("reading") or {}
+        changed = [k for k in now if before.get(k) != now[k]] or ["(not recorded: an earlier biofm)"]
+        raise ConfigError(
+            f"{split_dir} holds {len(built_otherwise)} case(s) (e.g. {built_otherwise[0]}) built with other reading "
+            f"settings ({', '.join(f'{k}: {before.get(k)!r} -> {now[k]!r}' if k in now else k for k in changed)}); "
+            "use --overwrite to rebuild them with these, or another --outdir")
+    done = {c for c, o in previous.items() if not o.get("retryable") and o.get("reading") == now}
     pending = [c for c in case_ids if c not in done]
     progress = Progress(f"build-windows {split}", len(pending))
     t0 = time.perf_counter()

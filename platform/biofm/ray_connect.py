@@ -18,7 +18,7 @@ def ensure_ray(address: str | None = None) -> None:
     from biofm import output
 
     if not ray.is_initialized() and (address or os.environ.get("RAY_ADDRESS")):
-        ray.init(address=address, log_to_driver=True, **output.ray_init_options())
+        attach(address or os.environ["RAY_ADDRESS"])
     elif not ray.is_initialized():
         with socket.socket() as s:  # a free port for the new instance's GCS, so its address is known first
             s.bind(("", 0))
@@ -32,3 +32,35 @@ def ensure_ray(address: str | None = None) -> None:
     import ray.data  # noqa: F401  (its loggers exist once it is imported)
 
     output.quiet_ray_data()
+
+
+def attach(address: str) -> None:
+    """Join the running cluster at ``address`` (``auto``: the one ``ray start`` started on this
+    machine): no Ray start-up, so a small job takes seconds (Performance). One line says what to do
+    when it cannot: the cluster is not running, or wants the token Ray 2.60's ``ray start --head``
+    turns on (``RAY_AUTH_MODE=token``; the token is in ``~/.ray/auth_token``)."""
+    import socket
+
+    import ray
+
+    from biofm import output
+    from biofm.errors import SourceUnreachable
+
+    not_running = ("is it running? Start one with `ray start --head` (then --address auto), or leave --address and "
+                   "RAY_ADDRESS unset for a Ray of this command's own")
+    host, _, port = address.rpartition(":")
+    if host and port.isdigit():   # Ray retries a silent address for minutes: ask the port first
+        try:
+            socket.create_connection((host, int(port)), timeout=5).close()
+        except OSError as e:
+            raise SourceUnreachable(f"cannot connect to the Ray cluster at {address} ({e.strerror or e}): "
+                                    f"{not_running}") from None
+    try:
+        ray.init(address=address, log_to_driver=True, **output.ray_init_options())
+    except (ConnectionError, RuntimeError, ValueError) as e:
+        text = f"{e} {e.__cause__ or ''}"
+        hint = not_running
+        if "Authentication" in text or "InvalidAuthToken" in text:
+            hint = ("it uses token authentication (ray start --head turns it on): set RAY_AUTH_MODE=token, with its "
+                    "token in ~/.ray/auth_token (ray get-auth-token) or RAY_AUTH_TOKEN_PATH")
+        raise SourceUnreachable(f"cannot connect to the Ray cluster at {address}: {hint}") from None

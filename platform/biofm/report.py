@@ -101,16 +101,19 @@ def _heart_rate(files: list[str], channels: list[str], path: str) -> str:
 
 
 def _examples(split_dir: str, ok: list[str], cases: dict, spec: dict, path: str) -> str:
-    """A grid: up to :data:`EXAMPLES` kept windows (spread over the recordings) above up to as many
-    rejected ones (a different reason each first); returns what it shows."""
+    """A grid: up to :data:`EXAMPLES` kept windows (spread over the recordings, and over a
+    recording's windows where there are fewer recordings) above up to as many rejected ones (a
+    different reason each first), as many columns as the longer row; returns what it shows."""
     from biofm.plotting import plt, save_png
 
-    kept = []
-    for case in ok[:: max(1, len(ok) // EXAMPLES)][:EXAMPLES]:
+    kept, chosen = [], ok[:: max(1, len(ok) // EXAMPLES)][:EXAMPLES]
+    for case in chosen:
         table = storage.read_file(storage.join(split_dir, f"{case}.parquet"), ["window_idx", "start_s", "signal"])
-        i = table.num_rows // 2
-        signal = table["signal"].combine_chunks().to_numpy_ndarray()[i]
-        kept.append(("kept", f"{case} at {table['start_s'][i].as_py():g} s", signal))
+        per = -(-EXAMPLES // len(chosen))
+        signals = table["signal"].combine_chunks().to_numpy_ndarray()
+        for i in sorted(set(np.linspace(0, table.num_rows - 1, per + 2)[1:-1].round().astype(int).tolist())):
+            kept.append(("kept", f"{case} at {table['start_s'][i].as_py():g} s", signals[i]))
+    kept = kept[:EXAMPLES]
     rejected, seen = [], Counter()
     for case in [c for c, o in cases.items() if o.get("rejected")][:200]:
         for reason, start, signal in read_examples(split_dir, case):
@@ -121,9 +124,10 @@ def _examples(split_dir: str, ok: list[str], cases: dict, spec: dict, path: str)
     if not rows:
         return ""
     t = np.arange(spec["window_samples"]) / spec["sample_rate_hz"]
-    fig, axes = plt.subplots(len(rows), EXAMPLES, figsize=(2.6 * EXAMPLES, 2.4 * len(rows)), squeeze=False)
+    columns = max(len(r) for r in rows)
+    fig, axes = plt.subplots(len(rows), columns, figsize=(2.6 * columns, 2.4 * len(rows)), squeeze=False)
     for ax_row, row in zip(axes, rows):
-        for ax, item in zip(ax_row, row + [None] * (EXAMPLES - len(row))):
+        for ax, item in zip(ax_row, row + [None] * (columns - len(row))):
             ax.axis("off")
             if item is None:
                 continue

@@ -59,13 +59,13 @@ def read_case_list(spec: str) -> tuple[list[str], str]:
     """Case ids from a vitaldb case set name, a text file (one id per line, ``#`` comments), or a
     folder of recordings in any format :func:`~biofm.sources.formats.open_source` reads (a
     ``wfdb:`` ... prefix names one). Returns ``(ids, description)``."""
-    from biofm.sources.formats import FORMATS, open_source
+    from biofm.sources.formats import format_prefix, open_source
     from biofm.sources.vitaldb import case_sets
 
     sets = case_sets()
     if spec in sets:
         return sets[spec], f"vitaldb case set {spec!r}"
-    path = Path(spec.split(":", 1)[1] if spec.split(":", 1)[0] in FORMATS else spec)
+    path = Path(format_prefix(spec)[1])
     if path.is_dir():
         source = open_source(spec)
         return source.ids(), f"folder {source.describe()}"
@@ -80,7 +80,9 @@ def prepare_splits(mode: str, case_set: str, output: str | Path, seed: int = 0,
                    ratios: tuple[float, float, float] = (0.7, 0.15, 0.15)) -> str:
     """Write ``<output>/splits_<mode>.json`` (``output``: a local path or a URI): ``{"train": [...], "val": [...], "test": [...], "meta": {...}}``.
 
-    ``mode="fasttrack"`` first draws a deterministic subset of 70 cases; ``"full"`` keeps all.
+    ``mode="fasttrack"`` first draws a deterministic subset of 70 cases; ``"full"`` keeps all. A
+    split that ``ratios`` give a share but no case (one recording for three splits) is refused,
+    naming the counts and the ratios that would do.
     """
     if mode not in ("fasttrack", "full"):
         raise ConfigError(f"--mode must be fasttrack or full, got {mode!r}")
@@ -91,6 +93,11 @@ def prepare_splits(mode: str, case_set: str, output: str | Path, seed: int = 0,
     if mode == "fasttrack" and len(ids) > FASTTRACK_CASES:
         ids = sorted(rng.choice(sorted(ids), FASTTRACK_CASES, replace=False).tolist(), key=_natural)
     splits = split_groups(ids, ratios, seed)
+    empty = [name for name, r in zip(SPLITS, ratios) if r > 0 and not splits[name]]
+    if empty:
+        raise ConfigError(f"{described} holds {len(ids)} recording(s): with --ratios {' '.join(f'{r:g}' for r in ratios)} "
+                          f"the {' and '.join(empty)} split(s) get none. A split is whole recordings: add recordings, or "
+                          f"give the empty split(s) no share (e.g. --ratios 1 0 0: every recording trains)")
     meta = {"mode": mode, "case_set": case_set, "source": described, "seed": seed,
             "ratios": list(ratios), "n_cases": len(ids), "counts": {k: len(v) for k, v in splits.items()}}
     return storage.write_text(storage.join(output, f"splits_{mode}.json"), json.dumps({**splits, "meta": meta}, indent=1))

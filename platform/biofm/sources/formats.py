@@ -100,6 +100,13 @@ class FolderSource:
             return csv.read(path, channels, self.rate_hz)
 
 
+def format_prefix(source: str) -> tuple[str, str]:
+    """``(format, location)`` of a source written ``wfdb:/data/x`` (``("", source)`` without a
+    prefix; a folder merely named ``vital`` or ``csv`` has none)."""
+    fmt, sep, rest = source.partition(":")
+    return (fmt, rest) if sep and fmt in FORMATS else ("", source)
+
+
 def open_source(source: str, api_url: str | None = None, rate_hz: float | None = None):
     """``api`` (optionally at ``api_url``), or a local folder / cloud URI, its format detected
     from its files or named by a ``wfdb:``/``edf:``/``csv:``/``array:``/``vital:`` prefix. The label
@@ -108,7 +115,7 @@ def open_source(source: str, api_url: str | None = None, rate_hz: float | None =
         return vitaldb.ApiSource(api_url or vitaldb.DEFAULT_API_URL)
     if api_url:
         raise SourceUnreachable("--api-url only applies to --source api")
-    fmt, _, root = source.partition(":") if source.split(":", 1)[0] in FORMATS else ("", "", source)
+    fmt, root = format_prefix(source)
     root = root.removeprefix("file://")
     try:
         files = storage.list_tree(root)
