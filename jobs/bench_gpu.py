@@ -97,23 +97,22 @@ def step_rate(cfg, data: Path, ingest: str, steps: int, sync_errors: bool = Fals
     import itertools
     import time
 
-    from biofm.model.ssl import MaskedSignalModel, MultiResolutionSTFTLoss, random_mask, ttm_config
+    from biofm.model.ssl import random_mask
+    from biofm.model.ttm_weights import initial_model
     from biofm.train.batches import WaitClock, WindowBatches, scan
     from biofm.train.pretrain import pretraining_losses
     from biofm.train.ray_run import mixed_precision
     from biofm.train.step import adamw, compiled_for_batch, set_tf32, step
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    torch.manual_seed(0)
-    model = MaskedSignalModel(ttm_config(len(cfg.channels), cfg.num_layers, cfg.d_model, dropout=cfg.dropout)).to(device)
+    split = scan(str(data / "train"), cfg.channels)
+    model = initial_model(dataclasses.replace(cfg, seed=0), split.spec["window_samples"])[0].to(device)
     autocast, scaler = mixed_precision(cfg.amp, device)
     set_tf32(cfg.tf32)
-    losses = pretraining_losses(model, model.patch, MultiResolutionSTFTLoss(cfg.stft_ffts).to(device), cfg.stft_weight,
-                                autocast)
+    losses = pretraining_losses(model, cfg, split.spec, device, autocast)
     forward = compiled_for_batch(losses, cfg.batch_size, device) if cfg.compile else losses
     params = list(model.parameters())
     optimizer = adamw(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    split = scan(str(data / "train"), cfg.channels)
     if ingest == "pinned":
         one = next(WindowBatches(split, ["signal"], cfg.batch_size, cache_mb=1e9).epoch(0))["signal"]
         one = one.pin_memory() if device.type == "cuda" else one

@@ -46,18 +46,19 @@ def build_windows_once(workdir: Path, n_cases: int) -> Path:
 def plain_loop(cfg, data: Path) -> dict:
     """The same training step as Ray Train's loop (its losses, the sync-free step; compiled when
     ``cfg.compile``), on the same batches, in this process."""
-    from biofm.model.ssl import MaskedSignalModel, MultiResolutionSTFTLoss, random_mask, ttm_config
+    from biofm.model.ssl import random_mask
+    from biofm.model.ttm_weights import initial_model
     from biofm.train.batches import WaitClock, scan
     from biofm.train.pretrain import loaders, pretraining_losses
     from biofm.train.step import adamw, compiled_for_batch, step
 
-    torch.manual_seed(cfg.seed)
-    model = MaskedSignalModel(ttm_config(len(cfg.channels), cfg.num_layers, cfg.d_model, dropout=cfg.dropout))
-    losses = pretraining_losses(model, model.patch, MultiResolutionSTFTLoss(cfg.stft_ffts), cfg.stft_weight)
+    split = scan(str(data / "train"), cfg.channels)
+    model = initial_model(cfg, split.spec["window_samples"])[0]
+    losses = pretraining_losses(model, cfg, split.spec)
     forward = compiled_for_batch(losses, cfg.batch_size, torch.device("cpu")) if cfg.compile else losses
     params = list(model.parameters())
     optimizer = adamw(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    train_batches, _ = loaders(cfg, scan(str(data / "train"), cfg.channels), scan(str(data / "val"), cfg.channels))
+    train_batches, _ = loaders(cfg, split, scan(str(data / "val"), cfg.channels))
     epochs = []
     for epoch in range(cfg.epochs):
         clock = WaitClock(train_batches.epoch(epoch))

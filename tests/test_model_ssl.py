@@ -207,3 +207,109 @@ def test_an_absent_channel_is_left_out_of_both_losses():
     recon[1:3, 1] += 100.0  # the absent rows' reconstruction does not count
     assert torch.allclose(masked_mse(recon, x, mask & present[..., None], 125), expected_mse)
     assert not torch.allclose(masked_mse(recon, x, mask, 125), expected_mse)
+
+
+def test_a_mask_token_fills_the_masked_cells_and_learns():
+    """With mask_input token, a masked cell's samples are the channel's learned patch (what the
+    cell held is still hidden), and the token gets a gradient."""
+    from biofm.model.ssl import targets
+
+    torch.manual_seed(0)
+    model = MaskedSignalModel(ttm_config(2, num_layers=1, d_model=32), mask_input="token", decoder="mixer").eval()
+    assert model.mask_token.shape == (2, 125) and isinstance(model.decoder, torch.nn.Module)
+    x = torch.randn(2, 2, 1250)
+    mask = random_mask(2, 2, 10, 0.4, generator=torch.Generator().manual_seed(1))
+    y = x.clone()
+    y[mask.repeat_interleave(125, dim=-1)] += 100.0
+    recon, _ = model(x, mask)
+    assert torch.allclose(recon, model(y, mask)[0]) and recon.shape == (2, 2, 1250)
+    with torch.no_grad():
+        model.mask_token.add_(1.0)
+    assert not torch.allclose(recon, model(x, mask)[0])
+    masked_mse(model(x, mask)[0], targets(x, 125, "patch"), mask, 125).backward()
+    assert model.mask_token.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="mask_input must be one of"):
+        MaskedSignalModel(ttm_config(2, num_layers=1, d_model=32), mask_input="noise")
+
+
+def test_patch_targets_are_each_patch_z_scored():
+    from biofm.model.ssl import targets
+
+    x = torch.randn(3, 2, 1250) * 3 + 5
+    t = targets(x, 25, "patch").unflatten(-1, (50, 25))
+    assert torch.allclose(t.mean(-1), torch.zeros(3, 2, 50), atol=1e-5)
+    assert torch.allclose(t.std(-1), torch.ones(3, 2, 50), atol=1e-2)
+    assert targets(x, 25, "window") is x
+    assert targets(torch.zeros(1, 1, 125), 25, "patch").abs().max() == 0   # an absent channel stays zeros
+
+
+def test_the_spectral_term_is_the_masked_errors_in_band_energy_and_sees_phase():
+    """An in-band error on the masked cells counts as much as its masked MSE; the same error out of
+    band counts nothing; a sine shifted by half a period (equal magnitude spectrum) counts fully,
+    where the seed's STFT term hardly sees it."""
+    from biofm.model.ssl import band_bins, band_spectral_mse
+
+    t = torch.arange(1250) / 125
+    bins = band_bins([(0.5, 10.0)], 1250, 125.0)
+    cells = torch.ones(1, 1, 1250)
+    target = torch.sin(2 * torch.pi * 1.2 * t)[None, None]
+    shifted = torch.sin(2 * torch.pi * 1.2 * t + torch.pi)[None, None]
+    assert band_spectral_mse(shifted, target, cells, bins).item() == pytest.approx(((shifted - target) ** 2).mean().item(), rel=1e-3)
+    out_of_band = target + torch.sin(2 * torch.pi * 30.0 * t)[None, None]
+    assert band_spectral_mse(out_of_band, target, cells, bins).item() < 1e-3
+    stft = MultiResolutionSTFTLoss()
+    assert stft(shifted, target).item() < 0.05 * band_spectral_mse(shifted, target, cells, bins).item()
+    half = torch.zeros(1, 1, 1250)
+    half[..., :625] = 1
+    err = band_spectral_mse(shifted, target, half, bins).item()  # per masked sample: the same as on every cell
+    assert err == pytest.approx(band_spectral_mse(shifted, target, cells, bins).item(), rel=0.05)
+
+
+def test_ppg_ecg_alignment_prefers_each_windows_own_pair_and_ignores_unpaired_windows():
+    from biofm.model.ssl import alignment_loss
+
+    torch.manual_seed(0)
+    model = MaskedSignalModel(ttm_config(2, num_layers=1, d_model=32, dropout=0.0), align_dim=16)
+    x = torch.randn(6, 2, 1250)
+    present = torch.ones(6, 2, dtype=torch.bool)
+    present[5, 1] = False
+    x[5, 1] = 0
+    loss = alignment_loss(model, x, present, 0, 1, 0.1)
+    y = x.clone()
+    y[5, 0] = torch.randn(1250)                    # the unpaired window: no part in the loss
+    assert alignment_loss(model, y, present, 0, 1, 0.1).item() == pytest.approx(loss.item(), abs=1e-5)
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    for _ in range(30):
+        optimizer.zero_grad()
+        step_loss = alignment_loss(model, x, present, 0, 1, 0.1)
+        step_loss.backward()
+        optimizer.step()
+    assert step_loss.item() < 0.5 * loss.item() and 0 < loss.item()
+    assert alignment_loss(model, x, torch.zeros(6, 2, dtype=torch.bool), 0, 1, 0.1).item() == 0
+
+
+def test_the_floors_of_a_periodic_signal():
+    """A pulse of period 100 samples (75 bpm at 125 Hz): the one-period copy finds the period and
+    fills the masked cells exactly, the first patch (from a period later) and two patches in a
+    row (from what it filled) included; on a pulse with 3% beat-to-beat jitter it stays well
+    below linear interpolation and zeros."""
+    from biofm.train.evaluate import beat_period, period_copy
+    from conftest import heartbeat_signals
+
+    t = np.arange(1250) / 125.0
+    pulse = np.sin(2 * np.pi * 1.25 * t) + 0.5 * np.sin(4 * np.pi * 1.25 * t + 1.0)
+    mask = np.zeros((1, 1, 10), bool)
+    mask[0, 0, [0, 3, 4, 8]] = True
+    hidden = np.repeat(mask, 125, axis=-1)
+    assert beat_period(pulse * ~hidden[0, 0], ~hidden[0, 0], 125.0) == 100
+    copied = period_copy(pulse[None, None], mask, 125, 125.0)
+    np.testing.assert_allclose(copied, pulse[None, None], atol=1e-9)
+    ppg = heartbeat_signals(10.0, 125.0, hr_bpm=72.0, seed=0)[0]
+    x = ((ppg - ppg.mean()) / ppg.std())[None, None]
+    mask[0, 0] = False
+    mask[0, 0, [2, 5, 6]] = True
+    hidden = np.repeat(mask, 125, axis=-1)
+    err = ((period_copy(x, mask, 125, 125.0) - x) ** 2)[hidden].mean()
+    # 0.43, against 1.38 for interpolation and 1.10 for zeros: a beat that comes 25 ms early is a miss
+    assert err < 0.5 and ((interpolate_masked(x, mask, 125) - x) ** 2)[hidden].mean() > 2.5 * err
+    assert (x[hidden] ** 2).mean() > 2 * err

@@ -9,11 +9,16 @@ import torch
 from biofm.config import PretrainConfig
 from biofm.errors import ConfigError
 from biofm.model.classifier import Classifier
-from biofm.model.ssl import MaskedSignalModel, MultiResolutionSTFTLoss, random_mask, ttm_config
-from biofm.train.pretrain import pretraining_losses
+from biofm.model.ssl import MaskedSignalModel, random_mask, ttm_config
+from biofm.train.pretrain import TERMS, pretraining_losses
 from biofm.train.step import adamw, compiled_for_batch, host_syncs, step, use_compile, where_kept
 
 CPU = torch.device("cpu")
+SPEC = {"filters": {"PPG": {"band_hz": [0.5, 10.0]}, "ECG": {"band_hz": [0.5, 40.0]}}, "window_samples": 1250,
+        "sample_rate_hz": 125.0}
+SEED_RECIPE = PretrainConfig(stft_weight=0.3)
+EVERY_TERM = PretrainConfig(stft_weight=0.3, spectral_weight=1.0, align_weight=0.5, mask_input="token", decoder="mixer",
+                            target_norm="patch")
 
 
 def scaler():
@@ -36,22 +41,23 @@ def test_the_counter_sees_what_would_make_the_host_wait():
 
 
 def test_a_pretraining_and_a_fine_tuning_step_read_nothing_back():
-    """Three pretraining steps (a PPG-only window among them: absent ECG) and three fine-tuning
-    steps, the loss sums kept as the loops keep them: no scalar read, no data-dependent shape."""
+    """Three pretraining steps with every loss term, mask token and mixer decoder (a PPG-only
+    window among them: absent ECG) and three fine-tuning steps, the loss sums kept as the loops
+    keep them: no scalar read, no data-dependent shape."""
     torch.manual_seed(0)
-    model = MaskedSignalModel(ttm_config(2, num_layers=1, d_model=32))
-    losses, params = pretraining_losses(model, 125, MultiResolutionSTFTLoss(), 0.3), list(model.parameters())
+    model = MaskedSignalModel.of(ttm_config(2, num_layers=1, d_model=32), dataclasses.asdict(EVERY_TERM))
+    losses, params = pretraining_losses(model, EVERY_TERM, SPEC), list(model.parameters())
     optimizer = adamw(params, lr=1e-3)
     x = torch.randn(8, 2, 1250)
     x[3, 1] = 0
-    sums = torch.zeros(4, dtype=torch.float64)
+    sums = torch.zeros(len(TERMS) + 1, dtype=torch.float64)
     with host_syncs() as counts:
         for _ in range(3):
             terms = losses(x, random_mask(8, 2, 10, 0.4))
             skipped = step(terms[0], optimizer, scaler(), params, 1.0)
-            sums[:3] += where_kept(skipped, terms.detach().double() * len(x))
-            sums[3] += skipped
-    assert dict(counts) == {} and sums[3] == 0 and torch.isfinite(sums).all()
+            sums[:-1] += where_kept(skipped, terms.detach().double() * len(x))
+            sums[-1] += skipped
+    assert dict(counts) == {} and sums[-1] == 0 and torch.isfinite(sums).all() and (sums[:-1] > 0).all()
 
     head = Classifier(model.encoder, num_classes=2)
     trained = [p for p in head.parameters() if p.requires_grad]
@@ -103,7 +109,7 @@ def test_the_compiled_forward_pass_trains_as_the_eager_one():
     def run(compiled: bool):
         torch.manual_seed(0)
         model = MaskedSignalModel(ttm_config(2, num_layers=1, d_model=32, dropout=0.1))
-        losses = pretraining_losses(model, 125, MultiResolutionSTFTLoss(), 0.3)
+        losses = pretraining_losses(model, SEED_RECIPE, SPEC)
         forward = compiled_for_batch(losses, 8, CPU) if compiled else losses
         params = list(model.parameters())
         optimizer = adamw(params, lr=1e-3)
@@ -119,10 +125,11 @@ def test_the_compiled_forward_pass_trains_as_the_eager_one():
         return torch.stack(seen), first_grad
 
     torch._dynamo.reset()
-    explained = torch._dynamo.explain(pretraining_losses(MaskedSignalModel(ttm_config(2, num_layers=1, d_model=32)), 125,
-                                                         MultiResolutionSTFTLoss(), 0.3))(torch.randn(4, 2, 1250),
-                                                                                     random_mask(4, 2, 10, 0.4))
-    assert (explained.graph_count, explained.graph_break_count) == (1, 0)
+    for recipe in (SEED_RECIPE, EVERY_TERM):
+        model = MaskedSignalModel.of(ttm_config(2, num_layers=1, d_model=32), dataclasses.asdict(recipe))
+        explained = torch._dynamo.explain(pretraining_losses(model, recipe, SPEC))(torch.randn(4, 2, 1250),
+                                                                                  random_mask(4, 2, 10, 0.4))
+        assert (explained.graph_count, explained.graph_break_count) == (1, 0), recipe
     eager_losses, eager_grad = run(False)
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()

@@ -48,6 +48,19 @@ def _build_windows(args) -> int:
     return 0
 
 
+def _build_corpus(args) -> int:
+    _output_folder(args.outdir, "--outdir")
+    from biofm.config import ChannelsConfig, WindowsConfig, load_config
+    from biofm.corpus import build_corpus
+
+    counts = build_corpus(args.corpus, args.raw_root, args.outdir, load_config(ChannelsConfig, args.channels_yaml),
+                          load_config(WindowsConfig, args.windows_yaml), args.seed, args.address)
+    total = {s: sum(c.get(s, 0) for c in counts.values()) for s in ("train", "val")}
+    print(f"[build-corpus] {len(counts)} sources, {total['train']} train + {total['val']} val windows -> "
+          f"{args.outdir}/corpus.yaml (biofm pretrain --data-dir {args.outdir}/corpus.yaml)")
+    return 0
+
+
 def _flags(**values) -> dict:
     """The command-line flags that were given (argparse leaves the others None)."""
     return {k: v for k, v in values.items() if v is not None}
@@ -93,7 +106,7 @@ def _evaluate_ssl(args) -> int:
         raise ConfigError(f"--output {args.output} is a folder: name the JSON file to write")
     from biofm.train.evaluate import evaluate_ssl, format_table
 
-    result = evaluate_ssl(args.checkpoint, args.data_dir, args.split)
+    result = evaluate_ssl(args.checkpoint, args.data_dir[0] if len(args.data_dir) == 1 else args.data_dir, args.split)
     print(format_table(result))
     if args.output:
         storage.write_text(args.output, json.dumps(result, indent=1))
@@ -367,6 +380,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--address", default=None, help=ADDRESS_HELP)
     p.set_defaults(func=_build_windows)
 
+    p = sub.add_parser("build-corpus", help="a corpus YAML's sources, from their recordings -> windows, one folder each",
+                       description="Windows every source of a corpus YAML (raw:, task:, cases:, channels: per source) "
+                                   "from --raw-root into <outdir>/<path>, and copies the YAML to <outdir>/corpus.yaml "
+                                   "for biofm pretrain --data-dir.")
+    p.add_argument("--corpus", default="configs/corpus_realdata.yaml", help="the corpus YAML")
+    p.add_argument("--raw-root", required=True, help="the folder its sources' raw: paths are under")
+    p.add_argument("--outdir", default="data/corpus", help="where the sources' windows and corpus.yaml go")
+    p.add_argument("--channels-yaml", default="configs/channels.yaml", help="channel tracks and filters")
+    p.add_argument("--windows-yaml", default="configs/windows.yaml", help="window length and quality rules")
+    p.add_argument("--seed", type=int, default=0, help="seed of each source's train/val split")
+    p.add_argument("--address", default=None, help=ADDRESS_HELP)
+    p.set_defaults(func=_build_corpus)
+
     p = sub.add_parser("pretrain", help="self-supervised pretraining of the TTM encoder (Ray Train)",
                        description="Masked signal modeling on <data-dir>/train, validated on <data-dir>/val (several "
                                    "--data-dir: one corpus). "
@@ -408,10 +434,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output-dir", default="artifacts/smoke", help="best_model.pt and smoke_metrics.json")
     p.set_defaults(func=_smoke)
 
-    p = sub.add_parser("evaluate-ssl", help="masked-cell MSE of a pretrained model against baselines",
-                       description="Model vs predicting zero vs linear interpolation, on the same fixed masks.")
+    p = sub.add_parser("evaluate-ssl", help="masked-cell MSE of a pretrained model against the floors",
+                       description="The model against predicting zero, linear interpolation and copying one beat "
+                                   "period earlier, on the same fixed masks: overall, per channel, per source of a "
+                                   "corpus and per class of a task's windows.")
     p.add_argument("--checkpoint", default="artifacts/foundation_model/best_model.pt", help="pretraining checkpoint")
-    p.add_argument("--data-dir", default="data/vitaldb_windows", help="windows from build-windows")
+    p.add_argument("--data-dir", nargs="+", default=["data/vitaldb_windows"],
+                   help="windows from build-windows or prepare-task; several, or a corpus YAML: one corpus")
     p.add_argument("--split", default="val", help="split to evaluate on")
     p.add_argument("--output", default=None, help="write the JSON here instead of printing it")
     p.set_defaults(func=_evaluate_ssl)

@@ -32,13 +32,7 @@ config_class = functools.partial(pydantic.dataclasses.dataclass, frozen=True,
 
 @config_class
 class ChannelSpec:
-    """One signal channel: where to find it in a recording and how to clean it.
-
-    ``tracks``: ``.vital`` track names tried in order. ``aliases``: the signal's names in WFDB,
-    EDF and CSV recordings, matched case-insensitively, the first one found wins. ``band_hz``: Chebyshev II band-pass
-    ``[low, high]`` in Hz. ``quality``: the beat detector that checks windows (``ppg``, ``ecg``
-    or ``none``).
-    """
+    """One signal channel: where to find it in a recording and how to clean it."""
 
     band_hz: tuple[float, float]
     tracks: tuple[str, ...] = ()
@@ -75,14 +69,8 @@ class ChannelsConfig:
 
 @config_class
 class ArrayLayout:
-    """Where a MATLAB or NumPy file holds its signals (see :mod:`biofm.sources.arrays`).
-
-    ``files``: a glob the file names of this layout match. ``signals``: signal name (matched to
-    channels by ``channels.yaml``'s aliases, as a CSV column is) -> a variable: a name, a MATLAB
-    struct path (``signal/pleth/y``), or a row of a ``[C, N]`` array (``sig[1]``). ``rate_hz``: a
-    number, or the variable that holds it. ``labels``: a glob of the label files that lie beside
-    the recordings (not recordings themselves).
-    """
+    """Where a MATLAB or NumPy file holds its signals (see :mod:`biofm.sources.arrays`). A signal's
+    name is matched to a channel by ``channels.yaml``'s aliases, as a CSV column is."""
 
     files: str
     signals: dict[str, str]
@@ -219,19 +207,12 @@ def config_hash(*cfgs) -> str:
 class PretrainConfig:
     """Masked signal modeling on the TTM encoder (``configs/ssl_pretrain.yaml``).
 
-    ``warmup_epochs`` of linear warm-up, then cosine decay to zero. ``cpus_per_worker`` is
-    lowered at run time so the workers fit the cluster. A split whose windows take at most
-    ``cache_mb`` MB in memory (float32: 10 kB per 2-channel window) is read once into each
-    worker's memory and fully reshuffled every epoch; larger ones stream from Parquet every
-    epoch, files in a new order, through a buffer of ``shuffle_buffer`` windows (0: always
-    stream). See :mod:`biofm.train.batches`. ``lr_scaling`` and ``base_batch_size``: the peak
-    learning rate for another batch size (:meth:`peak_lr`). ``compile``: ``torch.compile`` the
-    model and losses (null: on a GPU); ``tf32``: TF32 matmuls on a GPU (see
-    :mod:`biofm.train.step`). ``init``: ``random``, or IBM's published TTM weights
-    (a Hugging Face id or a local folder, ``@revision`` optional), whose architecture then
-    replaces ``d_model`` and ``num_layers``: see :mod:`biofm.model.ttm_weights`.
-    ``init_weights: false`` takes only that architecture, with random weights (the control of a
-    comparison).
+    A split whose windows take at most ``cache_mb`` MB in memory (float32: 10 kB per 2-channel
+    window) is read once into each worker's memory; larger ones stream from Parquet every epoch,
+    files in a new order (:mod:`biofm.train.batches`). Published TTM weights (``init``) bring
+    their architecture, which replaces ``d_model`` and ``num_layers``
+    (:mod:`biofm.model.ttm_weights`). The loss is the weighted sum of the four ``*_weight`` terms
+    (:mod:`biofm.model.ssl`); ``docs/pretraining.md`` has the study that chose the defaults.
     """
 
     channels: tuple[str, ...] = ("PPG", "ECG")
@@ -242,8 +223,16 @@ class PretrainConfig:
     dropout: float = 0.1
     mask_ratio: float = 0.4
     mask_same_across_channels: bool = False
+    patch_length: int = 125
+    mask_input: str = "zeros"
+    target_norm: str = "window"
+    decoder: str = "linear"
+    mse_weight: float = 1.0
     stft_weight: float = 0.3
     stft_ffts: tuple[int, ...] = (64, 128, 256)
+    spectral_weight: float = 0.0
+    align_weight: float = 0.0
+    align_temperature: float = 0.1
     epochs: int = 100
     batch_size: int = 128
     lr: float = 5e-4
@@ -287,22 +276,41 @@ class PretrainConfig:
             raise ValueError(f"cache_mb and shuffle_buffer must be >= 0, got {self.cache_mb}, {self.shuffle_buffer}")
         if not self.channels:
             raise ValueError("channels must not be empty")
+        choices = {"mask_input": ("zeros", "token"), "target_norm": ("window", "patch"), "decoder": ("linear", "mixer")}
+        for key, allowed in choices.items():
+            if getattr(self, key) not in allowed:
+                raise ValueError(f"{key} must be one of {', '.join(allowed)}, got {getattr(self, key)!r}")
+        weights = (self.mse_weight, self.stft_weight, self.spectral_weight, self.align_weight)
+        if min(weights) < 0 or not sum(weights) > 0:
+            raise ValueError(f"mse_weight, stft_weight, spectral_weight and align_weight must be >= 0, one of them > 0, "
+                             f"got {weights}")
+        if self.align_weight > 0 and not {"PPG", "ECG"} <= set(self.channels):
+            raise ValueError(f"align_weight aligns PPG with ECG: channels must hold both, got {list(self.channels)}")
+        if self.patch_length < 1 or self.align_temperature <= 0:
+            raise ValueError("patch_length must be >= 1 and align_temperature > 0")
 
 
 @config_class
 class CorpusSource:
-    """One source of a pretraining corpus: ``path``, a build-windows output folder (or URI);
-    ``weight``: how often each of its windows is drawn per epoch on average (1: once; 2: twice;
-    0.5: half of them, other ones each epoch); ``name``: as the history names it (default: the
-    folder's name)."""
+    """One source of a pretraining corpus. The keys marked build-corpus say how ``biofm
+    build-corpus`` makes ``path`` from recordings (:mod:`biofm.corpus`); a task's labels give the
+    floors per class."""
 
     path: str
     weight: float = 1.0
     name: str = ""
+    raw: str = ""
+    task: str = ""
+    cases: tuple[str, ...] = ()
+    channels: tuple[str, ...] = ("PPG", "ECG")
+    rate_hz: float | None = None
+    val_share: float = 0.2
 
     def __post_init__(self):
         if not self.weight > 0:
             raise ValueError(f"weight must be > 0, got {self.weight}")
+        if not 0 <= self.val_share < 1:
+            raise ValueError(f"val_share must be in [0, 1), got {self.val_share}")
 
 
 @config_class
@@ -319,8 +327,7 @@ class CorpusConfig:
 
 @config_class
 class ButppgConfig:
-    """BUT-PPG preprocessing (``configs/butppg.yaml``): channel order, which PPG colour channel,
-    subject-level split ratios (train, val, test) and seed."""
+    """BUT-PPG preprocessing (``configs/butppg.yaml``)."""
 
     channels: tuple[str, ...] = ("ACC_X", "ACC_Y", "ACC_Z", "PPG", "ECG")
     ppg_signal: int = 0
@@ -338,16 +345,10 @@ class ButppgConfig:
 class FinetuneConfig:
     """Staged fine-tuning of a pretrained encoder on a task (``configs/finetune_butppg.yaml``).
 
-    ``channels``: the model's, by name (null: the task's); the encoder's channels the task lacks
-    are absent, the task's the encoder lacks are added (``inflation``). ``pretrain_channels``: the
-    checkpoint's channels, checked (null: any). Stage 1 trains the head for ``head_epochs`` with
-    the encoder frozen; stage 2 (the remaining
-    ``epochs - head_epochs``) also trains the last ``unfreeze_last_n`` mixer layers at ``lr``.
-    ``unfreeze_last_n = 0`` is a linear probe. ``init``: ``pretrained`` or ``scratch`` (same
-    architecture, random weights, everything trained). ``inflation``: how the new channels'
-    weights start (``preserve``, ``mean``, ``random``). ``class_balance``: ``weighted`` loss,
-    balanced ``sampler`` (binary tasks), or ``none``. ``regression_loss``: ``huber`` or ``mse`` on
-    the standardised target (regression tasks).
+    The encoder's channels the task lacks are absent, the task's the encoder lacks are added
+    (``inflation``). Stage 1 trains the head for ``head_epochs`` with the encoder frozen; stage 2
+    (the remaining ``epochs - head_epochs``) also trains the last ``unfreeze_last_n`` mixer layers
+    at ``lr``.
     """
 
     channels: tuple[str, ...] | None = None

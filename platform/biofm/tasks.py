@@ -213,7 +213,7 @@ def _split_key(task: Task, values: list) -> float:
 def prepare_task(task: Task, raw_dir: str | Path, outdir: str | Path, channels: dict[str, ChannelSpec],
                  cfg: WindowsConfig, split_ratios=(0.7, 0.15, 0.15), seed: int = 0, ppg_signal: int = 0,
                  label_rows: list[dict] | None = None, address: str | None = None, fit: str | None = None,
-                 rate_hz: float | None = None) -> dict:
+                 rate_hz: float | None = None, classes_in_every_split: bool = True) -> dict:
     """The windows of ``task`` from ``raw_dir`` -> ``outdir`` (module docstring); returns the manifest.
 
     Recordings are read and prepared in parallel with Ray Data (:mod:`biofm.task_readers`). A
@@ -224,7 +224,8 @@ def prepare_task(task: Task, raw_dir: str | Path, outdir: str | Path, channels: 
     colour channel, TROIKA's second wrist PPG); ``fit``: how PPG-BP's short segments become a window;
     ``rate_hz``: the rate of CSV files without a time column. Rebuilding replaces the previous
     output. A task left with one class or one subject is refused, and so is a split without a
-    subject, or without a class of a classification task (:func:`check_splits`)."""
+    subject, or (unless ``classes_in_every_split`` is false: a pretraining corpus, whose labels are
+    not evaluated) without a class of a classification task (:func:`check_splits`)."""
     from biofm.preprocess import Progress
     from biofm.dataset import code_version, data_spec
     from biofm.ray_connect import ensure_ray
@@ -268,7 +269,7 @@ def prepare_task(task: Task, raw_dir: str | Path, outdir: str | Path, channels: 
     check_labels(task, [r[task.column] for r in rows], [r["subject_id"] for r in rows], f"task {task.name}")
     split_of = {s: name for name, ids in split_groups(list(values), split_ratios, seed, positive_rate={
         s: _split_key(task, v) for s, v in values.items()}).items() for s in ids}
-    check_splits(task, split_of, values, split_ratios, seed)
+    check_splits(task, split_of, values if classes_in_every_split else {}, split_ratios, seed)
     quality_columns = sorted({k for r in rows for k in r["quality"]})
     for name in SPLITS:
         storage.remove_tree(storage.join(outdir, name))
@@ -315,8 +316,8 @@ MIN_SUBJECTS_PER_CLASS = 5  # the benchmark's five subject-wise folds each test 
 
 def check_splits(task: Task, split_of: dict[str, str], values: dict[str, list], ratios, seed: int) -> None:
     """Refuse a split (train, val, test) given a share of the subjects that holds none, or that lacks
-    a class of a classification task, naming the counts and what to change. A split of share 0 is
-    meant to be empty."""
+    a class of a classification task, naming the counts and what to change (``values``: each
+    subject's labels; empty: classes not checked). A split of share 0 is meant to be empty."""
     from biofm.splits import SPLITS
 
     per_class = {}
@@ -332,7 +333,7 @@ def check_splits(task: Task, split_of: dict[str, str], values: dict[str, list], 
             raise ConfigError(f"task {task.name}: the {name} split gets none of the {len(split_of)} subjects with "
                               f"--split-ratios {' '.join(f'{r:g}' for r in ratios)}: raise its share, or add subjects")
         if task.kind != "regression":
-            held = {c for s in members for c in values[s]}
+            held = {c for s in members for c in values.get(s, ())}
             lacking = [task.classes[c] for c in range(len(task.classes)) if c not in held and task.classes[c] in per_class]
             if lacking:
                 counts = ", ".join(f"{c}: {len(per_class[c])}" for c in per_class)

@@ -19,6 +19,7 @@ what the published backbone does on each channel.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from pathlib import Path
 
@@ -153,14 +154,19 @@ def initial_model(cfg: PretrainConfig, window_samples: int) -> tuple[MaskedSigna
     ``tensors_loaded``/``tensors_new``, ``params_loaded``/``params_new``, the names of the new
     tensors and of the checkpoint's backbone tensors left unused."""
     torch.manual_seed(cfg.seed)
+    recipe = dataclasses.asdict(cfg)
     if cfg.init == "random":
-        model = MaskedSignalModel(ttm_config(len(cfg.channels), cfg.num_layers, cfg.d_model, dropout=cfg.dropout))
+        if window_samples % cfg.patch_length:
+            raise ConfigError(f"patch_length {cfg.patch_length} does not divide the {window_samples}-sample windows: "
+                              f"choose a divisor (125, 50 and 25 divide 10 s at 125 Hz)")
+        model = MaskedSignalModel.of(ttm_config(len(cfg.channels), cfg.num_layers, cfg.d_model, window_samples,
+                                                cfg.patch_length, cfg.dropout), recipe)
         return model, {"source": "random", "revision": None, "folder": None, "sha256": None, "weights": "random",
                        **_counts(model.state_dict(), [])}
     source, revision = parse(cfg.init)
     folder = fetch(source, revision)
     published, weights = read_checkpoint(folder)
-    model = MaskedSignalModel(encoder_config(published, len(cfg.channels), window_samples, cfg.dropout))
+    model = MaskedSignalModel.of(encoder_config(published, len(cfg.channels), window_samples, cfg.dropout), recipe)
     state = model.state_dict()
     if not cfg.init_weights:
         return model, {"source": source, "revision": revision, "folder": str(folder), "sha256": None,

@@ -31,30 +31,43 @@ def plot_history(history: list[dict], panels: dict[str, tuple[str, tuple[str, ..
 
 
 def plot_reconstructions(model, split_dir: str, description: dict, path: str, n: int = 3) -> None:
-    """Validation windows against their reconstructions; masked patches shaded."""
+    """Validation windows against their reconstructions under the validation masks: the
+    reconstruction of the masked cells (shaded) in red, of the visible cells (which the loss
+    does not score) in thin grey; a patch-normalised target is shown in the window's units (each
+    patch's own mean and SD put back)."""
+    from biofm.model.ssl import recipe_of, window_masks
     from biofm.train.evaluate import first_windows
-    from biofm.model.ssl import window_masks
 
-    spec, cfg = description["data_spec"], description["pretrain_config"]
+    spec, cfg = description["data_spec"], recipe_of(description)
     x, case_ids, window_idx = first_windows(split_dir, description["channels"], n)
     patches, patch = model.patches, model.patch
     mask = window_masks(case_ids, window_idx, x.shape[1], patches, cfg["mask_ratio"], cfg["val_mask_seed"],
                         cfg["mask_same_across_channels"])
     with torch.no_grad():
-        recon, _ = model(torch.from_numpy(x), mask)
+        recon = model(torch.from_numpy(x), mask)[0].numpy()
+    if cfg["target_norm"] == "patch":
+        p = x.reshape(*x.shape[:-1], -1, patch)
+        recon = (recon.reshape(p.shape) * (p.std(axis=-1, ddof=1, keepdims=True) + 1e-2)
+                 + p.mean(axis=-1, keepdims=True)).reshape(x.shape)
+    hidden = np.repeat(mask.numpy(), patch, axis=-1)[..., :x.shape[-1]]
     t = np.arange(x.shape[-1]) / spec["sample_rate_hz"]
     fig, axes = plt.subplots(len(x), x.shape[1], figsize=(7 * x.shape[1], 2.2 * len(x)), squeeze=False)
     for i in range(len(x)):
         for c, name in enumerate(description["channels"]):
             ax = axes[i, c]
-            for p in np.flatnonzero(mask[i, c].numpy()):
-                ax.axvspan(p * patch / spec["sample_rate_hz"], min((p + 1) * patch, x.shape[-1]) / spec["sample_rate_hz"],
+            for k in np.flatnonzero(mask[i, c].numpy()):
+                ax.axvspan(k * patch / spec["sample_rate_hz"], min((k + 1) * patch, x.shape[-1]) / spec["sample_rate_hz"],
                            color="orange", alpha=0.2, lw=0)
-            ax.plot(t, x[i, c], lw=0.8, label="original")
-            ax.plot(t, recon[i, c].numpy(), lw=0.8, label="reconstruction")
-            ax.set_title(f"{name} - case {case_ids[i]} window {window_idx[i]} (shaded: masked)", fontsize=9)
+            ax.plot(t, x[i, c], color="black", lw=0.8, label="original")
+            ax.plot(t, np.where(hidden[i, c], np.nan, recon[i, c]), color="grey", lw=0.5,
+                    label="reconstruction, visible cells (not scored)")
+            ax.plot(t, np.where(hidden[i, c], recon[i, c], np.nan), color="tab:red", lw=1.0,
+                    label="reconstruction, masked cells")
+            absent = not np.abs(x[i, c]).max() > 0
+            ax.set_title(f"{name} - case {case_ids[i]} window {window_idx[i]} "
+                         + ("(absent in this source: zeros, not scored)" if absent else "(shaded: masked)"), fontsize=9)
             ax.set_ylabel(f"{name} (z-score)", fontsize=8)  # each window is z-scored per channel
-    axes[0, 0].legend(loc="upper right", fontsize=8)
+    axes[0, 0].legend(loc="upper right", fontsize=7)
     for ax in axes[-1]:
         ax.set_xlabel("seconds from the window's start")
     fig.tight_layout()

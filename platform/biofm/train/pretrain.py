@@ -23,8 +23,8 @@ import torch
 from biofm import output, storage
 from biofm.config import PretrainConfig, to_jsonable
 from biofm.errors import BiofmError, ConfigError
-from biofm.model.ssl import (MaskedSignalModel, MultiResolutionSTFTLoss, masked_mse, present_channels, random_mask,
-                              window_masks)
+from biofm.model.ssl import (MaskedSignalModel, MultiResolutionSTFTLoss, alignment_loss, band_bins, band_spectral_mse,
+                              masked_mse, patch_samples, present_channels, random_mask, targets, window_masks)
 from biofm.model.ttm_weights import describe as describe_init
 from biofm.model.ttm_weights import initial_model
 from biofm.train import checkpoint
@@ -48,19 +48,37 @@ def _allreduce(values: torch.Tensor, device) -> list[float]:
     return t.tolist()
 
 
-def pretraining_losses(model, patch: int, stft: MultiResolutionSTFTLoss, stft_weight: float,
-                       autocast=contextlib.nullcontext):
-    """``losses(x, mask)``: ``[loss, masked MSE, STFT]`` of ``model`` (a MaskedSignalModel, or it
-    wrapped by DDP) on windows ``x`` ``[B, C, T]`` under ``mask`` ``[B, C, P]``, the loss being
-    MSE + ``stft_weight`` x STFT. Absent channels (rows of zeros: a source without them) are
-    input as zeros, as in fine-tuning, and left out of both losses."""
+TERMS = ("loss", "mse", "stft", "spectral", "align")  # what pretraining_losses returns, in order
+
+
+def pretraining_losses(model, cfg: PretrainConfig, spec: dict, device="cpu", autocast=contextlib.nullcontext):
+    """``losses(x, mask)``: the 0-d terms :data:`TERMS` stacked, of ``model`` (a MaskedSignalModel,
+    or it wrapped by DDP) on windows ``x`` ``[B, C, T]`` under ``mask`` ``[B, C, P]``: the loss
+    (``cfg``'s weighted sum), the masked MSE of :func:`~biofm.model.ssl.targets`, the seed's STFT
+    term, the in-band spectral term (``spec``: the data spec, its filters' bands) and the PPG-ECG
+    alignment; a term of weight 0 is not computed (0). Absent channels (rows of zeros: a source
+    without them) are input as zeros, as in fine-tuning, and left out of every term."""
+    core = model.module if hasattr(model, "module") else model
+    patch, zero = core.patch, torch.zeros((), device=device)
+    stft = MultiResolutionSTFTLoss(cfg.stft_ffts).to(device) if cfg.stft_weight else None
+    bins = band_bins([spec["filters"][c]["band_hz"] for c in cfg.channels], spec["window_samples"],
+                     spec["sample_rate_hz"]).to(device) if cfg.spectral_weight else None
+    pair = (list(cfg.channels).index("PPG"), list(cfg.channels).index("ECG")) if cfg.align_weight else None
+
     def losses(x, mask):
         present = present_channels(x)
+        masked = mask & present[..., None]
         with autocast():
             recon, _ = model(x, mask)
-        recon = recon.float()
-        mse, spec = masked_mse(recon, x, mask & present[..., None], patch), stft(recon, x, present)
-        return torch.stack([mse + stft_weight * spec, mse, spec])
+            align = alignment_loss(core, x, present, *pair, cfg.align_temperature) if pair else zero
+        recon, target = recon.float(), targets(x, patch, cfg.target_norm)
+        mse = masked_mse(recon, target, masked, patch)
+        spectrum = stft(recon, target, present) if stft is not None else zero
+        band = (band_spectral_mse(recon, target, patch_samples(masked, patch, x.shape[-1]).float(), bins)
+                if bins is not None else zero)
+        terms = torch.stack([mse, spectrum, band, align.float()])
+        weights = torch.tensor([cfg.mse_weight, cfg.stft_weight, cfg.spectral_weight, cfg.align_weight], device=terms.device)
+        return torch.cat([(weights * terms).sum()[None], terms])
     return losses
 
 
@@ -80,7 +98,7 @@ def train_loop(config: dict) -> None:
     # reads is mostly idle, so the node's cores are shared among its workers instead.
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // ctx.get_local_world_size()))
     device = ray.train.torch.get_device()
-    model = MaskedSignalModel(TinyTimeMixerConfig.from_dict(config["description"]["ttm_config"]))
+    model = MaskedSignalModel.of(TinyTimeMixerConfig.from_dict(config["description"]["ttm_config"]), config["cfg"])
     model.load_state_dict(config["initial_state"])
     optimizer = adamw(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     autocast, scaler = mixed_precision(cfg.amp, device)
@@ -107,8 +125,7 @@ def train_loop(config: dict) -> None:
     warmup = max(1, int(cfg.warmup_epochs * len(train_batches)))
     peak_lr = cfg.peak_lr(world)
 
-    losses = pretraining_losses(model, patch, MultiResolutionSTFTLoss(cfg.stft_ffts).to(device), cfg.stft_weight,
-                                autocast)
+    losses = pretraining_losses(model, cfg, config["description"]["data_spec"], device, autocast)
     compiling = use_compile(cfg.compile, device)
     forward = compiled_for_batch(losses, cfg.batch_size, device, world) if compiling else losses
     params, first_step_s, started = list(model.parameters()), None, time.perf_counter()
@@ -116,7 +133,7 @@ def train_loop(config: dict) -> None:
         seed_epoch(cfg.seed, rank, epoch)
         model.train()
         clock = WaitClock(train_batches.epoch(epoch))
-        sums = torch.zeros(5, dtype=torch.float64, device=device)  # loss, MSE, STFT (x windows), windows, skipped
+        sums = torch.zeros(len(TERMS) + 2, dtype=torch.float64, device=device)  # TERMS (x windows), windows, skipped
         per_source = torch.zeros(len(sources), dtype=torch.float64, device=device)
         for batch in clock:
             x = batch["signal"]
@@ -126,13 +143,13 @@ def train_loop(config: dict) -> None:
             terms = forward(x, mask)
             skipped = step(terms[0], optimizer, scaler, params, cfg.grad_clip)
             kept = 1 - skipped
-            sums[:3] += where_kept(skipped, terms.detach().double() * len(x))
-            sums[3:] += torch.stack([kept * len(x), skipped])
+            sums[:len(TERMS)] += where_kept(skipped, terms.detach().double() * len(x))
+            sums[len(TERMS):] += torch.stack([kept * len(x), skipped])
             per_source.index_add_(0, batch["source"], kept.double().expand(len(x)))
             state["global_step"] += 1
             first_step_s = first_step_s or time.perf_counter() - started
         ingest = clock.metrics()
-        loss_sum, mse_sum, spec_sum, n, bad = _allreduce(torch.cat([sums[:4], sums[4:] / world]), device)
+        *train_sums, n, bad = _allreduce(torch.cat([sums[:-1], sums[-1:] / world]), device)
         source_windows = _allreduce(per_source, device)
         state["bad_steps"] += round(bad)
         if state["bad_steps"] > cfg.max_bad_steps:
@@ -152,7 +169,7 @@ def train_loop(config: dict) -> None:
         val_loss, val_mse, n_val = _allreduce(vals, device)
         metrics = {
             "epoch": epoch + 1,
-            "train_loss": loss_sum / max(n, 1), "train_mse": mse_sum / max(n, 1), "train_stft": spec_sum / max(n, 1),
+            **{f"train_{term}": total / max(n, 1) for term, total in zip(TERMS, train_sums)},
             "val_loss": val_loss / max(n_val, 1), "val_masked_mse": val_mse / max(n_val, 1),
             "windows_per_s": n / ingest["train_s"], **ingest,
             "lr": optimizer.param_groups[0]["lr"], "bad_steps": state["bad_steps"], "workers": world,
@@ -217,8 +234,10 @@ def pretrain(cfg: PretrainConfig, data_dir: str | Path | list, output_dir: str |
     model, init = initial_model(cfg, spec["window_samples"])
     ensure_ray(address)
     model_cfg = model.encoder.config
-    cfg = dataclasses.replace(cfg, d_model=model_cfg.d_model, num_layers=model_cfg.num_layers)
-    print(f"[pretrain] starting from {describe_init(init)}", flush=True)
+    cfg = dataclasses.replace(cfg, d_model=model_cfg.d_model, num_layers=model_cfg.num_layers,
+                              patch_length=model_cfg.patch_length)
+    if not resume:   # a resumed run's workers say which checkpoint they continue from
+        print(f"[pretrain] starting from {describe_init(init)}", flush=True)
     description = {"kind": "masked_signal_model",
                    "ttm_config": json.loads(json.dumps(model_cfg.to_dict(), default=str)),
                    "channels": list(cfg.channels), "data_spec": spec, "pretrain_config": to_jsonable(cfg),
@@ -226,8 +245,15 @@ def pretrain(cfg: PretrainConfig, data_dir: str | Path | list, output_dir: str |
     loop_config = {"cfg": dataclasses.asdict(cfg), "description": description, "initial_state": model.state_dict(),
                    "train": train, "val": val, "output_dir": output_dir}
     best, history = fit(train_loop, loop_config, cfg, ray_dir, "val_loss", "min")
-    write_artifacts(output_dir, best, history, cfg, dirs, init, storage.join(dirs[(with_val or [0])[0]], "val"))
+    write_artifacts(output_dir, best, history, cfg, dirs, init, [dirs[k] for k in with_val or [0]])
     return history[-1]
+
+
+def loss_formula(cfg: PretrainConfig) -> str:
+    """The loss in words: ``MSE + 0.3 x STFT``."""
+    terms = [(cfg.mse_weight, "MSE"), (cfg.stft_weight, "STFT"), (cfg.spectral_weight, "spectral"),
+             (cfg.align_weight, "alignment")]
+    return " + ".join(name if w == 1 else f"{w:g} x {name}" for w, name in terms if w)
 
 
 def corpus_sources(data_dir: str | Path | list) -> tuple[list[str], list[str], list[float]]:
@@ -253,10 +279,12 @@ def corpus_sources(data_dir: str | Path | list) -> tuple[list[str], list[str], l
 
 
 def write_artifacts(output_dir: str, best: dict, history: list[dict], cfg: PretrainConfig, dirs: list[str],
-                    init: dict, val_dir: str) -> None:
-    """best_model.pt, training_history.json, training_config.json, encoder/ (Hugging Face), PNGs
-    (the reconstructions of ``val_dir``'s windows)."""
-    from biofm.train.evaluate import load_pretrained
+                    init: dict, val_dirs: list[str]) -> None:
+    """best_model.pt, training_history.json, training_config.json, encoder/ (Hugging Face),
+    ssl_evaluation.json (the best model's masked MSE against the floors on the val windows of
+    ``val_dirs``: :func:`~biofm.train.evaluate.evaluate_ssl`), PNGs (the reconstructions of the val
+    windows of the first source that holds the most of the model's channels)."""
+    from biofm.train.evaluate import FLOORS, evaluate_ssl, load_pretrained
     from biofm.train.plots import plot_history, plot_reconstructions
 
     out = functools.partial(storage.join, output_dir)
@@ -268,7 +296,24 @@ def write_artifacts(output_dir: str, best: dict, history: list[dict], cfg: Pretr
     model = load_pretrained(out("best_model.pt"))
     with storage.local_folder(out("encoder")) as d:
         model.encoder.save_pretrained(d)
-    plot_history(history, {f"total loss (MSE + {cfg.stft_weight:g} x STFT)": ("loss", ("train_loss", "val_loss")),
-                           "masked-cell MSE": ("MSE (z-scored units)", ("train_mse", "val_masked_mse")),
-                           "multi-resolution STFT loss": ("STFT loss", ("train_stft",))}, out("loss_curves.png"))
-    plot_reconstructions(model, val_dir, best["description"], out("reconstruction.png"))
+    weighted = {"stft": ("the seed's multi-resolution STFT loss", cfg.stft_weight),
+                "spectral": ("in-band spectral error of the masked cells", cfg.spectral_weight),
+                "align": ("PPG-ECG alignment (InfoNCE)", cfg.align_weight)}
+    plot_history(history, {f"total loss ({loss_formula(cfg)})": ("loss", ("train_loss", "val_loss")),
+                           "masked-cell MSE": (f"MSE ({cfg.target_norm}-normalised target)", ("train_mse", "val_masked_mse")),
+                           **{title: (term, (f"train_{term}",)) for term, (title, w) in weighted.items() if w}},
+                 out("loss_curves.png"))
+    from biofm.dataset import read_data_spec
+
+    shown = max(val_dirs, key=lambda d: len(set(cfg.channels) & set(read_data_spec(storage.join(d, "val"))["channels"])))
+    plot_reconstructions(model, storage.join(shown, "val"), best["description"], out("reconstruction.png"))
+    result = evaluate_ssl(out("best_model.pt"), val_dirs, "val")
+    storage.write_text(out("ssl_evaluation.json"), json.dumps(result, indent=1))
+    v, words = result["masked_mse"]["overall"], {"zero": "zeros", "linear_interp": "linear interpolation",
+                                                 "period_copy": "the one-period copy"}
+    beaten, not_beaten = ([f"{words[f]} {v[f]:.3f}" for f in FLOORS if (f in result["beats"]) == b] for b in (True, False))
+    print(f"[pretrain] best model's val masked MSE {v['model']:.3f} ({cfg.target_norm}-normalised target, "
+          f"{result['windows']} windows): " + "; ".join(
+              part for part in (f"beats {', '.join(beaten)}" if beaten else "",
+                                f"does not beat {', '.join(not_beaten)}" if not_beaten else "") if part)
+          + f" ({out('ssl_evaluation.json')})", flush=True)
