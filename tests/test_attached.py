@@ -30,7 +30,7 @@ def test_a_command_attaches_to_a_running_ray_and_says_why_when_it_cannot(head, t
                "--output", "splits").returncode == 0
     address = f"127.0.0.1:{head.port}"
     build = ["build-windows", "--split-file", "splits/splits_full.json", "--source", "vital", "--outdir", "windows"]
-    done = run(*build, "--address", address, "--verbose")
+    done = run("--verbose", *build, "--address", address)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "Connecting to existing Ray cluster at address" in done.stderr and "Started a local Ray" not in done.stderr
     assert "[build-windows train] 2/2 cases ok, 6 windows" in done.stdout

@@ -36,9 +36,10 @@ def ensure_ray(address: str | None = None) -> None:
 
 def attach(address: str) -> None:
     """Join the running cluster at ``address`` (``auto``: the one ``ray start`` started on this
-    machine): no Ray start-up, so a small job takes seconds (Performance). One line says what to do
-    when it cannot: the cluster is not running, or wants the token Ray 2.60's ``ray start --head``
-    turns on (``RAY_AUTH_MODE=token``; the token is in ``~/.ray/auth_token``)."""
+    machine): no Ray start-up (Performance). The job's workers start in this process's folder where
+    their node has it, as a Ray of the command's own would, so relative paths mean the same. One
+    line says what to do when it cannot: the cluster is not running, or wants the token Ray 2.60's
+    ``ray start --head`` turns on (``RAY_AUTH_MODE=token``; the token is in ``~/.ray/auth_token``)."""
     import socket
 
     import ray
@@ -55,8 +56,11 @@ def attach(address: str) -> None:
         except OSError as e:
             raise SourceUnreachable(f"cannot connect to the Ray cluster at {address} ({e.strerror or e}): "
                                     f"{not_running}") from None
+    options = output.ray_init_options()
+    if "RAY_JOB_CONFIG_JSON_ENV_VAR" not in os.environ:   # not a `ray job submit` driver: its job has a working_dir
+        options["runtime_env"] = {"worker_process_setup_hook": in_folder(os.getcwd())}
     try:
-        ray.init(address=address, log_to_driver=True, **output.ray_init_options())
+        ray.init(address=address, log_to_driver=True, **options)
     except (ConnectionError, RuntimeError, ValueError) as e:
         text = f"{e} {e.__cause__ or ''}"
         hint = not_running
@@ -64,3 +68,13 @@ def attach(address: str) -> None:
             hint = ("it uses token authentication (ray start --head turns it on): set RAY_AUTH_MODE=token, with its "
                     "token in ~/.ray/auth_token (ray get-auth-token) or RAY_AUTH_TOKEN_PATH")
         raise SourceUnreachable(f"cannot connect to the Ray cluster at {address}: {hint}") from None
+
+
+def in_folder(folder: str):
+    """A worker setup hook: enter ``folder`` when this node has it (a remote node may not)."""
+
+    def enter() -> None:
+        if os.path.isdir(folder):
+            os.chdir(folder)
+
+    return enter
