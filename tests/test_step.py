@@ -6,7 +6,7 @@ import dataclasses
 import pytest
 import torch
 
-from biofm.config import PretrainConfig
+from biofm.config import PretrainConfig, load_config
 from biofm.errors import ConfigError
 from biofm.model.classifier import Classifier
 from biofm.model.ssl import MaskedSignalModel, random_mask, ttm_config
@@ -16,9 +16,9 @@ from biofm.train.step import adamw, compiled_for_batch, host_syncs, step, use_co
 CPU = torch.device("cpu")
 SPEC = {"filters": {"PPG": {"band_hz": [0.5, 10.0]}, "ECG": {"band_hz": [0.5, 40.0]}}, "window_samples": 1250,
         "sample_rate_hz": 125.0}
-SEED_RECIPE = PretrainConfig(stft_weight=0.3)
-EVERY_TERM = PretrainConfig(stft_weight=0.3, spectral_weight=1.0, align_weight=0.5, mask_input="token", decoder="mixer",
-                            target_norm="patch")
+SEED_RECIPE = load_config(PretrainConfig, "configs/ssl_pretrain_seed.yaml")   # 1 s patches, MSE + 0.3 STFT
+EVERY_TERM = dataclasses.replace(SEED_RECIPE, spectral_weight=1.0, align_weight=0.5, mask_input="token", decoder="mixer",
+                                 target_norm="patch")
 
 
 def scaler():

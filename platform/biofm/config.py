@@ -228,7 +228,7 @@ class PretrainConfig:
     target_norm: str = "window"
     decoder: str = "linear"
     mse_weight: float = 1.0
-    stft_weight: float = 0.3
+    stft_weight: float = 0.0
     stft_ffts: tuple[int, ...] = (64, 128, 256)
     spectral_weight: float = 0.0
     align_weight: float = 0.0
