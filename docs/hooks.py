@@ -7,13 +7,14 @@ import argparse
 import dataclasses
 import inspect
 import os
+import re
 
 from mkdocs.structure.files import File
 
 # config class -> the shipped YAML files it reads
-CONFIGS = {"PipelineConfig": ("pipeline.yaml", "smoke.yaml"), "ChannelsConfig": ("channels.yaml",),
+CONFIGS = {"PipelineConfig": ("pipeline.yaml", "smoke.yaml"), "ChannelsConfig": ("channels.yaml",), "ChannelSpec": (),
            "WindowsConfig": ("windows.yaml",), "LayoutsConfig": ("layouts.yaml",), "ArrayLayout": (),
-           "PretrainConfig": ("ssl_pretrain.yaml",),
+           "PretrainConfig": ("ssl_pretrain.yaml",), "CorpusConfig": ("corpus_realdata.yaml",), "CorpusSource": (),
            "ButppgConfig": ("butppg.yaml",), "FinetuneConfig": ("finetune_butppg.yaml",),
            "TuneSearchConfig": ("tune_finetune.yaml",)}
 
@@ -31,21 +32,38 @@ def commands_page() -> str:
     return "\n".join(parts)
 
 
+def field_docs(cls) -> dict[str, str]:
+    """Each field's meaning: the ``#:`` comment lines just above it in the class's source."""
+    docs, pending = {}, []
+    for line in inspect.getsource(cls).splitlines():
+        comment = re.match(r"\s+#: ?(.*)", line)
+        field = re.match(r"    (\w+): ", line)
+        if comment:
+            pending.append(comment.group(1))
+        elif field and pending:
+            docs[field.group(1)] = " ".join(pending)
+        if not comment:
+            pending = []
+    return docs
+
+
 def configs_page() -> str:
     from biofm import config
 
     parts = ["# Configs\n", "Each YAML file is read into one config class; an unknown key, a wrong type or a "
              "value out of range stops the command with the key's name. Flags and the pipeline's "
              "sections override keys. The keys, their types and defaults (those of a key the file leaves "
-             "out) come from the code; the files are shown as shipped, with their comments.\n"]
+             "out) and meanings come from the code; the files are shown as shipped, with their comments.\n"]
     for name, files in CONFIGS.items():
         cls = getattr(config, name)
-        parts += [f"## {name}\n", inspect.getdoc(cls) or "", "", "| key | type | default |", "|---|---|---|"]
+        docs = field_docs(cls)
+        parts += [f"## {name}\n", inspect.getdoc(cls) or "", "", "| key | type | default | meaning |", "|---|---|---|---|"]
         for f in dataclasses.fields(cls):
             default = f.default if f.default is not dataclasses.MISSING else (
                 f.default_factory() if f.default_factory is not dataclasses.MISSING else "(required)")
             kind = str(f.type).replace("|", "\\|")  # "str | None", outside code, where the escape works
-            parts.append(f"| `{f.name}` | {kind} | `{default!r}` |")
+            meaning = docs.get(f.name, "").replace("|", "\\|")
+            parts.append(f"| `{f.name}` | {kind} | `{default!r}` | {meaning} |")
         for file in files:
             parts += ["", f"`configs/{file}`:", "", "```yaml", config.resolve(f"configs/{file}").read_text().rstrip(), "```"]
         parts.append("")

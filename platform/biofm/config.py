@@ -34,11 +34,17 @@ config_class = functools.partial(pydantic.dataclasses.dataclass, frozen=True,
 class ChannelSpec:
     """One signal channel: where to find it in a recording and how to clean it."""
 
+    #: Chebyshev II band-pass `[low, high]`, Hz
     band_hz: tuple[float, float]
+    #: `.vital` track names, tried in order
     tracks: tuple[str, ...] = ()
+    #: the signal's names in WFDB, EDF, CSV and array files (case-insensitive; the first found wins)
     aliases: tuple[str, ...] = ()
+    #: order of the band-pass filter (1-10)
     filter_order: int = 4
+    #: stop-band attenuation of the filter, dB
     stopband_db: float = 40.0
+    #: beat detector that checks windows: `ppg`, `ecg` or `none`
     quality: str = "none"
 
     def __post_init__(self):
@@ -55,6 +61,7 @@ class ChannelSpec:
 
 @config_class
 class ChannelsConfig:
+    #: channel name -> its ChannelSpec
     channels: dict[str, ChannelSpec]
 
     def select(self, names: typing.Sequence[str]) -> dict[str, ChannelSpec]:
@@ -72,14 +79,19 @@ class ArrayLayout:
     """Where a MATLAB or NumPy file holds its signals (see :mod:`biofm.sources.arrays`). A signal's
     name is matched to a channel by ``channels.yaml``'s aliases, as a CSV column is."""
 
+    #: glob of the file names this layout reads
     files: str
+    #: signal name -> variable: a name, a struct path (`signal/pleth/y`) or a row (`sig[1]`)
     signals: dict[str, str]
+    #: sampling rate, Hz: a number or the variable holding it
     rate_hz: float | str
+    #: glob of label files lying beside the recordings (not read as recordings)
     labels: str | None = None
 
 
 @config_class
 class LayoutsConfig:
+    #: layout name (the `array:NAME` prefix) -> its ArrayLayout
     layouts: dict[str, ArrayLayout]
 
 
@@ -87,20 +99,35 @@ class LayoutsConfig:
 class WindowsConfig:
     """Windowing and window-quality thresholds. Times in seconds, rates in Hz."""
 
+    #: rate every signal is resampled to, Hz
     sample_rate_hz: float = 125.0
+    #: window length, s
     window_s: float = 10.0
+    #: step between window starts, s
     stride_s: float = 10.0
+    #: fewest detected beats a kept window holds
     min_beats: int = 3
+    #: `[low, high]` heart rate a kept window's beats imply, beats/min
     hr_bpm: tuple[float, float] = (30.0, 200.0)
+    #: largest share of missing samples
     max_nan_fraction: float = 0.05
+    #: largest share of samples in stuck runs (1 s or more of equal values)
     max_flat_fraction: float = 0.2
+    #: largest share of samples at the window's extremes (clipping)
     max_clip_fraction: float = 0.05
+    #: a stretch where the pulse falls below this share of its usual amplitude is lost signal
     signal_loss_ratio: float = 0.2
+    #: longest lost-signal stretch a kept window holds, s
     max_signal_loss_s: float = 1.5
+    #: PPG: lowest mean correlation of beats with their average beat
     ppg_min_template_match: float = 0.65
+    #: PPG: upper edge of the pulse band, Hz (raised to 2.5 x the beat rate where that is higher)
     ppg_pulse_band_hz: float = 7.0
+    #: PPG: lowest share of the filter band's power that lies in the pulse band
     ppg_min_pulse_band_power: float = 0.85
+    #: ECG: lowest mean correlation of beats with their average beat
     ecg_min_template_match: float = 0.66
+    #: ECG: lowest agreement of two QRS detectors
     ecg_min_beat_agreement: float = 0.8
 
     def __post_init__(self):
@@ -215,43 +242,81 @@ class PretrainConfig:
     (:mod:`biofm.model.ssl`); ``docs/pretraining.md`` has the study that chose the defaults.
     """
 
+    #: the encoder's channels, by name
     channels: tuple[str, ...] = ("PPG", "ECG")
+    #: `random`, or published TTM weights (Hugging Face id or folder, `@revision` optional)
     init: str = "random"
+    #: false: only the published architecture, random weights (a control)
     init_weights: bool = True
+    #: width of the mixer layers
     d_model: int = 192
+    #: mixer layers of the encoder
     num_layers: int = 4
+    #: dropout in the encoder
     dropout: float = 0.1
+    #: share of patches masked per window and channel
     mask_ratio: float = 0.4
+    #: mask the same patches in every channel
     mask_same_across_channels: bool = False
+    #: samples per patch (a masked cell); divides the window
     patch_length: int = 125
+    #: what a masked patch shows the encoder: `zeros` or a learned `token`
     mask_input: str = "zeros"
+    #: reconstruct the z-scored `window`, or each `patch` z-scored on its own
     target_norm: str = "window"
+    #: `linear` head or a small `mixer`
     decoder: str = "linear"
+    #: weight of the masked MSE
     mse_weight: float = 1.0
+    #: weight of the seed's multi-resolution STFT loss (whole window, log magnitudes)
     stft_weight: float = 0.0
+    #: FFT sizes of the STFT loss, samples
     stft_ffts: tuple[int, ...] = (64, 128, 256)
+    #: weight of the masked error's in-band spectrum (complex, masked cells only)
     spectral_weight: float = 0.0
+    #: weight of PPG-ECG alignment (InfoNCE, windows holding both)
     align_weight: float = 0.0
+    #: temperature of the alignment's InfoNCE
     align_temperature: float = 0.1
+    #: passes over the training windows
     epochs: int = 100
+    #: windows per step and worker
     batch_size: int = 128
+    #: peak learning rate (AdamW)
     lr: float = 5e-4
+    #: AdamW weight decay
     weight_decay: float = 0.05
+    #: linear warm-up, then cosine decay to zero, epochs
     warmup_epochs: float = 5.0
+    #: largest gradient norm
     grad_clip: float = 1.0
+    #: mixed precision on a GPU
     amp: bool = True
+    #: seed of weights, masks and shuffling
     seed: int = 0
+    #: seed of the fixed validation masks
     val_mask_seed: int = 1234
+    #: Ray Train workers
     num_workers: int = 1
+    #: CPUs per worker (lowered to fit the cluster)
     cpus_per_worker: float = 1.0
+    #: train on GPUs (null: when the cluster has them)
     use_gpu: bool | None = None
+    #: restarts from the last checkpoint after a lost worker
     max_failures: int = 2
+    #: non-finite losses in a row before the run stops
     max_bad_steps: int = 20
+    #: a split at most this size (MB) is held in memory and reshuffled every epoch
     cache_mb: float = 256.0
+    #: windows in the streaming shuffle buffer (0: always stream)
     shuffle_buffer: int = 4096
+    #: peak lr for another global batch: `none`, `linear` or `sqrt`
     lr_scaling: str = "none"
+    #: the global batch `lr` is given for
     base_batch_size: int = 128
+    #: `torch.compile` the model and losses (null: on a GPU)
     compile: bool | None = None
+    #: TF32 matmuls on a GPU
     tf32: bool = True
 
     def peak_lr(self, workers: int = 1) -> float:
@@ -296,14 +361,23 @@ class CorpusSource:
     build-corpus`` makes ``path`` from recordings (:mod:`biofm.corpus`); a task's labels give the
     floors per class."""
 
+    #: a build-windows output folder (or URI), relative to the corpus YAML
     path: str
+    #: draws of each window per epoch on average (2: twice; 0.5: half of them)
     weight: float = 1.0
+    #: the source's name in the history (default: the folder's)
     name: str = ""
+    #: build-corpus: the recordings' folder under `--raw-root` (`csv:`, `array:`, ... picks a format)
     raw: str = ""
+    #: build-corpus: read it as this built-in task (labels kept, unused in pretraining)
     task: str = ""
+    #: build-corpus: only these recordings (default: all)
     cases: tuple[str, ...] = ()
+    #: build-corpus: the channels to read
     channels: tuple[str, ...] = ("PPG", "ECG")
+    #: build-corpus: sampling rate of a CSV without a time column, Hz
     rate_hz: float | None = None
+    #: build-corpus: share of recordings (a task's: subjects) kept for validation
     val_share: float = 0.2
 
     def __post_init__(self):
@@ -318,6 +392,7 @@ class CorpusConfig:
     """A corpus YAML (``biofm pretrain --data-dir corpus.yaml``): its ``sources``, relative paths
     taken from the YAML's folder."""
 
+    #: the corpus's sources (CorpusSource)
     sources: tuple[CorpusSource, ...]
 
     def __post_init__(self):
@@ -329,9 +404,13 @@ class CorpusConfig:
 class ButppgConfig:
     """BUT-PPG preprocessing (``configs/butppg.yaml``)."""
 
+    #: channel order of the windows
     channels: tuple[str, ...] = ("ACC_X", "ACC_Y", "ACC_Z", "PPG", "ECG")
+    #: which PPG colour channel of the recording
     ppg_signal: int = 0
+    #: subject shares of train, val, test
     split_ratios: tuple[float, float, float] = (0.7, 0.15, 0.15)
+    #: seed of the subject split
     seed: int = 0
 
     def __post_init__(self):
@@ -351,27 +430,49 @@ class FinetuneConfig:
     at ``lr``.
     """
 
+    #: the model's channels (null: the task's); missing ones are absent or added
     channels: tuple[str, ...] | None = None
+    #: the checkpoint's channels, checked (null: any)
     pretrain_channels: tuple[str, ...] | None = None
+    #: `pretrained` encoder, or `scratch` (random weights, all trained)
     init: str = "pretrained"
+    #: how added channels' weights start: `preserve`, `mean` or `random`
     inflation: str = "preserve"
+    #: all epochs, both stages
     epochs: int = 30
+    #: stage 1: epochs training the head alone
     head_epochs: int = 5
+    #: stage 2: encoder layers trained too (0: a linear probe)
     unfreeze_last_n: int = 2
+    #: stage 2 learning rate of the encoder layers
     lr: float = 2e-5
+    #: learning rate of the head
     head_lr: float = 1e-3
+    #: AdamW weight decay
     weight_decay: float = 0.01
+    #: windows per step and worker
     batch_size: int = 32
+    #: `weighted` loss, balanced `sampler` (binary) or `none`
     class_balance: str = "weighted"
+    #: `huber` or `mse` on the standardised target
     regression_loss: str = "huber"
+    #: dropout before the head
     dropout: float = 0.1
+    #: largest gradient norm
     grad_clip: float = 1.0
+    #: mixed precision on a GPU
     amp: bool = True
+    #: seed of weights and shuffling
     seed: int = 0
+    #: Ray Train workers
     num_workers: int = 1
+    #: CPUs per worker
     cpus_per_worker: float = 1.0
+    #: share of a GPU per worker, on a GPU
     gpus_per_worker: float = 1.0
+    #: train on GPUs (null: when the cluster has them)
     use_gpu: bool | None = None
+    #: restarts from the last checkpoint after a lost worker
     max_failures: int = 1
 
     def __post_init__(self):
@@ -410,17 +511,29 @@ class TuneSearchConfig:
     its fine-tuning run from that run's last checkpoint.
     """
 
+    #: the fine-tuning YAML the trials change
     finetune_config: str = "configs/finetune_butppg.yaml"
+    #: `random` draws, or every `grid` combination
     mode: str = "random"
+    #: random mode: configurations drawn
     num_samples: int = 8
+    #: epochs of a trial that ASHA does not stop
     max_epochs: int = 12
+    #: epochs before ASHA may stop a trial
     grace_period: int = 3
+    #: ASHA keeps 1 in this many trials per rung
     reduction_factor: int = 2
+    #: CPUs per trial
     cpus_per_trial: float = 0.5
+    #: share of a GPU per trial (0: CPU only)
     gpus_per_trial: float = 0.0
+    #: trials running at once
     max_concurrent_trials: int = 2
+    #: restarts of a trial whose process died
     trial_max_failures: int = 2
+    #: seed of the search
     seed: int = 0
+    #: FinetuneConfig key -> `{loguniform: [lo, hi]}` (or `uniform`, `randint`), `{choice: [...]}` or `{grid: [...]}`
     search: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self):
@@ -468,27 +581,49 @@ class PipelineConfig:
     working directory.
     """
 
+    #: every stage writes under it
     output_dir: str = "runs/quick"
+    #: the channels YAML
     channels_yaml: str = "configs/channels.yaml"
+    #: the windows YAML
     windows_yaml: str = "configs/windows.yaml"
+    #: VitalDB case set, a case list file or a folder of .vital files
     case_set: str = "bis"
+    #: `fasttrack` or `full` VitalDB split
     split_mode: str = "fasttrack"
+    #: seed of the case split
     split_seed: int = 0
+    #: case shares of train, val, test
     split_ratios: tuple[float, float, float] = (0.7, 0.15, 0.15)
+    #: `{train: n, val: n}`: the first n cases of each split are windowed
     max_cases: dict[str, int] = dataclasses.field(default_factory=lambda: {"train": 6, "val": 2})
+    #: `api`, a folder or a cloud URI holding the .vital files
     vital_source: str = "api"
+    #: VitalDB API address (null: the public one)
     api_url: str | None = None
+    #: the pretraining YAML
     pretrain_config: str = "configs/ssl_pretrain.yaml"
+    #: keys of the pretraining YAML overridden
     pretrain: dict[str, Any] = dataclasses.field(default_factory=dict)
+    #: the BUT-PPG YAML
     butppg_config: str = "configs/butppg.yaml"
+    #: keys of the BUT-PPG YAML overridden
     butppg: dict[str, Any] = dataclasses.field(default_factory=dict)
+    #: the BUT-PPG recordings' folder
     butppg_raw_dir: str = "data/but_ppg_raw"
+    #: download BUT-PPG there when it holds no RECORDS
     butppg_download: bool = True
+    #: PhysioNet address (null: the public one)
     physionet_url: str | None = None
+    #: the fine-tuning YAML
     finetune_config: str = "configs/finetune_butppg.yaml"
+    #: keys of the fine-tuning YAML overridden
     finetune: dict[str, Any] = dataclasses.field(default_factory=dict)
+    #: the Tune YAML
     tune_config: str = "configs/tune_finetune.yaml"
+    #: keys of the Tune YAML overridden (null: no search)
     tune: dict[str, Any] | None = None
+    #: `{split, tokens, batch_size}`: embed a VitalDB split (null: no embedding)
     embed: dict[str, Any] | None = None
 
     def __post_init__(self):
