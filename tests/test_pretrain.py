@@ -46,7 +46,8 @@ def windows(ray_session, tmp_path_factory):
 
 def _kill_a_worker_after_first_checkpoint(out, deadline_s=240):
     """SIGKILL the training worker once epoch 1 is in TensorBoard, which the worker writes after
-    Ray Train has committed the epoch's checkpoint."""
+    Ray Train has committed the epoch's checkpoint. The worker is a descendant of this process
+    (the session's local Ray is started from it)."""
     deadline = time.time() + deadline_s
     while time.time() < deadline:
         try:
@@ -54,10 +55,13 @@ def _kill_a_worker_after_first_checkpoint(out, deadline_s=240):
         except (OSError, struct.error):  # not written yet, or an event being written
             logged = None
         if logged:
-            for p in psutil.process_iter(["cmdline"]):
-                if "RayTrainWorker" in " ".join(p.info["cmdline"] or []):
-                    p.kill()
-                    return p.pid
+            for p in psutil.Process().children(recursive=True):   # this session's Ray only, not another job's
+                try:
+                    if "RayTrainWorker" in " ".join(p.cmdline()):
+                        p.kill()
+                        return p.pid
+                except psutil.NoSuchProcess:
+                    continue
         time.sleep(0.5)
     return None
 
