@@ -137,6 +137,8 @@ def test_the_main_commands_run_from_any_folder_and_print_only_biofms_lines(ray_s
     assert "[pipeline] this was a smoke test of the installation, not a result" in printed
     test = json.loads((tmp_path / "run" / "but_ppg_finetuned" / "test_metrics.json").read_text())["test"]
     assert test["auroc"] > 0.5 and test["n"] == 16, test  # README: 0.855 (seed 0)
+    ppg = json.loads((tmp_path / "run" / "foundation_model" / "ssl_evaluation.json").read_text())["masked_mse"]["PPG"]
+    assert ppg["model"] < 0.9 * ppg["zero"] and ppg["model"] < ppg["linear_interp"], ppg  # README: PPG cells follow the pulse
     assert "[predict] 6/6 recordings (0 skipped)" in predict.stdout
     verbose = subprocess.run([BIOFM, "--verbose", "prepare-butppg", "--raw-dir", str(REAL_BUTPPG), "--outdir",
                               "but_ppg"], cwd=tmp_path, capture_output=True, text=True, timeout=180)
