@@ -42,18 +42,15 @@ def held_out(real: Path, work: Path, corpus_yaml: Path) -> dict[str, Path]:
     """Folders of links to the recordings of the arrhythmia set and CapnoBase that the corpus does
     not hold: the benchmark's subjects of those two tasks."""
     from biofm.config import CorpusConfig, load_config
+    from biofm.corpus import link_recordings
     from biofm.sources.formats import format_prefix
 
     out = {}
     for source in load_config(CorpusConfig, corpus_yaml).sources:
         if source.name not in ("arrhythmia", "capnobase"):
             continue
-        folder, raw = real / format_prefix(source.raw)[1], work / "raw" / source.name
-        raw.mkdir(parents=True)
-        for f in sorted(folder.glob("*.mat")):
-            if f.stem not in source.cases:
-                (raw / f.name).symlink_to(f)
-        out[source.name] = raw
+        out[source.name] = link_recordings(real / format_prefix(source.raw)[1], work / "raw" / source.name,
+                                           source.cases, others=True)
     return out
 
 

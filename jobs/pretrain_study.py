@@ -76,6 +76,7 @@ def base_config(path: str, channels, overrides: dict):
 def validation_tasks(real: Path, corpus_yaml: Path, work: Path, channels, windows, seed: int, address) -> list[str]:
     """The validation tasks on the corpus's own patients and cases (folders of links)."""
     from biofm.config import CorpusConfig, load_config
+    from biofm.corpus import link_recordings
     from biofm.sources.formats import format_prefix
     from biofm.tasks import TASKS, prepare_task
 
@@ -84,14 +85,7 @@ def validation_tasks(real: Path, corpus_yaml: Path, work: Path, channels, window
     for name in VAL_TASKS:
         task = TASKS[name]
         source = sources["arrhythmia" if task.source == "arrhythmia" else "capnobase"]
-        raw = work / "raw" / name
-        if raw.exists():
-            shutil.rmtree(raw)
-        raw.mkdir(parents=True)
-        folder = real / format_prefix(source.raw)[1]
-        for case in source.cases:
-            for f in folder.glob(f"{case}.*"):
-                (raw / f.name).symlink_to(f.resolve())
+        raw = link_recordings(real / format_prefix(source.raw)[1], work / "raw" / name, source.cases, where=name)
         out = work / name
         prepare_task(task, raw, out, channels.select(task.channels or ["PPG"]), windows, (1.0, 0.0, 0.0), seed,
                      address=address)   # the probe's folds split the subjects

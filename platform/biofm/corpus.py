@@ -57,21 +57,30 @@ def _val_count(n: int, share: float) -> int:
     return 0 if n < 2 or share == 0 else max(1, round(share * n))
 
 
+def link_recordings(folder: Path, dest: Path, cases, others: bool = False, where: str = "") -> Path:
+    """``dest``, made afresh: links to the files of ``folder`` that belong to ``cases`` (a file
+    ``<case>.<suffix>``), or with ``others`` to every other file. A case without a file is a
+    :class:`ConfigError` naming ``where``."""
+    storage.remove_tree(str(dest))
+    dest.mkdir(parents=True)
+    files = sorted(f for f in folder.iterdir() if f.is_file())
+    ids = {f: f.name.split(".", 1)[0] for f in files}
+    missing = sorted(set(cases) - set(ids.values()))
+    if missing and not others:
+        raise ConfigError(f"{where}: no recording {missing[0]} in {folder}")
+    for f in files:
+        if (ids[f] in cases) != others:
+            (dest / f.name).symlink_to(f.resolve())
+    return dest
+
+
 def _task_source(source: CorpusSource, raw_root: Path, target: Path, channels, windows, seed, address) -> dict:
     from biofm.tasks import builtin_task, prepare_task
 
     task, raw = builtin_task(source.task), raw_root / source.raw
     if source.cases:   # a folder of links: the task's reader sees these recordings only
-        linked = target.parent / "_raw" / target.name
-        storage.remove_tree(str(linked))
-        linked.mkdir(parents=True)
-        for case in source.cases:
-            found = sorted(raw.glob(f"{case}.*"))
-            if not found:
-                raise ConfigError(f"corpus source {source.name or source.path}: no recording {case} in {raw}")
-            for f in found:
-                (linked / f.name).symlink_to(f.resolve())
-        raw = linked
+        raw = link_recordings(raw, target.parent / "_raw" / target.name, source.cases,
+                              where=f"corpus source {source.name or source.path}")
     subjects = len(source.cases) or None
     share = source.val_share if subjects is None or _val_count(subjects, source.val_share) else 0.0
     m = prepare_task(task, raw, target, channels.select(list(source.channels)), windows, (1 - share, share, 0.0), seed,
