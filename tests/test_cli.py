@@ -161,6 +161,9 @@ def test_every_flag_has_help_and_biofm_has_a_version(capsys):
             assert action.help, f"biofm {name} {action.option_strings or action.dest} has no help"
     text = commands["prepare-splits"].format_help()
     assert "(default: fasttrack)" in text and "``" not in parser.format_help()
+    summaries = parser.format_help() + "".join(sub.description or "" for sub in commands.values())
+    for stale in ("split VitalDB cases into", "VitalDB cases ->", "fine-tune for PPG quality", "PPG-quality predictions"):
+        assert stale not in summaries, stale   # commands take any source and any task
     with pytest.raises(SystemExit) as done:
         main(["--version"])
     assert done.value.code == 0 and capsys.readouterr().out.strip() == f"biofm {__version__}"
