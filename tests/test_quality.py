@@ -285,6 +285,24 @@ def test_a_clean_pulse_is_kept_at_every_rate():
             np.testing.assert_allclose(cols["ppg_hr_bpm"], hr, rtol=0.05)
 
 
+def test_the_accelerometer_indices_tell_an_arm_swing_from_a_pulse():
+    """jobs/bench_quality.py's motion indices, on one window of 150 bpm pulse beside an arm
+    swinging at 0.9 Hz (54/min: 1/2, 1 and 2 times it are 27, 54, 108 bpm, so the gap is 42 bpm)
+    and one of a PPG that is the swing itself at 1.3 Hz, 0.3 rad behind the X axis (gap 0, correlation
+    about 1 at a lag the search reaches)."""
+    bench = bench_quality()
+    t = np.arange(1250) / FS
+    rng = np.random.default_rng(0)
+    band = CHANNELS.channels["PPG"].band_hz
+    heart = signals.bandpass(bench.synthetic_pulse(150, "smooth", seconds=10.0, fs=FS), FS, band)
+    swing = np.stack([np.sin(2 * np.pi * 0.9 * t), 0.1 * rng.standard_normal(1250), 0.1 * rng.standard_normal(1250)])
+    arm = np.sin(2 * np.pi * 1.3 * t - 0.3)
+    follows = np.stack([np.sin(2 * np.pi * 1.3 * t), 0.1 * rng.standard_normal(1250), 0.1 * rng.standard_normal(1250)])
+    gap, corr = bench.accelerometer_indices(np.stack([heart, arm]), np.stack([swing, follows]), FS)
+    np.testing.assert_allclose(gap, [42.0, 0.0], atol=3.0)   # the spectrum's bins are 1.8 bpm apart; 2% beat jitter
+    assert corr[0] < 0.3 and corr[1] > 0.95, corr
+
+
 @requires_realdata(CAPNOBASE)
 def test_real_fast_pulses_are_kept_and_a_faded_real_window_is_lost():
     """CapnoBase's three fastest cases (median 120-142 bpm, children under anaesthesia): every
