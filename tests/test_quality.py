@@ -75,6 +75,21 @@ def test_the_pulse_band_widens_with_the_rate_only_above_its_edge():
     assert signals.pulse_band_edge_hz(np.array([120.0]), 4.0)[0] == pytest.approx(5.0)   # 2.5 x 2 Hz
 
 
+def test_the_checks_judge_the_pulse_band_at_the_windows_own_rate():
+    """With the previous release's 4 Hz edge, a sharp 160 bpm pulse holds 22% of its power below
+    4 Hz; the band the checks use reaches 2.5 x its own beat rate (6.6 Hz), which holds 86%, so
+    it is kept."""
+    x = bench_quality().synthetic_pulse(160, "sharpest", seconds=10.0, fs=250.0)
+    cols, why = make_windows({"PPG": (x, 250.0, "p")}, CHANNELS.select(["PPG"]),
+                             dataclasses.replace(WINDOWS, ppg_pulse_band_hz=4.0), {})
+    window = signals.bandpass(signals.resample(x, 250.0, FS), FS, CHANNELS.channels["PPG"].band_hz)[None]
+    edge = 2.5 * cols["ppg_hr_bpm"][0] / 60
+    assert why == [""] and 6.5 < edge < 6.8
+    assert cols["ppg_pulse_band_power"][0] == pytest.approx(signals.band_power_share(window, FS, (0.5, edge), (0.5, 10.0))[0],
+                                                            rel=1e-5)
+    assert signals.band_power_share(window, FS, (0.5, 4.0), (0.5, 10.0))[0] < 0.25 < 0.85 < cols["ppg_pulse_band_power"][0]
+
+
 def test_signal_loss_is_the_longest_stretch_without_the_pulse():
     """Seconds where the amplitude over 1.2 beat intervals stays below the ratio of its 90th
     percentile: none in a steady pulse at 40 or 190 bpm, the stretch where it stops or fades."""
@@ -91,6 +106,27 @@ def test_signal_loss_is_the_longest_stretch_without_the_pulse():
     loss = signals.signal_loss_s(faded, signals.detect_beats(faded, FS, "ppg"), FS, 0.2)
     assert 5.0 <= loss <= 5.1
     assert signals.signal_loss_s(faded, signals.detect_beats(faded, FS, "ppg"), FS, 0.05) == 0.0  # a tenth is above 5%
+
+
+def test_signal_loss_counts_every_sample_of_the_stretch():
+    """Exact stretches on a signal whose every span has the same amplitude (+-1 alternating) but
+    where it is zero: beats 100 samples apart make spans of 120; a 250-sample stretch in the middle
+    or at the end lasts 2.0 s to the sample; a stretch shorter than a span (110 samples) is no loss,
+    one of 130 is 1.04 s, also where 2 beats alone give the interval; a fade to exactly the ratio is no loss."""
+    x = np.where(np.arange(1250) % 2 == 0, 1.0, -1.0)
+    beats = np.arange(50, 1250, 100)
+    for lo, hi in ((300, 550), (1000, 1250)):
+        gap = x.copy()
+        gap[lo:hi] = 0.0
+        assert signals.signal_loss_s(gap, beats, FS, 0.2) == pytest.approx(2.0, abs=1e-9), (lo, hi)
+    short, longer = x.copy(), x.copy()
+    short[300:410], longer[300:430] = 0.0, 0.0
+    assert signals.signal_loss_s(short, beats, FS, 0.2) == 0.0
+    assert signals.signal_loss_s(longer, beats, FS, 0.2) == pytest.approx(1.04, abs=1e-9)
+    assert signals.signal_loss_s(longer, np.array([50, 150]), FS, 0.2) == pytest.approx(1.04, abs=1e-9)
+    faint = x.copy()
+    faint[300:550] *= 0.2                                              # peak to peak 0.4 = 0.2 x 2
+    assert signals.signal_loss_s(faint, beats, FS, 0.2) == 0.0
 
 
 @pytest.mark.parametrize("kind", ["ppg", "ecg"])
@@ -356,7 +392,8 @@ def test_each_threshold_keeps_the_window_that_meets_it_exactly():
         sqi = {k: float(v[0]) for k, v in signals.beat_quality(window, FS, spec.quality, spec.band_hz,
                                                                 WINDOWS.signal_loss_ratio, WINDOWS.ppg_pulse_band_hz).items()}
         key = name.lower()
-        own = dataclasses.replace(WINDOWS, hr_bpm=(sqi["hr_bpm"], 200.0), **{f"{key}_min_template_match": sqi["template_match"]},
+        own = dataclasses.replace(WINDOWS, hr_bpm=(sqi["hr_bpm"], 200.0), min_beats=int(sqi["beats"]),
+                                  **{f"{key}_min_template_match": sqi["template_match"]},
                                   **({"ppg_min_pulse_band_power": sqi["pulse_band_power"]} if name == "PPG"
                                      else {"ecg_min_beat_agreement": sqi["beat_agreement"]}))
         assert reasons({name: (x, fs)}, (name,), own) == [""], sqi
@@ -369,6 +406,27 @@ def test_each_threshold_keeps_the_window_that_meets_it_exactly():
     assert reasons({"PPG": (faded, 100.0)}, cfg=dataclasses.replace(WINDOWS, max_signal_loss_s=loss)) == [""]
     assert reasons({"PPG": (faded, 100.0)}, cfg=dataclasses.replace(WINDOWS, max_signal_loss_s=loss - 0.01)) == [
         "PPG:signal_loss"]
+
+
+def test_the_first_rejected_window_of_each_reason_is_its_example():
+    """make_windows' examples (the data report's pictures): per reason not already there, the first
+    rejected window's start (s) and z-scored signal ``[C, T]`` float32; kept windows are none."""
+    from biofm.windows import filtered_windows
+
+    x = _at_native_100hz(40.0)
+    x[1000:2000], x[3000:4000] = x[1000], x[3000]          # windows 1 and 3 stuck
+    x[2000:3000] = np.nan                                  # window 2 missing
+    ppg = CHANNELS.select(["PPG"])
+    examples = {}
+    _, why = make_windows({"PPG": (x, 100.0, "p")}, ppg, WINDOWS, {}, examples)
+    assert why == ["", "PPG:flat", "PPG:missing", "PPG:flat"] and sorted(examples) == ["PPG:flat", "PPG:missing"]
+    windows, _ = filtered_windows({"PPG": (x, 100.0, "p")}, ppg, WINDOWS, {})
+    for reason, (start, i) in {"PPG:flat": (10.0, 1), "PPG:missing": (20.0, 2)}.items():
+        assert examples[reason][0] == start and examples[reason][1].dtype == np.float32
+        np.testing.assert_allclose(examples[reason][1], signals.zscore(windows[i]), atol=1e-5)
+    earlier = {"PPG:flat": "from an earlier case"}
+    make_windows({"PPG": (x, 100.0, "p")}, ppg, WINDOWS, {}, earlier)
+    assert earlier["PPG:flat"] == "from an earlier case" and earlier["PPG:missing"][0] == 20.0
 
 
 def test_make_windows_columns_timings_and_filters():
