@@ -429,6 +429,26 @@ def test_the_first_rejected_window_of_each_reason_is_its_example():
     assert earlier["PPG:flat"] == "from an earlier case" and earlier["PPG:missing"][0] == 20.0
 
 
+def test_a_labelled_record_is_checked_not_rejected():
+    """record_quality (prepare-task's check of a labelled record, whose label may be the quality
+    itself): the indices of the present channels, equal to make_windows' on the same 10 s, and
+    the first failure, never an exception: a clean PPG passes with the ECG absent, samples stuck
+    after the window's 10 s do not count, a second half at a tenth is PPG:signal_loss."""
+    from biofm.windows import record_quality
+
+    x = _at_native_100hz(12.0)
+    x[1000:] = x[1000]
+    both = CHANNELS.select(["PPG", "ECG"])
+    quality, reason = record_quality({"PPG": (x, 100.0)}, both, WINDOWS)
+    cols, _ = make_windows({"PPG": (x[:1000], 100.0, "p")}, CHANNELS.select(["PPG"]), WINDOWS, {})
+    assert reason == "" and sorted(quality) == sorted(k for k in cols if k.startswith("ppg_"))
+    for k, v in quality.items():
+        assert v == pytest.approx(float(cols[k][0]), rel=1e-5, abs=1e-6), k
+    faded = x.copy()
+    faded[500:] *= 0.1
+    assert record_quality({"PPG": (faded, 100.0)}, both, WINDOWS)[1] == "PPG:signal_loss"
+
+
 def test_make_windows_columns_timings_and_filters():
     from biofm.errors import CaseSkipped
 
