@@ -200,6 +200,21 @@ def test_channels_are_checked_in_their_order():
     assert reasons(both, ("ECG", "PPG")) == ["ECG:low_template_match"] * 2
 
 
+def test_a_channel_without_a_beat_detector_is_still_checked_for_flat_and_missing():
+    """An accelerometer axis has no beat checks: a moving one is kept beside a clean PPG, one that
+    is stuck for a window is ACC_X:flat, also where the whole recording is one constant (its
+    band-passed window is all zeros), one of NaN ACC_X:missing."""
+    ppg, _ = pulse(30.0)
+    moving = np.sin(2 * np.pi * 1.5 * np.arange(3750) / FS)
+    stuck, gone = moving.copy(), moving.copy()
+    stuck[1250:2500], gone[2500:] = 0.25, np.nan
+    assert reasons({"PPG": (ppg, FS), "ACC_X": (moving, FS)}, ("PPG", "ACC_X")) == ["", "", ""]
+    assert reasons({"PPG": (ppg, FS), "ACC_X": (stuck, FS)}, ("PPG", "ACC_X")) == ["", "ACC_X:flat", ""]
+    assert reasons({"PPG": (ppg, FS), "ACC_X": (gone, FS)}, ("PPG", "ACC_X")) == ["", "", "ACC_X:missing"]
+    constant = np.full(1250, 0.25)                                     # band-passed: all zeros
+    assert reasons({"PPG": (ppg[:1250], FS), "ACC_X": (constant, FS)}, ("PPG", "ACC_X")) == ["ACC_X:flat"]
+
+
 def test_each_threshold_is_the_configured_one():
     """The rules read their thresholds from windows.yaml: loosening one lets its windows through
     to the next rule, or keeps them."""
