@@ -63,6 +63,20 @@ def test_bandpass_edges_are_the_pass_band(band):
     assert gain(stop[0] * 0.9) < 0.01 and gain(min(stop[1] * 1.1, 62.0)) < 0.01
 
 
+@pytest.mark.parametrize("fs, band, order, stopband_db", [(125.0, (0.5, 10.0), 4, 40.0), (125.0, (0.5, 40.0), 4, 40.0),
+                                                         (100.0, (0.5, 20.0), 4, 40.0), (125.0, (1.0, 8.0), 3, 30.0)])
+def test_the_stopband_edges_put_the_pass_band_where_asked(fs, band, order, stopband_db):
+    """A Chebyshev II designed with these stop-band edges has a one-pass power gain of 1/sqrt(2)
+    at both ``band`` edges, so the zero-phase filter's is 1/2 (-3 dB); designed here, not through
+    bandpass's cache."""
+    import scipy.signal as sps
+
+    stop = signals.cheby2_stopband_edges(fs, band, order, stopband_db)
+    sos = sps.cheby2(order, stopband_db, stop, btype="bandpass", output="sos", fs=fs)
+    _, h = sps.sosfreqz(sos, worN=np.array(band), fs=fs)
+    np.testing.assert_allclose(np.abs(h) ** 2, 1 / np.sqrt(2), rtol=1e-9)
+
+
 def test_bandpass_is_zero_phase():
     fs = 125.0
     x = sine(1.0, fs, 30)
