@@ -48,6 +48,21 @@ def test_metrics_are_scikit_learns(kind):
     assert bm.metrics(kind, y, p) == pytest.approx(sklearn_metrics(kind, y, p), abs=1e-12)
     undefined = {"binary": "auroc", "multiclass": "balanced_accuracy", "regression": "pearson_r"}[kind]
     assert np.isnan(bm.metrics(kind, np.zeros_like(y), p)[undefined])  # one class, or a constant target
+    assert all(type(v) is float for v in bm.metrics(kind, y, p).values())
+
+
+def test_binary_metrics_where_one_side_is_empty():
+    """Nothing predicted positive: F1 0, also where no window is positive (scikit-learn's
+    zero_division=0), not NaN; the lowest score a positive's: AUPRC still scikit-learn's; one class
+    only: AUROC and AUPRC undefined (NaN) for either class, where scikit-learn warns."""
+    y, p = np.array([1, 1, 0, 1, 0]), np.array([0.05, 0.4, 0.2, 0.3, 0.45])
+    m = bm.metrics("binary", y, p)
+    assert m["f1"] == 0.0 == skm.f1_score(y, p >= 0.5, zero_division=0)
+    assert m["auroc"] == skm.roc_auc_score(y, p) and m["auprc"] == pytest.approx(skm.average_precision_score(y, p), abs=1e-12)
+    assert bm.metrics("binary", np.zeros(5, int), p)["f1"] == 0.0 == skm.f1_score(np.zeros(5), p >= 0.5, zero_division=0)
+    for one in (np.zeros(5, int), np.ones(5, int)):
+        m = bm.metrics("binary", one, p)
+        assert np.isnan(m["auroc"]) and np.isnan(m["auprc"]), m
 
 
 @pytest.mark.parametrize("kind", ["binary", "multiclass", "regression"])
@@ -181,6 +196,27 @@ def test_handcrafted_features_of_a_pulse_at_a_known_rate():
                     for i, hr in enumerate((50.0, 120.0))])   # an ECG-only task's features: R peaks
     f = dict(zip(HANDCRAFTED, handcrafted_features(ecg, 125.0, (0.5, 40.0), kind="ecg").T))
     np.testing.assert_allclose(f["hr_bpm"], [50.0, 120.0], rtol=0.05)
+
+
+
+def test_handcrafted_beat_intervals_in_ms_and_the_shape_of_each_window():
+    """Pulses 0.8 and 1.0 s apart by turns: interval SD 100 ms, RMSSD 200 ms, range 200 ms, to the
+    sample (8 ms at 125 Hz); skewness and kurtosis are scipy's of each window in its own column."""
+    from scipy import stats
+
+    from biofm.signals import HANDCRAFTED, bandpass, handcrafted_features
+
+    fs, t = 125.0, np.arange(1250) / 125.0
+    onsets = np.cumsum(np.tile([0.8, 1.0], 6))[:11] - 0.5
+    beat = lambda t0: np.exp(-((t - t0 - 0.15) / 0.06) ** 2) + 0.4 * np.exp(-((t - t0 - 0.4) / 0.08) ** 2)
+    windows = np.stack([bandpass(sum(beat(b) for b in onsets), fs, (0.5, 10.0)),
+                        bandpass(sum(beat(b) for b in np.arange(0.2, 10, 0.75)), fs, (0.5, 10.0))])
+    f = dict(zip(HANDCRAFTED, handcrafted_features(windows, fs).T))
+    np.testing.assert_allclose([f["ibi_sd_ms"][0], f["rmssd_ms"][0], f["ibi_range_ms"][0]], [100.0, 200.0, 200.0], atol=8.0)
+    np.testing.assert_allclose([f["ibi_sd_ms"][1], f["rmssd_ms"][1], f["ibi_range_ms"][1]], 0.0, atol=8.0)
+    np.testing.assert_allclose(f["skewness"], stats.skew(windows, axis=-1), rtol=1e-12)
+    np.testing.assert_allclose(f["kurtosis"], stats.kurtosis(windows, axis=-1), rtol=1e-12)
+    assert abs(f["skewness"][0] - f["skewness"][1]) > 0.01 and abs(f["kurtosis"][0] - f["kurtosis"][1]) > 0.01
 
 
 def test_a_metric_undefined_on_a_fold_is_said_so_not_printed_as_zero(monkeypatch, tmp_path):

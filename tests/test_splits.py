@@ -122,3 +122,18 @@ def test_case_list_from_a_physionet_layout(tmp_path):
         (tmp_path / "vital_files" / name).write_bytes(b"")
     (tmp_path / "7.vital").write_bytes(b"")
     assert read_case_list(str(tmp_path)) == (["0002", "0010", "7"], f"folder {tmp_path}")
+
+
+def test_kfold_deals_subjects_by_their_rate_with_seeded_ties():
+    """kfold_groups orders subjects by rate before dealing them out: the two positive subjects of
+    ten (p0 and p5, which id order would deal to the same fold of five) land in different folds;
+    ties fall in an order fixed by the seed (0 by default), so two calls agree."""
+    from biofm.splits import kfold_groups
+
+    rates = {f"p{i}": float(i in (0, 5)) for i in range(10)}
+    folds = kfold_groups(rates, 5)
+    assert sorted(len(f) for f in folds) == [2] * 5 and sorted(sum(folds, [])) == sorted(rates)
+    assert [f for f in folds if "p0" in f] != [f for f in folds if "p5" in f]
+    assert folds == kfold_groups(rates, 5) == kfold_groups(rates, 5, seed=0)
+    assert any(kfold_groups(rates, 5, seed=s) != folds for s in range(1, 6))
+
