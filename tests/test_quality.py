@@ -520,3 +520,25 @@ def test_the_docs_quality_tables_are_a_fresh_run_and_meet_the_targets(tmp_path):
     assert doc[start:end].strip() == (tmp_path / "bench_quality.md").read_text().strip()
     assert result["targets"] and all(result["targets"].values()), result["targets"]
     assert result["capnobase"]["PPG"]["artifact_windows"] == 25 and result["synthetic_kept"] == 1.0
+
+    # the figures the README's window-quality paragraph and the docs' prose state are this run's
+    readme = " ".join((ROOT / "README.md").read_text().split())
+    prose = " ".join(doc[end:].split())
+    cap, motion = result["capnobase"], result["troika_motion"]
+    bins = [b["kept_share"] for name, rows in result["by_hr"].items() if name.startswith("CapnoBase") for b in rows.values()]
+    noise = [r["kept_share"] for name, r in result["rows"].items() if name.startswith("noise") and "pulse-band" not in name]
+    off = {row: result["troika"][row]["run"]["off"]["kept_share"] for row in ("PPG", "PPG2")}
+    aurocs = [m["auroc"] for indices in motion.values() for m in indices.values()]
+    caught = [m["motion_rejected"] for indices in motion.values() for m in indices.values()]
+    auroc_range = f"AUROC {min(aurocs):.2f}–{max(aurocs):.2f}"
+    kept_off = f"{100 * off['PPG']:.0f}% (PPG) and {100 * off['PPG2']:.0f}% (PPG2)"
+    for claim in (f"kept {100 * cap['PPG']['specificity']:.1f}% (PPG) and {100 * cap['ECG']['specificity']:.1f}% (ECG)",
+                  f"{100 * min(bins):.1f}% or more in every 20 bpm bin from 40 to 160 bpm",
+                  *(f"{100 * cap[ch]['sensitivity']:.0f}% {'of the time ' if ch == 'PPG' else ''}({ch}, "
+                    f"{round(cap[ch]['sensitivity'] * cap[ch]['artifact_windows'])} of {cap[ch]['artifact_windows']})"
+                    for ch in ("PPG", "ECG")),
+                  f"white and band-passed noise {100 * (1 - max(noise)):.1f}% or more",
+                  f"kept {result['af_gap_points']:.1f} points less often than sinus", kept_off, auroc_range):
+        assert claim in readme, claim
+    for claim in (f"keep {kept_off} of them", auroc_range, f"reject only {100 * min(caught):.0f}–{100 * max(caught):.0f}%"):
+        assert claim in prose, claim
