@@ -167,12 +167,13 @@ def troika(folder: Path, spec: dict, row_name: str, source, acc: dict, cfg):
     """TROIKA recordings, one signal (``row_name``: PPG, PPG2 or ECG) read as the one channel of
     ``spec``: per window the phase (rest: the first and last 30 s; run: in between), the
     reference heart rate (the mean of BPM0 over the 8 s windows inside it) and, for PPG, the
-    :func:`accelerometer_indices` against the wristband's axes ``acc`` (channel specs)."""
+    :func:`accelerometer_indices` against the wristband's axes ``acc`` (channel specs; read for PPG only)."""
     from biofm.sources import troika as labels
     from biofm.windows import filtered_windows
 
     (channel, base), = spec.items()
     row = {channel: dataclasses.replace(base, aliases=(row_name,))}
+    acc = acc if channel == "PPG" else {}
     for rid in source.ids():
         tracks = source.read(rid, row | acc).pieces[0].tracks
         x, fs, _ = tracks[channel]
@@ -185,7 +186,7 @@ def troika(folder: Path, spec: dict, row_name: str, source, acc: dict, cfg):
             rest = (ends <= labels.REST_S) | (starts >= duration - labels.REST_S)
             run = (starts >= labels.REST_S) & (ends <= duration - labels.REST_S)
             out = {"ref_hr": ref, "phase": np.where(rest, "rest", np.where(run, "run", "mixed"))}
-            if channel == "PPG":
+            if acc:
                 windows, _ = filtered_windows(tracks, row | acc, cfg, {})
                 out["acc_rate_gap"], out["acc_correlation"] = accelerometer_indices(windows[:, 0], windows[:, 1:],
                                                                                     cfg.sample_rate_hz)
@@ -425,8 +426,10 @@ def format_tables(f: dict) -> str:
                       f"{r}: AUROC, motion vs pulse | {r}: motion rejected at {PULSE_REJECTED:.0%} of pulse" for r in rows) + " |",
                   "|---|" + "---:|" * (2 * len(rows))]
         for index in ("acc_rate_gap", "acc_correlation"):
-            cells = [(m := f["troika_motion"][r][index]) and f"{m['auroc']:.2f} ({m['motion']} / {m['pulse']}) | "
-                     f"{pct(m['motion_rejected'])}" for r in rows]
+            cells = []
+            for r in rows:
+                m = f["troika_motion"][r][index]
+                cells += [f"{m['auroc']:.2f} ({m['motion']} / {m['pulse']})", pct(m["motion_rejected"])]
             lines.append(f"| {index} | " + " | ".join(cells) + " |")
     if "butppg" in f:
         b = f["butppg"]
