@@ -198,7 +198,6 @@ def test_handcrafted_features_of_a_pulse_at_a_known_rate():
     np.testing.assert_allclose(f["hr_bpm"], [50.0, 120.0], rtol=0.05)
 
 
-
 def test_handcrafted_beat_intervals_in_ms_and_the_shape_of_each_window():
     """Pulses 0.8 and 1.0 s apart by turns: interval SD 100 ms, RMSSD 200 ms, range 200 ms, to the
     sample (8 ms at 125 Hz); skewness and kurtosis are scipy's of each window in its own column."""

@@ -136,4 +136,3 @@ def test_kfold_deals_subjects_by_their_rate_with_seeded_ties():
     assert [f for f in folds if "p0" in f] != [f for f in folds if "p5" in f]
     assert folds == kfold_groups(rates, 5) == kfold_groups(rates, 5, seed=0)
     assert any(kfold_groups(rates, 5, seed=s) != folds for s in range(1, 6))
-
